@@ -1,0 +1,37 @@
+"""shapnets: self-explaining neural networks whose explanations come out of the forward pass.
+
+Core objects:
+
+* `Explanation` - attributions, base value and output, with a local-accuracy check.
+* `ShapleyModule`, `ShapleyModuleBank` - exact Shapley values of small inner networks.
+* `ShallowShapNet` (exact Shapley), `DeepShapNet` and `ConvShapNet` (local accuracy + missingness,
+  layer-wise explanations).
+* `exact_shapley` - the brute-force oracle for any callable.
+"""
+
+from .conv import ConvShapNet, ShapleyConv2d
+from .deep import DeepShapNet, butterfly_pairs
+from .explanation import Explanation, LocalAccuracyError
+from .modules import MAX_PLAYERS, ShapleyModule, ShapleyModuleBank, coalition_masks, shapley_from_values
+from .oracle import exact_shapley, pixel_players
+from .shallow import ShallowShapNet, make_groups
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAX_PLAYERS",
+    "ConvShapNet",
+    "DeepShapNet",
+    "Explanation",
+    "LocalAccuracyError",
+    "ShallowShapNet",
+    "ShapleyConv2d",
+    "ShapleyModule",
+    "ShapleyModuleBank",
+    "butterfly_pairs",
+    "coalition_masks",
+    "exact_shapley",
+    "make_groups",
+    "pixel_players",
+    "shapley_from_values",
+]

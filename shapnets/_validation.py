@@ -1,0 +1,97 @@
+"""Input checks shared by every model: one place for the error messages users see.
+
+Every public `forward` / `explain` validates its input here so that a wrong rank, a wrong number of
+players or channels, a non-floating dtype, a device mismatch or a non-finite value is an error that
+names the expected and the given value, never a silent wrong answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["check_input", "check_reference", "format_shape"]
+
+
+def format_shape(spec: Sequence[int | None | str]) -> str:
+    """`(None, 30, 1)` -> `(B, 30, 1)`; strings are kept as labels."""
+    return "(" + ", ".join("B" if s is None else str(s) for s in spec) + ")"
+
+
+def check_input(
+    x: object,
+    spec: Sequence[Sequence[int | None]],
+    who: str,
+    module: nn.Module | None = None,
+    check_finite: bool = True,
+) -> Tensor:
+    """Validate `x` against one of several accepted shapes and return it.
+
+    Args:
+        x: the input to check.
+        spec: accepted shapes; `None` matches any size (used for the batch axis).
+        who: the model or layer name used in messages.
+        module: if given, `x` must be on the module's device and of its floating dtype.
+        check_finite: reject NaN / inf values.
+
+    Raises:
+        TypeError: not a tensor, or not a floating dtype, or a dtype other than the module's.
+        ValueError: a shape that matches none of `spec`, or non-finite values.
+        RuntimeError: a device other than the module's.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{who} expects a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{who} expects a floating-point tensor, got dtype {x.dtype}; convert with x.float()")
+    matches = any(
+        x.dim() == len(s) and all(e is None or e == g for e, g in zip(s, x.shape)) for s in spec
+    )
+    if not matches:
+        accepted = " or ".join(format_shape(s) for s in spec)
+        raise ValueError(f"{who} expects input of shape {accepted}, got {tuple(x.shape)}")
+    if module is not None:
+        param = next(iter(module.parameters()), None)
+        if param is not None:
+            if x.device != param.device:
+                raise RuntimeError(
+                    f"{who}: input is on {x.device} but the model is on {param.device}; move one with .to()"
+                )
+            if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+                raise TypeError(
+                    f"{who}: input dtype {x.dtype} does not match the model's {param.dtype}; "
+                    f"cast the input (x.to({param.dtype})) or the model (model.to({x.dtype}))"
+                )
+    if check_finite and x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{who}: input contains {bad} non-finite value(s) (NaN or inf)")
+    return x
+
+
+def check_reference(
+    reference: Tensor | float | None, shape: tuple[int, ...], who: str, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Turn a user reference (None, scalar, per-channel or full) into a tensor of exactly `shape`.
+
+    Accepted: `None` (zeros), a Python number, or a tensor broadcastable to `shape` (e.g. `(C,)` for
+    one value per channel, `(D, 1)` for one value per player, or `shape` itself).
+    """
+    if dtype is None:
+        floating = isinstance(reference, Tensor) and reference.is_floating_point()
+        dtype = reference.dtype if floating else torch.get_default_dtype()
+    if reference is None:
+        return torch.zeros(shape, dtype=dtype)
+    ref = torch.as_tensor(reference, dtype=dtype).detach().clone()
+    if ref.dim() > 0 and ref.numel() == math.prod(shape) and ref.dim() != len(shape):
+        ref = ref.reshape(shape)  # the same values laid out differently, e.g. (D, 1) for (D,)
+    try:
+        ref = ref.expand(shape).clone()
+    except RuntimeError:
+        raise ValueError(
+            f"{who}: reference of shape {tuple(ref.shape)} cannot be broadcast to the players' shape {shape}"
+        ) from None
+    if not bool(torch.isfinite(ref).all()):
+        raise ValueError(f"{who}: reference contains NaN or inf")
+    return ref

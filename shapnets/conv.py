@@ -1,0 +1,206 @@
+"""Convolutional (vision) ShapNet: a shared Shapley module on every dilated patch, no pooling.
+
+Shapley Explanation Networks (Wang, Wang, Inouye, ICLR 2021), https://arxiv.org/abs/2104.02297
+
+A `ShapleyConv2d` layer treats every `kh x kw` dilated patch as a game of `kh*kw` players (pixels,
+each a C-channel vector), evaluates one shared Shapley module on all patches (weight sharing, as in
+a convolution) and scatter-adds each player's Shapley vector back onto its pixel. The output keeps
+the input's resolution; per output channel, the layer is a Shallow ShapNet of
+`sum_patches f_c(patch)`, so its map is that function's exact Shapley representation.
+
+`ConvShapNet` stacks such layers with growing dilations (2x2 kernels with dilations 1, 2, 4, ...
+give a 2^L receptive field, the image analogue of the butterfly), optionally splits channels
+RealNVP-style, and sums the last map `(B, H, W, num_classes)` over pixels to get the logits. Local
+accuracy (`logits == spatial sum`, `g(reference) == 0`) and per-pixel missingness hold exactly.
+
+Unlike the original, patches are padded on the bottom/right with reference-valued pixels, so every
+pixel is a player of its own patch at every dilation (with no padding, large dilations leave a band
+of pixels that no patch covers and whose information is lost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ._validation import check_input, check_reference
+from .explanation import Explanation
+from .modules import ShapleyModuleBank
+
+__all__ = ["ConvShapNet", "ShapleyConv2d"]
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return v, v
+    a, b = v
+    return int(a), int(b)
+
+
+class ShapleyConv2d(nn.Module):
+    """A Shapley convolution on channel-last maps `(B, H, W, C_in) -> (B, H, W, C_out)`.
+
+    Args:
+        in_channels: `C_in`.
+        out_channels: `C_out`.
+        kernel_size: patch size; `kh * kw` players per patch.
+        dilation: spacing of the patch's pixels.
+        hidden: hidden widths of the shared inner MLP.
+        act_layer: activation of the inner MLP.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int] = 2,
+        dilation: int | Sequence[int] = 1,
+        hidden: Sequence[int] = (32,),
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+    ) -> None:
+        super().__init__()
+        kh, kw = _pair(kernel_size)
+        dh, dw = _pair(dilation)
+        self.kernel_size, self.dilation = (kh, kw), (dh, dw)
+        self.offsets = [(i * dh, j * dw) for i in range(kh) for j in range(kw)]
+        self.pad = ((kh - 1) * dh, (kw - 1) * dw)
+        self.bank = ShapleyModuleBank(1, kh * kw, in_channels, out_channels, hidden, act_layer)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, dilation={self.dilation}"
+
+    def patches(self, delta: Tensor) -> Tensor:
+        """`(B, H, W, C)` offsets -> `(B, H, W, k, C)`: the players of the patch anchored at each pixel."""
+        H, W = delta.shape[1:3]
+        ph, pw = self.pad
+        padded = F.pad(delta, (0, 0, 0, pw, 0, ph))  # offset 0 == the reference
+        return torch.stack([padded[:, dy : dy + H, dx : dx + W] for dy, dx in self.offsets], dim=-2)
+
+    def fold(self, phi: Tensor) -> Tensor:
+        """Scatter-add each patch player's vector onto its pixel: `(B, H, W, k, C)` -> `(B, H, W, C)`."""
+        ph, pw = self.pad
+        H, W = phi.shape[1:3]
+        # Player j of the patch at (h, w) is pixel (h + dy_j, w + dx_j): shift its map by the offset.
+        shifted = [F.pad(phi[..., j, :], (0, 0, dx, pw - dx, dy, ph - dy)) for j, (dy, dx) in enumerate(self.offsets)]
+        return torch.stack(shifted).sum(0)[:, :H, :W]
+
+    def forward(self, delta: Tensor, reference: Tensor | None = None) -> Tensor:
+        """The layer's Shapley representation.
+
+        Args:
+            delta: input minus reference, channel-last `(B, H, W, C_in)`.
+            reference: per-channel reference `(C_in,)`; `None` means 0.
+        """
+        players = self.patches(delta)[..., None, :, :]  # one shared module: G = 1
+        ref = None if reference is None else reference.expand(1, len(self.offsets), reference.shape[-1])
+        phi, _, _ = self.bank.shapley(players, ref)
+        return self.fold(phi[..., 0, :, :])
+
+
+class ConvShapNet(nn.Module):
+    """Deep convolutional ShapNet for images.
+
+    Args:
+        in_chans: image channels.
+        num_classes: outputs; the last stage's channels.
+        channels: output channels of the hidden stages; there are `len(channels) + 1` stages.
+        kernel_size: patch size of every stage.
+        dilations: one per stage; default 1, 2, 4, ... (receptive field 2^stages for 2x2 kernels).
+        hidden: hidden widths of each stage's shared inner MLP.
+        channel_split: optional, one entry per stage: how many leading channels go through the stage
+            (`None` = all); the other channels are carried over unchanged and concatenated after.
+        residual: add a stage's input to its output when channels match (stage 0 adds x - ref).
+        reference: `None` (zeros), a number, or one value per channel `(C,)`.
+        act_layer: activation of the inner MLPs.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 1,
+        num_classes: int = 10,
+        channels: Sequence[int] = (16, 32, 32, 32),
+        kernel_size: int | Sequence[int] = 2,
+        dilations: Sequence[int] | None = None,
+        hidden: Sequence[int] = (32,),
+        channel_split: Sequence[int | None] | None = None,
+        residual: bool = True,
+        reference: Tensor | float | Sequence[float] | None = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+    ) -> None:
+        super().__init__()
+        num_stages = len(channels) + 1
+        dilations = list(dilations) if dilations is not None else [2**s for s in range(num_stages)]
+        split = list(channel_split) if channel_split is not None else [None] * num_stages
+        if len(dilations) != num_stages:
+            raise ValueError(f"{num_stages} stages need {num_stages} dilations, got {len(dilations)}")
+        if len(split) != num_stages:
+            raise ValueError(f"{num_stages} stages need {num_stages} channel_split entries, got {len(split)}")
+        self.in_chans, self.num_classes, self.residual = in_chans, num_classes, residual
+        self.channel_split: list[int] = []
+        self.stages = nn.ModuleList()
+        width = in_chans
+        for s, (c_out, d) in enumerate(zip([*channels, num_classes], dilations)):
+            take = width if split[s] is None else int(split[s])
+            if not 1 <= take <= width:
+                raise ValueError(f"stage {s}: channel_split {take} must lie in [1, {width}] (channels available)")
+            self.channel_split.append(take)
+            self.stages.append(ShapleyConv2d(take, c_out, kernel_size, d, hidden, act_layer))
+            width = c_out + width - take
+        if width != num_classes:
+            raise ValueError(
+                f"the last map has {width} channels but must have num_classes={num_classes}: "
+                f"channel_split carries {width - num_classes} channel(s) past the last stage"
+            )
+        ref = torch.as_tensor(reference) if reference is not None and not isinstance(reference, Tensor) else reference
+        self.register_buffer("reference", check_reference(ref, (in_chans,), "ConvShapNet"))
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def _check(self, x: Tensor) -> Tensor:
+        x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
+        if x.shape[-1] < 1 or x.shape[-2] < 1:
+            raise ValueError(f"{type(self).__name__}: empty image of size {tuple(x.shape[-2:])}")
+        return x
+
+    def representations(self, x: Tensor) -> list[Tensor]:
+        """Every stage's Shapley map, channel-last `(B, H, W, C_l)`."""
+        z = rearrange(x - self.reference[:, None, None], "b c h w -> b h w c")
+        layers = []
+        for s, (stage, take) in enumerate(zip(self.stages, self.channel_split)):
+            head, tail = z[..., :take], z[..., take:]
+            phi = stage(head, self.reference[:take] if s == 0 else None)
+            if self.residual and phi.shape[-1] == take:
+                phi = phi + head
+            z = torch.cat([phi, tail], dim=-1) if tail.shape[-1] else phi
+            layers.append(z)
+        return layers
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits `(B, num_classes)`: the spatial sum of the last Shapley map."""
+        return self.representations(self._check(x))[-1].sum((1, 2))
+
+    def explain(self, x: Tensor, layers: bool = False) -> Explanation:
+        """Full-resolution explanation from the forward pass.
+
+        Returns:
+            `Explanation` with attributions `(B, H, W, num_classes)` (one vector per pixel, all
+            channels of a pixel form one player), base 0, output the logits, `exact=False`.
+        """
+        reps = self.representations(self._check(x))
+        output = reps[-1].sum((1, 2))
+        return Explanation(
+            attributions=reps[-1],
+            base=torch.zeros_like(output),
+            output=output,
+            reference=self.reference,
+            player_axes=("height", "width"),
+            exact=False,
+            layers=reps if layers else None,
+            method=type(self).__name__,
+        )

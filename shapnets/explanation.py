@@ -1,0 +1,215 @@
+"""The `Explanation` type shared by every model family and by the exact oracle.
+
+An explanation is an additive decomposition of a model's output over a set of players
+(features, pixels, ...):
+
+    output[b, c] == base[b, c] + sum_over_players attributions[b, ..., c]      (local accuracy)
+
+`base` is the model's output at the reference input of the game. Everything else in the record
+(the reference, the names of the player axes, per-layer representations) describes that game, so
+that an explanation can be checked, plotted and compared without the model at hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+__all__ = ["Explanation", "LocalAccuracyError"]
+
+
+class LocalAccuracyError(AssertionError):
+    """Raised by `Explanation.check_local_accuracy` when attributions + base != output."""
+
+
+@dataclass
+class Explanation:
+    """Attributions of a batch of outputs to the players of a game.
+
+    Attributes:
+        attributions: `(B, *players, C_out)`: the contribution of every player to every output.
+        base: `(B, C_out)`: the output at the reference (the value of the empty coalition).
+        output: `(B, C_out)`: the explained output (for classifiers: the logits).
+        reference: the reference input of the game, laid out like one input sample
+            (e.g. `(D, C)` for tabular models, `(C,)` per pixel for images); `None` if unknown.
+        player_axes: names of the player axes of `attributions`, e.g. `("feature",)` or
+            `("height", "width")`.
+        player_names: optional names of the players (only for a single player axis).
+        class_names: optional names of the output channels.
+        exact: True when the attributions are the exact Shapley values of `output` under the
+            baseline game with this reference (Shapley modules, Shallow ShapNets, the oracle);
+            False when only local accuracy and missingness are guaranteed (Deep / Conv ShapNets).
+        layers: optional per-layer representations `(B, *players, C_l)`, first to last.
+        method: a short tag saying what produced the explanation.
+    """
+
+    attributions: Tensor
+    base: Tensor
+    output: Tensor
+    reference: Tensor | None = None
+    player_axes: tuple[str, ...] = ("player",)
+    player_names: list[str] | None = None
+    class_names: list[str] | None = None
+    exact: bool = True
+    layers: list[Tensor] | None = None
+    method: str = ""
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        a, b, o = self.attributions, self.base, self.output
+        if o.dim() != 2:
+            raise ValueError(f"Explanation.output must be (B, C_out), got shape {tuple(o.shape)}")
+        if b.shape != o.shape:
+            raise ValueError(f"Explanation.base {tuple(b.shape)} must have the shape of output {tuple(o.shape)}")
+        if a.dim() < 3 or a.shape[0] != o.shape[0] or a.shape[-1] != o.shape[-1]:
+            raise ValueError(
+                f"Explanation.attributions must be (B, *players, C_out) = ({o.shape[0]}, ..., {o.shape[1]}), "
+                f"got {tuple(a.shape)}"
+            )
+        if len(self.player_axes) != a.dim() - 2:
+            raise ValueError(
+                f"player_axes {self.player_axes} names {len(self.player_axes)} axes but attributions "
+                f"{tuple(a.shape)} has {a.dim() - 2} player axes"
+            )
+        if self.player_names is not None and len(self.player_names) != self.num_players:
+            raise ValueError(f"{len(self.player_names)} player names for {self.num_players} players")
+
+    # ------------------------------------------------------------------ shape helpers
+    @property
+    def batch_size(self) -> int:
+        return self.output.shape[0]
+
+    @property
+    def num_outputs(self) -> int:
+        return self.output.shape[1]
+
+    @property
+    def player_shape(self) -> tuple[int, ...]:
+        return tuple(self.attributions.shape[1:-1])
+
+    @property
+    def num_players(self) -> int:
+        n = 1
+        for s in self.player_shape:
+            n *= s
+        return n
+
+    # ------------------------------------------------------------------ local accuracy
+    def residual(self) -> Tensor:
+        """`output - base - sum(attributions)`, shape `(B, C_out)`; zero when local accuracy holds."""
+        total = self.attributions.flatten(1, -2).sum(1)
+        return self.output - self.base - total
+
+    def local_accuracy_error(self) -> float:
+        """The largest absolute local-accuracy residual over the batch and outputs."""
+        if self.output.numel() == 0:
+            return 0.0
+        return self.residual().abs().max().item()
+
+    def check_local_accuracy(self, atol: float | None = None, rtol: float = 1e-4) -> None:
+        """Raise `LocalAccuracyError` unless attributions summed over players + base == output.
+
+        Args:
+            atol: absolute tolerance; default 1e-9 in float64 and 1e-4 otherwise.
+            rtol: tolerance relative to the largest output magnitude.
+        """
+        if atol is None:
+            atol = 1e-9 if self.output.dtype == torch.float64 else 1e-4
+        err = self.local_accuracy_error()
+        scale = self.output.abs().max().item() if self.output.numel() else 0.0
+        if not err <= atol + rtol * scale:
+            raise LocalAccuracyError(
+                f"local accuracy violated: max |output - base - sum(attributions)| = {err:.3e} "
+                f"> atol {atol:.1e} + rtol {rtol:.1e} * {scale:.3e}"
+            )
+
+    # ------------------------------------------------------------------ selection
+    def select(self, target: int | Sequence[int] | Tensor) -> Explanation:
+        """Keep one output channel: an int for all samples, or one index per sample `(B,)`.
+
+        Returns an `Explanation` with `C_out == 1` (local accuracy is preserved).
+        """
+        index = self._target_index(target)
+        attr_index = index.view(-1, *([1] * (self.attributions.dim() - 1))).expand(
+            *self.attributions.shape[:-1], 1
+        )
+        names = None
+        if self.class_names is not None and isinstance(target, int):
+            names = [self.class_names[target]]
+        return replace(
+            self,
+            attributions=self.attributions.gather(-1, attr_index),
+            base=self.base.gather(1, index.view(-1, 1)),
+            output=self.output.gather(1, index.view(-1, 1)),
+            class_names=names,
+            layers=None,
+        )
+
+    def for_class(self, target: int | Sequence[int] | Tensor) -> Tensor:
+        """Attributions for one output channel per sample, shape `(B, *players)`."""
+        return self.select(target).attributions[..., 0]
+
+    def predicted(self) -> Tensor:
+        """The argmax output channel of every sample, shape `(B,)`."""
+        return self.output.argmax(dim=1)
+
+    def _target_index(self, target: int | Sequence[int] | Tensor) -> Tensor:
+        B, C = self.output.shape
+        if isinstance(target, int):
+            if not -C <= target < C:
+                raise IndexError(f"class {target} out of range for {C} outputs")
+            return torch.full((B,), target % C, dtype=torch.long, device=self.output.device)
+        index = torch.as_tensor(target, dtype=torch.long, device=self.output.device).reshape(-1)
+        if index.numel() != B:
+            raise ValueError(f"need one target per sample ({B}), got {index.numel()}")
+        if index.numel() and (index.min() < 0 or index.max() >= C):
+            raise IndexError(f"targets must lie in [0, {C}), got range [{index.min()}, {index.max()}]")
+        return index
+
+    # ------------------------------------------------------------------ conversion
+    def _map(self, fn) -> Explanation:
+        return replace(
+            self,
+            attributions=fn(self.attributions),
+            base=fn(self.base),
+            output=fn(self.output),
+            reference=None if self.reference is None else fn(self.reference),
+            layers=None if self.layers is None else [fn(z) for z in self.layers],
+            extras={k: fn(v) for k, v in self.extras.items()},
+        )
+
+    def detach(self) -> Explanation:
+        return self._map(lambda t: t.detach())
+
+    def to(self, *args, **kwargs) -> Explanation:
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def cpu(self) -> Explanation:
+        return self._map(lambda t: t.cpu())
+
+    def __getitem__(self, index: int | slice) -> Explanation:
+        """Samples of the batch: `expl[0]` keeps a batch of one, `expl[2:5]` a slice."""
+        sl = slice(index, index + 1) if isinstance(index, int) else index
+        if isinstance(index, int) and not -self.batch_size <= index < self.batch_size:
+            raise IndexError(f"sample {index} out of range for a batch of {self.batch_size}")
+        if isinstance(index, int) and index < 0:
+            sl = slice(index + self.batch_size, index + self.batch_size + 1)
+        return replace(
+            self,
+            attributions=self.attributions[sl],
+            base=self.base[sl],
+            output=self.output[sl],
+            layers=None if self.layers is None else [z[sl] for z in self.layers],
+            extras={k: v[sl] for k, v in self.extras.items()},
+        )
+
+    def __repr__(self) -> str:
+        kind = "exact Shapley" if self.exact else "Shapley representation"
+        return (
+            f"Explanation({kind}, method={self.method!r}, batch={self.batch_size}, "
+            f"players={self.player_shape} {self.player_axes}, outputs={self.num_outputs}, "
+            f"local_accuracy_error={self.local_accuracy_error():.2e})"
+        )

@@ -1,0 +1,345 @@
+"""Shapley modules: exact Shapley values of a small inner network, computed in its forward pass.
+
+Shapley Explanation Networks (Wang, Wang, Inouye, ICLR 2021), https://arxiv.org/abs/2104.02297
+
+A Shapley module wraps an inner function `f` of `k` players (each a `C_in`-channel vector) and
+returns, instead of `f(x)`, the Shapley values of the baseline game `v(S) = f(x_S ; r_not_S)`.
+It evaluates `f` on all `2^k` coalitions in one batched call and combines the values with a fixed
+linear map, so explanations cost one (enlarged) forward pass and are exact.
+
+Two implementations share the coalition machinery of this file:
+
+* `ShapleyModule` wraps any `nn.Module` inner (the general form; one module).
+* `ShapleyModuleBank` holds `G` independent MLP inners of the same arity with stacked weights and
+  evaluates all of them in one batched computation (used by Shallow, Deep and Conv ShapNets, where
+  the original code looped over modules in Python).
+
+Both use the *first-layer fast path*: when the inner starts with a linear layer, each player is
+projected once and every coalition's pre-activation is a masked sum of projections, so the first
+layer costs `k` projections instead of `2^k` (identical results up to floating-point rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ._validation import check_input, check_reference
+from .explanation import Explanation
+
+__all__ = [
+    "MAX_PLAYERS",
+    "ShapleyModule",
+    "ShapleyModuleBank",
+    "coalition_masks",
+    "shapley_from_values",
+]
+
+#: Largest arity a Shapley module accepts by default: 2^16 coalitions per sample.
+MAX_PLAYERS = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Coalition machinery
+# ---------------------------------------------------------------------------------------------
+@lru_cache(maxsize=64)
+def _coalition_table(k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Masks and Shapley weights for `k` players, in float64 on the CPU (cached).
+
+    Row `t` of the mask is the coalition whose members are the set bits of `t`: row 0 is the empty
+    coalition (all players at the reference), row `2^k - 1` the grand coalition (the input itself).
+
+    Returns:
+        masks `(2^k, k)`; `with_i`, `without_i` `(k, 2^(k-1))`: the rows containing player i and the
+        same rows with i removed; `weights` `(k, 2^(k-1))`: `|S|! (k-|S|-1)! / k!` for each such S.
+    """
+    rows = torch.arange(2**k)
+    masks = ((rows[:, None] >> torch.arange(k)) & 1).to(torch.float64)
+    without = torch.stack([rows[(rows >> i) & 1 == 0] for i in range(k)])  # (k, 2^(k-1))
+    with_ = without + (1 << torch.arange(k))[:, None]
+    sizes = masks.sum(1)[without].long()  # |S| for the coalitions without i
+    # Exact rationals, rounded once to float64.
+    by_size = [math.factorial(s) * math.factorial(k - s - 1) / math.factorial(k) for s in range(k)]
+    weights = torch.tensor(by_size, dtype=torch.float64)[sizes]
+    return masks, with_, without, weights
+
+
+def coalition_masks(k: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The `(2^k, k)` 0/1 matrix of all coalitions of `k` players (row t: members = set bits of t)."""
+    return _coalition_table(k)[0].to(device=device, dtype=dtype)
+
+
+def shapley_from_values(values: Tensor, k: int) -> Tensor:
+    """Exact Shapley values from the values of all `2^k` coalitions.
+
+    `phi_i = sum_{S not containing i} w(|S|) * (v(S + i) - v(S))`. The differences are taken before
+    the weighted sum, so a player whose input equals the reference (identical coalition values with
+    and without it) gets exactly 0.0, not a rounding residue: missingness holds bit for bit.
+
+    Args:
+        values: `(2^k, *batch, C)` coalition values, rows ordered as in `coalition_masks`.
+        k: number of players.
+
+    Returns:
+        `(*batch, k, C)` Shapley values.
+    """
+    if values.shape[0] != 2**k:
+        raise ValueError(f"expected 2^{k} = {2**k} coalition values along dim 0, got {values.shape[0]}")
+    _, with_, without, weights = _coalition_table(k)
+    with_, without = with_.to(values.device), without.to(values.device)
+    diff = values[with_] - values[without]  # (k, 2^(k-1), *batch, C)
+    phi = torch.einsum("ks,ks...->...k", weights.to(device=values.device, dtype=values.dtype), diff)
+    return phi.movedim(-1, -2)
+
+
+def _check_arity(k: int, max_players: int) -> None:
+    if not 1 <= k <= max_players:
+        raise ValueError(
+            f"a Shapley module needs 1 <= num_players <= {max_players} (2^k coalitions are evaluated), "
+            f"got {k}; group the features into smaller modules or raise max_players"
+        )
+
+
+def _first_linear(inner: nn.Module) -> tuple[nn.Linear, nn.Module] | None:
+    """Split `inner` into its leading `nn.Linear` and the rest, if it starts with one."""
+    if isinstance(inner, nn.Linear):
+        return inner, nn.Identity()
+    if isinstance(inner, nn.Sequential) and len(inner) and isinstance(inner[0], nn.Linear):
+        return inner[0], inner[1:]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# ShapleyModule: one module, any inner
+# ---------------------------------------------------------------------------------------------
+class ShapleyModule(nn.Module):
+    """A Shapley module around an arbitrary inner network.
+
+    The inner network reads the `k` players flattened feature-major, `(B, k * C_in)`, and returns
+    `(B, C_out)`. `forward` evaluates it once on the input; `explain` evaluates it on all `2^k`
+    coalitions in one batched call and returns their exact Shapley values.
+
+    Args:
+        inner: the inner network `R^(k*C_in) -> R^(C_out)`. Layers that mix samples of a batch
+            (BatchNorm in training mode) would make the coalitions interact and are not supported.
+        num_players: `k`, the number of players.
+        reference: the reference input: `None` (zeros), a number, a `(C_in,)` per-channel value, or a
+            full `(k, C_in)` tensor. Stored as a buffer (saved, moved by `.to()`), not learned unless
+            `learn_reference=True`.
+        in_channels: `C_in`; inferred from a leading `nn.Linear` or from a full reference if omitted.
+        learn_reference: make the reference an `nn.Parameter`.
+        fast_path: use the first-layer fast path when the inner starts with `nn.Linear`.
+        max_players: the largest `k` accepted.
+    """
+
+    def __init__(
+        self,
+        inner: nn.Module,
+        num_players: int,
+        reference: Tensor | float | None = None,
+        in_channels: int | None = None,
+        learn_reference: bool = False,
+        fast_path: bool = True,
+        max_players: int = MAX_PLAYERS,
+    ) -> None:
+        super().__init__()
+        _check_arity(num_players, max_players)
+        self.inner = inner
+        self.num_players = num_players
+        self.fast_path = fast_path
+        split = _first_linear(inner)
+        if in_channels is None and split is not None:
+            if split[0].in_features % num_players:
+                raise ValueError(
+                    f"the inner's first Linear reads {split[0].in_features} features, not a multiple of "
+                    f"num_players={num_players}"
+                )
+            in_channels = split[0].in_features // num_players
+        if in_channels is None and isinstance(reference, Tensor) and reference.dim() == 2:
+            in_channels = reference.shape[1]
+        if in_channels is None:
+            raise ValueError("cannot infer in_channels: pass in_channels= or a full (k, C_in) reference")
+        if split is not None and split[0].in_features != num_players * in_channels:
+            raise ValueError(
+                f"the inner's first Linear reads {split[0].in_features} features but k * C_in = "
+                f"{num_players} * {in_channels} = {num_players * in_channels}"
+            )
+        self.in_channels = in_channels
+        ref = check_reference(reference, (num_players, in_channels), "ShapleyModule")
+        if learn_reference:
+            self.reference = nn.Parameter(ref)
+        else:
+            self.register_buffer("reference", ref)
+
+    def _check(self, x: Tensor) -> Tensor:
+        return check_input(x, [(None, self.num_players, self.in_channels)], "ShapleyModule", self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`f(x)`: one evaluation of the inner network. `x`: `(B, k, C_in)` -> `(B, C_out)`."""
+        x = self._check(x)
+        return self.inner(rearrange(x, "b k c -> b (k c)"))
+
+    def coalition_values(self, x: Tensor) -> Tensor:
+        """`f` on every coalition: `(B, k, C_in)` -> `(2^k, B, C_out)` in one batched call."""
+        k = self.num_players
+        masks = coalition_masks(k, x.device, x.dtype)
+        delta = x - self.reference  # (B, k, C): exact zeros where a player sits at the reference
+        split = _first_linear(self.inner) if self.fast_path else None
+        if split is not None:
+            # Fast path: W z_t + b = W r + b + sum_j m_tj W_j (x_j - r_j); project each player once.
+            linear, rest = split
+            w = rearrange(linear.weight, "h (k c) -> k c h", k=k)
+            at_reference = torch.einsum("kc,kch->h", self.reference.to(x.dtype), w)
+            if linear.bias is not None:
+                at_reference = at_reference + linear.bias
+            projected = torch.einsum("bkc,kch->bkh", delta, w)
+            pre = torch.einsum("tk,bkh->tbh", masks, projected) + at_reference
+            values = rest(rearrange(pre, "t b h -> (t b) h"))
+        else:
+            hybrids = self.reference + masks[:, None, :, None] * delta  # (2^k, B, k, C)
+            values = self.inner(rearrange(hybrids, "t b k c -> (t b) (k c)"))
+        return rearrange(values, "(t b) o -> t b o", t=2**k)
+
+    def explain(self, x: Tensor) -> Explanation:
+        """Exact Shapley values of the inner network at `x`.
+
+        Returns:
+            An `Explanation` with attributions `(B, k, C_out)`, base `f(r)` and output `f(x)`.
+        """
+        x = self._check(x)
+        values = self.coalition_values(x)
+        return Explanation(
+            attributions=shapley_from_values(values, self.num_players),
+            base=values[0],
+            output=values[-1],
+            reference=self.reference,
+            player_axes=("player",),
+            exact=True,
+            method="ShapleyModule",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# ShapleyModuleBank: G modules of equal arity with MLP inners, one batched computation
+# ---------------------------------------------------------------------------------------------
+def _init_linear_(weight: Tensor, bias: Tensor, fan_in: int) -> None:
+    # nn.Linear's default initialisation, per module of the bank.
+    bound = 1.0 / math.sqrt(fan_in)
+    nn.init.uniform_(weight, -bound, bound)
+    nn.init.uniform_(bias, -bound, bound)
+
+
+class ShapleyModuleBank(nn.Module):
+    """`G` independent Shapley modules of arity `k`, each with its own MLP inner, run as one.
+
+    Module `g`'s inner is `Linear(k*C_in, h_1) -> act -> ... -> Linear(h_n, C_out)` with weights
+    stacked along a leading group axis, so all modules (and all their coalitions) are evaluated by a
+    few batched `einsum`s instead of a Python loop. With `hidden=()` the inner is a single linear
+    layer (whose Shapley values are simply `W_j (x_j - r_j)`).
+
+    Set `num_groups=1` and put patches in the batch to share one module across positions (the
+    convolutional ShapNet does that).
+
+    Args:
+        num_groups: `G`.
+        num_players: `k`, the arity of every module.
+        in_channels: `C_in` of each player.
+        out_channels: `C_out` of each module.
+        hidden: hidden widths of the inner MLP.
+        act_layer: activation class between layers.
+        max_players: the largest `k` accepted.
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_players: int,
+        in_channels: int,
+        out_channels: int,
+        hidden: Sequence[int] = (32,),
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        max_players: int = MAX_PLAYERS,
+    ) -> None:
+        super().__init__()
+        _check_arity(num_players, max_players)
+        if num_groups < 1 or in_channels < 1 or out_channels < 1:
+            raise ValueError(f"num_groups, in_channels, out_channels must be >= 1, got {num_groups}, "
+                             f"{in_channels}, {out_channels}")
+        self.num_groups, self.num_players = num_groups, num_players
+        self.in_channels, self.out_channels = in_channels, out_channels
+        widths = [num_players * in_channels, *hidden, out_channels]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+            w = nn.Parameter(torch.empty(num_groups, fan_in, fan_out))
+            b = nn.Parameter(torch.empty(num_groups, fan_out))
+            _init_linear_(w, b, fan_in)
+            self.weights.append(w)
+            self.biases.append(b)
+        self.act = act_layer()
+
+    def extra_repr(self) -> str:
+        widths = [self.weights[0].shape[1]] + [w.shape[2] for w in self.weights]
+        return f"groups={self.num_groups}, players={self.num_players}, mlp={'-'.join(map(str, widths))}"
+
+    def _rest(self, h: Tensor) -> Tensor:
+        """Layers after the first one, on `(..., G, h_1)` pre-activations."""
+        for w, b in zip(self.weights[1:], self.biases[1:]):
+            h = torch.einsum("...gi,gio->...go", self.act(h), w) + b
+        return h
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Every module's inner at its input: `(..., G, k, C_in)` -> `(..., G, C_out)`."""
+        pre = torch.einsum("...gi,gio->...go", rearrange(x, "... g k c -> ... g (k c)"), self.weights[0])
+        return self._rest(pre + self.biases[0])
+
+    def coalition_values(self, delta: Tensor, reference: Tensor | None = None) -> Tensor:
+        """Every module's inner on every coalition: `(..., G, k, C)` -> `(2^k, ..., G, C_out)`.
+
+        The bank works in offsets from the reference, so that callers can pad or prune in that
+        space with exact zeros (a player whose offset is exactly 0 gets exactly 0).
+
+        Args:
+            delta: `x - reference` for the players of every module, `(..., G, k, C)`.
+            reference: the reference, `(G, k, C)` or with leading axes broadcastable to `delta`;
+                `None` means zero.
+        """
+        k = self.num_players
+        w1 = rearrange(self.weights[0], "g (k c) h -> g k c h", k=k)
+        at_reference = self.biases[0]
+        if reference is not None:
+            if reference.dim() < 3:
+                raise ValueError(f"reference must be (..., G, k, C), got shape {tuple(reference.shape)}")
+            ref = reference.to(delta.dtype).expand(*reference.shape[:-3], self.num_groups, k, self.in_channels)
+            at_reference = at_reference + torch.einsum("...gkc,gkch->...gh", ref, w1)
+        projected = torch.einsum("...gkc,gkch->...gkh", delta, w1)
+        pre = torch.einsum("tk,...gkh->t...gh", coalition_masks(k, delta.device, delta.dtype), projected)
+        return self._rest(pre + at_reference)
+
+    def shapley(self, delta: Tensor, reference: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Exact Shapley values of every module (arguments as in `coalition_values`).
+
+        Returns:
+            `(phi, base, output)`: `(..., G, k, C_out)`, `(..., G, C_out)` (the value at the
+            reference) and `(..., G, C_out)` (the value at `x`).
+        """
+        values = self.coalition_values(delta, reference)
+        return shapley_from_values(values, self.num_players), values[0], values[-1]
+
+    def module(self, g: int) -> ShapleyModule:
+        """Module `g` as a stand-alone `ShapleyModule` sharing this bank's weights (for auditing)."""
+        layers: list[nn.Module] = []
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            lin = nn.Linear(w.shape[1], w.shape[2], device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(w[g].T)
+                lin.bias.copy_(b[g])
+            if i:
+                layers.append(self.act)
+            layers.append(lin)
+        return ShapleyModule(nn.Sequential(*layers), self.num_players, in_channels=self.in_channels)
