@@ -16,7 +16,7 @@ from torch import Tensor, nn
 __all__ = ["check_input", "check_reference", "format_shape"]
 
 
-def format_shape(spec: Sequence[int | None | str]) -> str:
+def format_shape(spec: Sequence[int | str | None]) -> str:
     """`(None, 30, 1)` -> `(B, 30, 1)`; strings are kept as labels."""
     return "(" + ", ".join("B" if s is None else str(s) for s in spec) + ")"
 

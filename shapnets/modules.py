@@ -21,6 +21,7 @@ layer costs `k` projections instead of `2^k` (identical results up to floating-p
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -275,7 +276,7 @@ class ShapleyModuleBank(nn.Module):
         widths = [num_players * in_channels, *hidden, out_channels]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
-        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        for fan_in, fan_out in itertools.pairwise(widths):
             w = nn.Parameter(torch.empty(num_groups, fan_in, fan_out))
             b = nn.Parameter(torch.empty(num_groups, fan_out))
             _init_linear_(w, b, fan_in)
