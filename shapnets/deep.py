@@ -110,8 +110,8 @@ class DeepShapNet(nn.Module):
         if self.feature_names is not None and len(self.feature_names) != in_features:
             raise ValueError(f"{len(self.feature_names)} feature names for {in_features} features")
         ref = reference
-        if isinstance(ref, Tensor) and ref.dim() == 1 and ref.numel() == in_features and in_channels == 1:
-            ref = ref[:, None]
+        if isinstance(ref, Tensor) and ref.dim() == 1 and ref.numel() == in_features and in_channels > 1:
+            raise ValueError(f"reference (D,) is ambiguous with in_channels={in_channels}: pass (D, C)")
         self.register_buffer("reference", check_reference(ref, (in_features, in_channels), "DeepShapNet"))
         self.stages = nn.ModuleList(
             ShapleyModuleBank(self.num_padded // 2, 2, c_in, c_out, hidden, act_layer)

@@ -12,6 +12,7 @@ that an explanation can be checked, plotted and compared without the model at ha
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -137,8 +138,8 @@ class Explanation:
             *self.attributions.shape[:-1], 1
         )
         names = None
-        if self.class_names is not None and isinstance(target, int):
-            names = [self.class_names[target]]
+        if self.class_names is not None and bool((index == index[0]).all()) and index.numel():
+            names = [self.class_names[int(index[0])]]
         return replace(
             self,
             attributions=self.attributions.gather(-1, attr_index),
@@ -158,6 +159,12 @@ class Explanation:
 
     def _target_index(self, target: int | Sequence[int] | Tensor) -> Tensor:
         B, C = self.output.shape
+        if isinstance(target, bool):
+            raise TypeError("target must be a class index, got a bool")
+        if isinstance(target, Tensor) and target.dim() == 0:
+            target = int(target.item())
+        elif isinstance(target, numbers.Integral):  # numpy integers too
+            target = int(target)
         if isinstance(target, int):
             if not -C <= target < C:
                 raise IndexError(f"class {target} out of range for {C} outputs")

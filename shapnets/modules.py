@@ -333,7 +333,7 @@ class ShapleyModuleBank(nn.Module):
         return shapley_from_values(values, self.num_players), values[0], values[-1]
 
     def module(self, g: int) -> ShapleyModule:
-        """Module `g` as a stand-alone `ShapleyModule` sharing this bank's weights (for auditing)."""
+        """A stand-alone `ShapleyModule` holding a copy of module `g`'s weights (for auditing)."""
         layers: list[nn.Module] = []
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             lin = nn.Linear(w.shape[1], w.shape[2], device=w.device, dtype=w.dtype)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ._validation import check_reference
 from .explanation import Explanation
-from .modules import coalition_masks, shapley_from_values
+from .modules import shapley_from_values
 
 __all__ = ["exact_shapley", "pixel_players"]
 
@@ -54,6 +54,9 @@ def exact_shapley(
     if players is None:
         players = torch.arange(sample_shape[0]).view(-1, *([1] * (len(sample_shape) - 1))).expand(sample_shape)
     players = torch.as_tensor(players, device=x.device)
+    if players.is_floating_point() or players.dtype == torch.bool or players.is_complex():
+        raise TypeError(f"players must be an integer map (player id per element), got dtype {players.dtype}")
+    players = players.long()
     if tuple(players.shape) != sample_shape:
         raise ValueError(f"players map has shape {tuple(players.shape)}, expected one sample's shape {sample_shape}")
     n = int(players.max()) + 1
@@ -63,17 +66,28 @@ def exact_shapley(
         raise ValueError(f"{n} players need 2^{n} evaluations per sample; the limit is max_players={max_players}")
     ref = check_reference(reference, sample_shape, "exact_shapley", x.dtype).to(x.device)
 
-    B = x.shape[0]
-    masks = coalition_masks(n, x.device, torch.bool)  # (2^n, n)
-    element_masks = masks[:, players]  # (2^n, *S): which elements come from x in each coalition
-    per_chunk = max(1, max_batch // max(B, 1))
-    values = []
-    for start in range(0, 2**n, per_chunk):
-        m = element_masks[start : start + per_chunk]
-        hybrids = torch.where(m[:, None], x[None], ref[None, None])  # (t, B, *S)
-        out = fn(hybrids.reshape(-1, *sample_shape))
-        values.append(out.reshape(m.shape[0], B, -1))
-    v = torch.cat(values)  # (2^n, B, C_out)
+    bits = 1 << torch.arange(n, device=x.device)
+    batch_values = []
+    # Bounded memory: at most `max_batch` hybrids exist at once, whatever B and n are.
+    for sub in x.split(max(1, max_batch)):
+        b = sub.shape[0]
+        per_chunk = max(1, max_batch // b)
+        chunks = []
+        for start in range(0, 2**n, per_chunk):
+            rows = torch.arange(start, min(start + per_chunk, 2**n), device=x.device)
+            present = (rows[:, None] & bits) != 0  # (t, n), row order as in coalition_masks
+            element_masks = present[:, players]  # (t, *S): which elements come from x
+            hybrids = torch.where(element_masks[:, None], sub[None], ref[None, None])  # (t, b, *S)
+            out = fn(hybrids.reshape(-1, *sample_shape))
+            if not isinstance(out, Tensor) or out.dim() not in (1, 2) or out.shape[0] != hybrids.shape[0] * b:
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(
+                    f"fn must map a batch of {hybrids.shape[0] * b} inputs to ({hybrids.shape[0] * b},) or "
+                    f"({hybrids.shape[0] * b}, C_out), got {got}"
+                )
+            chunks.append(out.reshape(rows.shape[0], b, -1))
+        batch_values.append(torch.cat(chunks))
+    v = torch.cat(batch_values, dim=1)  # (2^n, B, C_out)
     return Explanation(
         attributions=shapley_from_values(v, n),
         base=v[0],

@@ -104,8 +104,6 @@ class ShallowShapNet(nn.Module):
         ref = reference
         if isinstance(ref, Tensor) and ref.dim() == 1 and ref.numel() == in_features and in_channels > 1:
             raise ValueError(f"reference (D,) is ambiguous with in_channels={in_channels}: pass (D, C)")
-        if isinstance(ref, Tensor) and ref.dim() == 1 and ref.numel() == in_features:
-            ref = ref[:, None]
         self.register_buffer("reference", check_reference(ref, (in_features, in_channels), "ShallowShapNet"))
 
         # One bank per arity: all modules of equal size run as one batched computation.
