@@ -75,6 +75,46 @@ def coalition_masks(k: int, device: torch.device | None = None, dtype: torch.dty
     return _coalition_table(k)[0].to(device=device, dtype=dtype)
 
 
+def _signed_weights(k: int) -> Tensor:
+    """`(2^k, k)`: `phi = W^T v`, i.e. `+w(|S|-1)` on rows with player i, `-w(|S|)` on rows without."""
+    _, with_, without, weights = _coalition_table(k)
+    signed = torch.zeros(2**k, k, dtype=torch.float64)
+    for i in range(k):
+        signed[with_[i], i] = weights[i]
+        signed[without[i], i] = -weights[i]
+    return signed
+
+
+class _ShapleyCombine(torch.autograd.Function):
+    """The linear map from coalition values to Shapley values, exact zeros forward, one matmul backward.
+
+    Forward takes differences `v(S + i) - v(S)` before weighting (so identical values give exactly 0.0);
+    the map is linear with the fixed matrix `W`, so the backward pass is the single product `W g`, far
+    cheaper than differentiating through the strided differences.
+    """
+
+    @staticmethod
+    def forward(ctx, values: Tensor, k: int) -> Tensor:  # type: ignore[override]
+        ctx.k = k
+        weights = _coalition_table(k)[3].to(device=values.device, dtype=values.dtype)
+        batch = values.shape[1:]
+        phis = []
+        for i in range(k):
+            # Rows t = hi * 2^(i+1) + bit_i * 2^i + lo: slicing bit_i pairs each coalition without i
+            # with the same coalition plus i; the hi-major order matches the table's rows.
+            pairs = values.reshape(2 ** (k - 1 - i), 2, 2**i, -1)
+            diff = (pairs[:, 1] - pairs[:, 0]).reshape(2 ** (k - 1), -1)
+            phis.append((weights[i] @ diff).reshape(batch))
+        return torch.stack(phis, dim=-2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        k = ctx.k
+        signed = _signed_weights(k).to(device=grad.device, dtype=grad.dtype)
+        per_player = grad.movedim(-2, 0)  # (k, *batch, C)
+        return (signed @ per_player.reshape(k, -1)).reshape(2**k, *per_player.shape[1:]), None
+
+
 def shapley_from_values(values: Tensor, k: int) -> Tensor:
     """Exact Shapley values from the values of all `2^k` coalitions.
 
@@ -91,11 +131,7 @@ def shapley_from_values(values: Tensor, k: int) -> Tensor:
     """
     if values.shape[0] != 2**k:
         raise ValueError(f"expected 2^{k} = {2**k} coalition values along dim 0, got {values.shape[0]}")
-    _, with_, without, weights = _coalition_table(k)
-    with_, without = with_.to(values.device), without.to(values.device)
-    diff = values[with_] - values[without]  # (k, 2^(k-1), *batch, C)
-    phi = torch.einsum("ks,ks...->...k", weights.to(device=values.device, dtype=values.dtype), diff)
-    return phi.movedim(-1, -2)
+    return _ShapleyCombine.apply(values, k)
 
 
 def _check_arity(k: int, max_players: int) -> None:
@@ -291,7 +327,8 @@ class ShapleyModuleBank(nn.Module):
     def _rest(self, h: Tensor) -> Tensor:
         """Layers after the first one, on `(..., G, h_1)` pre-activations."""
         for w, b in zip(self.weights[1:], self.biases[1:]):
-            h = torch.einsum("...gi,gio->...go", self.act(h), w) + b
+            h = torch.einsum("...gi,gio->...go", self.act(h), w)
+            h += b
         return h
 
     def forward(self, x: Tensor) -> Tensor:
@@ -320,7 +357,8 @@ class ShapleyModuleBank(nn.Module):
             at_reference = at_reference + torch.einsum("...gkc,gkch->...gh", ref, w1)
         projected = torch.einsum("...gkc,gkch->...gkh", delta, w1)
         pre = torch.einsum("tk,...gkh->t...gh", coalition_masks(k, delta.device, delta.dtype), projected)
-        return self._rest(pre + at_reference)
+        pre += at_reference  # in place: this is the largest tensor of the computation
+        return self._rest(pre)
 
     def shapley(self, delta: Tensor, reference: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Exact Shapley values of every module (arguments as in `coalition_values`).
