@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from ._validation import check_input, check_reference
 from .explanation import Explanation
-from .modules import ShapleyModuleBank
+from .modules import ShapleyModuleBank, evaluation_stats
+from .pruning import prune_players, stage_fractions
 
 __all__ = ["ConvShapNet", "ShapleyConv2d"]
 
@@ -88,16 +89,18 @@ class ShapleyConv2d(nn.Module):
         shifted = [F.pad(phi[..., j, :], (0, 0, dx, pw - dx, dy, ph - dy)) for j, (dy, dx) in enumerate(self.offsets)]
         return torch.stack(shifted).sum(0)[:, :H, :W]
 
-    def forward(self, delta: Tensor, reference: Tensor | None = None) -> Tensor:
+    def forward(self, delta: Tensor, reference: Tensor | None = None, skip_inactive: bool = False) -> Tensor:
         """The layer's Shapley representation.
 
         Args:
             delta: input minus reference, channel-last `(B, H, W, C_in)`.
             reference: per-channel reference `(C_in,)`; `None` means 0.
+            skip_inactive: do not evaluate patches whose pixels all sit at the reference (their
+                Shapley values are exactly 0) and evaluate fewer coalitions for partly inactive ones.
         """
         players = self.patches(delta)[..., None, :, :]  # one shared module: G = 1
         ref = None if reference is None else reference.expand(1, len(self.offsets), reference.shape[-1])
-        phi, _, _ = self.bank.shapley(players, ref)
+        phi, _, _ = self.bank.shapley(players, ref, skip_inactive=skip_inactive)
         return self.fold(phi[..., 0, :, :])
 
 
@@ -109,6 +112,8 @@ class ConvShapNet(nn.Module):
         num_classes: outputs; the last stage's channels.
         channels: output channels of the hidden stages; there are `len(channels) + 1` stages.
         kernel_size: patch size of every stage.
+        kernel_sizes: optional per-stage patch sizes (overrides `kernel_size`), e.g. alternating
+            `(1, 2)` and `(2, 1)`: two-player modules evaluate 4 coalitions instead of 16.
         dilations: one per stage; default 1, 2, 4, ... (receptive field 2^stages for 2x2 kernels).
         hidden: hidden widths of each stage's shared inner MLP.
         channel_split: optional, one entry per stage: how many leading channels go through the stage
@@ -116,6 +121,11 @@ class ConvShapNet(nn.Module):
         residual: add a stage's input to its output when channels match (stage 0 adds x - ref).
         reference: `None` (zeros), a number, or one value per channel `(C,)`.
         act_layer: activation of the inner MLPs.
+        prune: instance-based pruning fraction of pixels after each stage: one float or one per
+            stage (see `shapnets.pruning`); in eval mode, and in training only if
+            `prune_during_training`.
+        prune_during_training: also prune in training mode.
+        skip_inactive: skip patches (and coalitions) whose pixels sit at the reference; exact.
     """
 
     def __init__(
@@ -126,15 +136,22 @@ class ConvShapNet(nn.Module):
         kernel_size: int | Sequence[int] = 2,
         dilations: Sequence[int] | None = None,
         hidden: Sequence[int] = (32,),
+        kernel_sizes: Sequence[int | Sequence[int]] | None = None,
         channel_split: Sequence[int | None] | None = None,
         residual: bool = True,
         reference: Tensor | float | Sequence[float] | None = None,
         act_layer: Callable[[], nn.Module] = nn.GELU,
+        prune: float | Sequence[float] = 0.0,
+        prune_during_training: bool = False,
+        skip_inactive: bool = True,
     ) -> None:
         super().__init__()
         num_stages = len(channels) + 1
         dilations = list(dilations) if dilations is not None else [2**s for s in range(num_stages)]
         split = list(channel_split) if channel_split is not None else [None] * num_stages
+        kernels = list(kernel_sizes) if kernel_sizes is not None else [kernel_size] * num_stages
+        if len(kernels) != num_stages:
+            raise ValueError(f"{num_stages} stages need {num_stages} kernel_sizes, got {len(kernels)}")
         if len(dilations) != num_stages:
             raise ValueError(f"{num_stages} stages need {num_stages} dilations, got {len(dilations)}")
         if len(split) != num_stages:
@@ -143,24 +160,30 @@ class ConvShapNet(nn.Module):
         self.channel_split: list[int] = []
         self.stages = nn.ModuleList()
         width = in_chans
-        for s, (c_out, d) in enumerate(zip([*channels, num_classes], dilations)):
+        for s, (c_out, d, kernel) in enumerate(zip([*channels, num_classes], dilations, kernels)):
             take = width if split[s] is None else int(split[s])
             if not 1 <= take <= width:
                 raise ValueError(f"stage {s}: channel_split {take} must lie in [1, {width}] (channels available)")
             self.channel_split.append(take)
-            self.stages.append(ShapleyConv2d(take, c_out, kernel_size, d, hidden, act_layer))
+            self.stages.append(ShapleyConv2d(take, c_out, kernel, d, hidden, act_layer))
             width = c_out + width - take
         if width != num_classes:
             raise ValueError(
                 f"the last map has {width} channels but must have num_classes={num_classes}: "
                 f"channel_split carries {width - num_classes} channel(s) past the last stage"
             )
+        self.prune = stage_fractions(prune, num_stages)
+        self.prune_during_training, self.skip_inactive = prune_during_training, skip_inactive
         ref = torch.as_tensor(reference) if reference is not None and not isinstance(reference, Tensor) else reference
         self.register_buffer("reference", check_reference(ref, (in_chans,), "ConvShapNet"))
 
     @property
     def num_stages(self) -> int:
         return len(self.stages)
+
+    def evaluation_stats(self, reset: bool = False) -> dict[str, int]:
+        """Module and coalition evaluations done and skipped since the last reset (all stages)."""
+        return evaluation_stats(self, reset)
 
     def _check(self, x: Tensor) -> Tensor:
         x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
@@ -174,10 +197,12 @@ class ConvShapNet(nn.Module):
         layers = []
         for s, (stage, take) in enumerate(zip(self.stages, self.channel_split)):
             head, tail = z[..., :take], z[..., take:]
-            phi = stage(head, self.reference[:take] if s == 0 else None)
+            phi = stage(head, self.reference[:take] if s == 0 else None, skip_inactive=self.skip_inactive)
             if self.residual and phi.shape[-1] == take:
                 phi = phi + head
             z = torch.cat([phi, tail], dim=-1) if tail.shape[-1] else phi
+            if self.prune[s] and (self.prune_during_training or not self.training):
+                z = prune_players(z, self.prune[s])
             layers.append(z)
         return layers
 

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from ._validation import check_input, check_reference
 from .explanation import Explanation
-from .modules import ShapleyModuleBank
+from .modules import ShapleyModuleBank, evaluation_stats
+from .pruning import prune_players, stage_fractions
 
 __all__ = ["DeepShapNet", "butterfly_pairs"]
 
@@ -73,6 +74,11 @@ class DeepShapNet(nn.Module):
         in_channels: channels per feature (1 for tabular data).
         act_layer: activation of the inner MLPs.
         feature_names: optional names used in explanations and plots.
+        prune: instance-based pruning fraction after each stage: one float for all stages or one per
+            stage (see `shapnets.pruning`). Applied in eval mode, and in training only if
+            `prune_during_training`.
+        prune_during_training: also prune in training mode.
+        skip_inactive: skip modules (and coalitions) whose players sit at the reference; exact.
     """
 
     def __init__(
@@ -86,6 +92,9 @@ class DeepShapNet(nn.Module):
         in_channels: int = 1,
         act_layer: Callable[[], nn.Module] = nn.GELU,
         feature_names: Sequence[str] | None = None,
+        prune: float | Sequence[float] = 0.0,
+        prune_during_training: bool = False,
+        skip_inactive: bool = True,
     ) -> None:
         super().__init__()
         if in_features < 2:
@@ -117,6 +126,8 @@ class DeepShapNet(nn.Module):
             ShapleyModuleBank(self.num_padded // 2, 2, c_in, c_out, hidden, act_layer)
             for c_in, c_out in zip(self.stage_channels[:-1], self.stage_channels[1:])
         )
+        self.prune = stage_fractions(prune, len(self.stages))
+        self.prune_during_training, self.skip_inactive = prune_during_training, skip_inactive
 
     @property
     def num_players(self) -> int:
@@ -125,6 +136,10 @@ class DeepShapNet(nn.Module):
     @property
     def num_stages(self) -> int:
         return len(self.stages)
+
+    def evaluation_stats(self, reset: bool = False) -> dict[str, int]:
+        """Module and coalition evaluations done and skipped since the last reset (all stages)."""
+        return evaluation_stats(self, reset)
 
     def stage_stride(self, stage: int) -> int:
         return 1 << (stage % int(math.log2(self.num_padded)))
@@ -147,9 +162,12 @@ class DeepShapNet(nn.Module):
             stride = self.stage_stride(s)
             # Stage 0 sees the input game (reference r); deeper stages see Shapley representations,
             # whose reference is 0 (the representation of the reference input is identically 0).
-            phi, _, _ = stage.shapley(_to_pairs(z, stride), _to_pairs(reference, stride) if s == 0 else None)
+            ref = _to_pairs(reference, stride) if s == 0 else None
+            phi, _, _ = stage.shapley(_to_pairs(z, stride), ref, skip_inactive=self.skip_inactive)
             phi = _from_pairs(phi, stride)
             z = z + phi if self.residual and phi.shape[-1] == z.shape[-1] else phi
+            if self.prune[s] and (self.prune_during_training or not self.training):
+                z = prune_players(z, self.prune[s], self.in_features)
             layers.append(z)
         return layers
 

@@ -38,6 +38,7 @@ __all__ = [
     "ShapleyModule",
     "ShapleyModuleBank",
     "coalition_masks",
+    "evaluation_stats",
     "shapley_from_values",
 ]
 
@@ -264,6 +265,22 @@ class ShapleyModule(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # ShapleyModuleBank: G modules of equal arity with MLP inners, one batched computation
 # ---------------------------------------------------------------------------------------------
+def evaluation_stats(model: nn.Module, reset: bool = False) -> dict[str, int]:
+    """Sum the evaluation counters of every `ShapleyModuleBank` in `model` (optionally zero them).
+
+    Returns `module_evals`, `module_evals_skipped`, `coalition_evals`, `coalition_evals_skipped`:
+    what a dense computation would have evaluated and how much of it was skipped.
+    """
+    total = dict.fromkeys(("module_evals", "module_evals_skipped", "coalition_evals", "coalition_evals_skipped"), 0)
+    for bank in model.modules():
+        if isinstance(bank, ShapleyModuleBank):
+            for key, value in getattr(bank, "stats", {}).items():
+                total[key] += value
+            if reset:
+                bank.reset_stats()
+    return total
+
+
 def _init_linear_(weight: Tensor, bias: Tensor, fan_in: int) -> None:
     # nn.Linear's default initialisation, per module of the bank.
     bound = 1.0 / math.sqrt(fan_in)
@@ -360,15 +377,97 @@ class ShapleyModuleBank(nn.Module):
         pre += at_reference  # in place: this is the largest tensor of the computation
         return self._rest(pre)
 
-    def shapley(self, delta: Tensor, reference: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def shapley(
+        self, delta: Tensor, reference: Tensor | None = None, skip_inactive: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Exact Shapley values of every module (arguments as in `coalition_values`).
+
+        Args:
+            skip_inactive: evaluate only what a player's offset makes necessary: a module whose
+                players all sit at the reference is not evaluated (its Shapley values are exactly 0),
+                and a module with `z` players at the reference evaluates `2^(k-z)` coalitions instead
+                of `2^k` (such players are dummies: their Shapley value is 0 and the others' values
+                are those of the smaller game). Equal to the dense computation up to rounding.
+                Counts are added to `self.stats`.
 
         Returns:
             `(phi, base, output)`: `(..., G, k, C_out)`, `(..., G, C_out)` (the value at the
             reference) and `(..., G, C_out)` (the value at `x`).
         """
+        if skip_inactive:
+            return self._shapley_skipping(delta, reference)
         values = self.coalition_values(delta, reference)
+        self._count(delta.shape[:-2].numel(), delta.shape[:-2].numel() * 2**self.num_players, 0, 0)
         return shapley_from_values(values, self.num_players), values[0], values[-1]
+
+    # ------------------------------------------------------------------ skipping inactive players
+    stats: dict[str, int]
+
+    def reset_stats(self) -> None:
+        """Zero the evaluation counters (`module_evals`, `coalition_evals` and their `*_skipped`)."""
+        self.stats = dict.fromkeys(("module_evals", "module_evals_skipped", "coalition_evals",
+                                    "coalition_evals_skipped"), 0)
+
+    def _count(self, modules: int, coalitions: int, modules_skipped: int, coalitions_skipped: int) -> None:
+        if not hasattr(self, "stats"):
+            self.reset_stats()
+        self.stats["module_evals"] += modules
+        self.stats["coalition_evals"] += coalitions
+        self.stats["module_evals_skipped"] += modules_skipped
+        self.stats["coalition_evals_skipped"] += coalitions_skipped
+
+    def _shapley_skipping(self, delta: Tensor, reference: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        k, G, C = self.num_players, self.num_groups, self.in_channels
+        batch = delta.shape[:-3]
+        flat = delta.reshape(-1, G, k, C)
+        n = flat.shape[0]
+        w1 = rearrange(self.weights[0], "g (k c) h -> g k c h", k=k)
+        # Pre-activation at the reference, per instance (reference broadcastable over the batch).
+        at_reference = self.biases[0].expand(n, G, -1)
+        if reference is not None:
+            ref = reference.to(delta.dtype).expand(*batch, G, k, C).reshape(n, G, k, C)
+            at_reference = at_reference + torch.einsum("ngkc,gkch->ngh", ref, w1)
+        base = self._rest(at_reference)  # (n, G, C_out): each module at its reference, one evaluation
+        present = flat.ne(0).any(-1)  # (n, G, k): which players differ from the reference
+        if bool(present.all()):  # nothing to skip: the dense computation is cheaper than gathering
+            values = self.coalition_values(delta, reference)
+            self._count(n * G, n * G * 2**k, 0, 0)
+            return shapley_from_values(values, k), values[0], values[-1]
+        pattern = (present.long() << torch.arange(k, device=delta.device)).sum(-1).flatten()  # (n*G,)
+        phi = flat.new_zeros(n * G, k, self.out_channels)
+        output = base.reshape(n * G, -1)
+        flat_instances = flat.reshape(n * G, k, C)
+        coalitions = 0
+        for p in pattern.unique().tolist():
+            if p == 0:
+                continue  # every player at the reference: phi = 0 and output = base, nothing to evaluate
+            members = [j for j in range(k) if p >> j & 1]
+            inst = (pattern == p).nonzero().squeeze(1)
+            group = inst % G
+            x = flat_instances[inst][:, members]  # (m, k', C)
+            w = w1[:, members] if G == 1 else w1[group][:, members]  # shared or per-instance weights
+            projected = torch.einsum("mkc,mkch->mkh" if G > 1 else "mkc,kch->mkh", x, w[0] if G == 1 else w)
+            masks = coalition_masks(len(members), delta.device, delta.dtype)
+            h = torch.einsum("tk,mkh->tmh", masks, projected) + at_reference.reshape(n * G, -1)[inst]
+            for wl, bl in zip(self.weights[1:], self.biases[1:]):
+                if G == 1:
+                    h = torch.einsum("tmi,io->tmo", self.act(h), wl[0]) + bl[0]
+                else:
+                    h = torch.einsum("tmi,mio->tmo", self.act(h), wl[group]) + bl[group]
+            coalitions += len(inst) * 2 ** len(members)
+            sub = shapley_from_values(h, len(members))  # (m, k', C_out)
+            rows = inst[:, None].expand(-1, len(members))
+            cols = torch.tensor(members, device=delta.device).expand(len(inst), -1)
+            phi = phi.index_put((rows, cols), sub)
+            output = output.index_put((inst,), h[-1])
+        total = n * G
+        modules_done = int((pattern != 0).sum())
+        self._count(total, total * 2**k, total - modules_done, total * 2**k - coalitions)
+        return (
+            phi.reshape(*batch, G, k, -1),
+            base.reshape(*batch, G, -1),
+            output.reshape(*batch, G, -1),
+        )
 
     def module(self, g: int) -> ShapleyModule:
         """A stand-alone `ShapleyModule` holding a copy of module `g`'s weights (for auditing)."""
