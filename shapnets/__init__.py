@@ -12,8 +12,17 @@ Core objects:
 from .conv import ConvShapNet, ShapleyConv2d
 from .deep import DeepShapNet, butterfly_pairs
 from .explanation import Explanation, LocalAccuracyError
-from .modules import MAX_PLAYERS, ShapleyModule, ShapleyModuleBank, coalition_masks, shapley_from_values
+from .modules import (
+    MAX_PLAYERS,
+    ShapleyModule,
+    ShapleyModuleBank,
+    coalition_masks,
+    evaluation_stats,
+    shapley_from_values,
+)
 from .oracle import exact_shapley, pixel_players
+from .pruning import prune_players
+from .regularizers import explanation_penalty, l1_sparsity, linf_spreading
 from .shallow import ShallowShapNet, make_groups
 
 __version__ = "0.1.0"
@@ -30,8 +39,13 @@ __all__ = [
     "ShapleyModuleBank",
     "butterfly_pairs",
     "coalition_masks",
+    "evaluation_stats",
     "exact_shapley",
+    "explanation_penalty",
+    "l1_sparsity",
+    "linf_spreading",
     "make_groups",
     "pixel_players",
+    "prune_players",
     "shapley_from_values",
 ]
