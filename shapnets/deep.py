@@ -9,7 +9,8 @@ every output row depends on every input feature. The logits are the sum of the l
 representation over the D rows, and the bias of every module is discarded, so:
 
 * local accuracy: `sum_i Z^(L)_i == g(x)` and `g(reference) == 0` exactly;
-* missingness: a feature at its reference has a zero row at every layer (bit for bit here);
+* missingness: a feature at its reference has a zero row at every layer (up to the rounding of
+  batched matrix products, ~1e-17 in float64; rows set to the reference by pruning are exactly 0);
 * every layer is the exact Shapley representation of its own function (reference 0), so the
   network explains itself layer by layer; end to end the attributions are *not* the exact Shapley
   values of `g` (Shapley values do not compose through non-linear layers).
@@ -26,7 +27,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -35,7 +35,7 @@ from .explanation import Explanation
 from .modules import ShapleyModuleBank, evaluation_stats
 from .pruning import prune_players, stage_fractions
 
-__all__ = ["DeepShapNet", "butterfly_pairs"]
+__all__ = ["DeepShapNet", "butterfly_pairs", "butterfly_stages_needed", "live_rows"]
 
 
 def butterfly_pairs(num_players: int, stage: int) -> list[tuple[int, int]]:
@@ -48,6 +48,50 @@ def butterfly_pairs(num_players: int, stage: int) -> list[tuple[int, int]]:
         raise ValueError(f"butterfly wiring needs a power of two >= 2 players, got {num_players}")
     stride = 1 << (stage % int(math.log2(num_players)))
     return [(a, a + stride) for a in range(num_players) if not a & stride]
+
+
+def live_rows(in_features: int) -> list[int]:
+    """Rows of the padded butterfly that hold the real features (the others hold padding).
+
+    Padded rows sit at the reference, so their Shapley value is 0 at every stage and they carry no
+    information: a path through one is dead. Putting the features at the bit-reversed positions
+    `{bitrev(i) : i < D}` (in increasing order) spreads the dead rows so that log2(P) + 1 stages
+    connect everything, where padding at the end needs up to 2 log2(P) - 1.
+    """
+    log2 = math.ceil(math.log2(in_features))
+    if (1 << log2) == in_features:
+        return list(range(in_features))
+    return sorted(int(format(i, f"0{log2}b")[::-1], 2) for i in range(in_features))
+
+
+def butterfly_stages_needed(in_features: int) -> int:
+    """The fewest butterfly stages after which every output row depends on every input feature.
+
+    log2(D) when `in_features` is a power of two, log2(P) + 1 with padding (see `live_rows`);
+    computed by following which inputs reach which live row.
+    """
+    padded = 1 << math.ceil(math.log2(in_features))
+    log2 = int(math.log2(padded))
+    rows = live_rows(in_features)
+    alive = [False] * padded
+    reach = [0] * padded
+    for feature, r in enumerate(rows):
+        alive[r], reach[r] = True, 1 << feature
+    everything = (1 << in_features) - 1
+    stage = 0
+    while any(reach[r] != everything for r in rows):
+        stride = 1 << (stage % log2)
+        new = list(reach)
+        for a in range(padded):
+            if not a & stride:
+                if alive[a]:
+                    new[a] |= reach[a + stride]
+                if alive[a + stride]:
+                    new[a + stride] |= reach[a]
+        reach, stage = new, stage + 1
+        if stage > 2 * log2 + 2:  # cannot happen for this wiring; guard against an endless loop
+            raise RuntimeError(f"butterfly wiring does not connect {in_features} features")
+    return max(stage, 1)
 
 
 def _to_pairs(z: Tensor, stride: int) -> Tensor:
@@ -66,7 +110,8 @@ class DeepShapNet(nn.Module):
         in_features: `D`, the number of features; padded to the next power of two `P` internally.
         num_classes: outputs; the last stage's channels.
         channels: channels of the hidden representations: an int (used for every hidden stage) or
-            one width per hidden stage. There are `len(channels) + 1` stages, at least log2(P).
+            one width per hidden stage. There are `len(channels) + 1` stages, at least
+            `butterfly_stages_needed(in_features)` (log2(D) for a power of two, more with padding).
         hidden: hidden widths of each pairwise module's inner MLP.
         residual: add the stage input to its Shapley representation when channels match (the first
             stage adds `x - reference`, so missingness still holds).
@@ -103,14 +148,14 @@ class DeepShapNet(nn.Module):
             raise ValueError(f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}")
         self.in_features, self.num_classes, self.in_channels = in_features, num_classes, in_channels
         self.num_padded = 1 << math.ceil(math.log2(in_features))
-        min_stages = int(math.log2(self.num_padded))
+        min_stages = butterfly_stages_needed(in_features)
         if isinstance(channels, int):
             channels = [channels] * (min_stages - 1)
         channels = [int(c) for c in channels]
         if len(channels) + 1 < min_stages:
             raise ValueError(
                 f"{in_features} features (padded to {self.num_padded}) need at least {min_stages} stages so that "
-                f"every output depends on every input: give at least {min_stages - 1} hidden channel widths, "
+                f"every output row depends on every input: give at least {min_stages - 1} hidden channel widths, "
                 f"got {len(channels)}"
             )
         self.stage_channels = [in_channels, *channels, num_classes]
@@ -122,6 +167,7 @@ class DeepShapNet(nn.Module):
         if isinstance(ref, Tensor) and ref.dim() == 1 and ref.numel() == in_features and in_channels > 1:
             raise ValueError(f"reference (D,) is ambiguous with in_channels={in_channels}: pass (D, C)")
         self.register_buffer("reference", check_reference(ref, (in_features, in_channels), "DeepShapNet"))
+        self.register_buffer("live_rows", torch.tensor(live_rows(in_features)), persistent=False)
         self.stages = nn.ModuleList(
             ShapleyModuleBank(self.num_padded // 2, 2, c_in, c_out, hidden, act_layer)
             for c_in, c_out in zip(self.stage_channels[:-1], self.stage_channels[1:])
@@ -152,11 +198,14 @@ class DeepShapNet(nn.Module):
         return x[..., None] if x.dim() == 2 else x
 
     def representations(self, x: Tensor) -> list[Tensor]:
-        """Every layer's Shapley representation `Z^(1..L)`, each `(B, P, C_l)` (padded rows are 0)."""
-        pad = self.num_padded - self.in_features
+        """Every layer's Shapley representation `Z^(1..L)`, each `(B, P, C_l)`.
+
+        Rows are the padded butterfly's: feature `i` sits at row `live_rows[i]`; padded rows are 0.
+        """
+        x = self._check(x)
         # Work in offsets from the reference: padded players sit exactly at the reference (offset 0).
-        z = F.pad(x - self.reference, (0, 0, 0, pad))
-        reference = F.pad(self.reference, (0, 0, 0, pad))
+        z = x.new_zeros(x.shape[0], self.num_padded, x.shape[2]).index_copy(1, self.live_rows, x - self.reference)
+        reference = self.reference.new_zeros(self.num_padded, x.shape[2]).index_copy(0, self.live_rows, self.reference)
         layers = []
         for s, stage in enumerate(self.stages):
             stride = self.stage_stride(s)
@@ -167,13 +216,13 @@ class DeepShapNet(nn.Module):
             phi = _from_pairs(phi, stride)
             z = z + phi if self.residual and phi.shape[-1] == z.shape[-1] else phi
             if self.prune[s] and (self.prune_during_training or not self.training):
-                z = prune_players(z, self.prune[s], self.in_features)
+                z = prune_players(z, self.prune[s], self.live_rows)
             layers.append(z)
         return layers
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits: the sum over features of the last Shapley representation."""
-        return self.representations(self._check(x))[-1][:, : self.in_features].sum(1)
+        return self.representations(x)[-1].index_select(1, self.live_rows).sum(1)
 
     def explain(self, x: Tensor, layers: bool = False) -> Explanation:
         """The network's own explanation (one forward pass; training pays the same cost).
@@ -186,8 +235,7 @@ class DeepShapNet(nn.Module):
             `Explanation` with attributions `Z^(L)` `(B, D, num_classes)`, base 0 (`g(reference)`),
             output `g(x)`, `exact=False` (local accuracy and missingness hold exactly).
         """
-        x = self._check(x)
-        reps = [z[:, : self.in_features] for z in self.representations(x)]
+        reps = [z.index_select(1, self.live_rows) for z in self.representations(x)]
         attributions = reps[-1]
         output = attributions.sum(1)
         return Explanation(

@@ -89,7 +89,7 @@ def _signed_weights(k: int) -> Tensor:
 class _ShapleyCombine(torch.autograd.Function):
     """The linear map from coalition values to Shapley values, exact zeros forward, one matmul backward.
 
-    Forward takes differences `v(S + i) - v(S)` before weighting (so identical values give exactly 0.0);
+    Forward takes differences `v(S + i) - v(S)` before weighting (bit-identical values give exactly 0.0);
     the map is linear with the fixed matrix `W`, so the backward pass is the single product `W g`, far
     cheaper than differentiating through the strided differences.
     """
@@ -121,7 +121,8 @@ def shapley_from_values(values: Tensor, k: int) -> Tensor:
 
     `phi_i = sum_{S not containing i} w(|S|) * (v(S + i) - v(S))`. The differences are taken before
     the weighted sum, so a player whose input equals the reference (identical coalition values with
-    and without it) gets exactly 0.0, not a rounding residue: missingness holds bit for bit.
+    and without it) gets 0 up to the rounding of the batched products that produced the values
+    (exactly 0.0 whenever those values are bit-identical, ~1e-17 otherwise in float64).
 
     Args:
         values: `(2^k, *batch, C)` coalition values, rows ordered as in `coalition_masks`.
@@ -208,7 +209,12 @@ class ShapleyModule(nn.Module):
                 f"{num_players} * {in_channels} = {num_players * in_channels}"
             )
         self.in_channels = in_channels
-        ref = check_reference(reference, (num_players, in_channels), "ShapleyModule")
+        # The reference lives with the inner network's parameters (dtype and device).
+        param = next(iter(inner.parameters()), None)
+        dtype = param.dtype if param is not None and param.is_floating_point() else None
+        ref = check_reference(reference, (num_players, in_channels), "ShapleyModule", dtype)
+        if param is not None:
+            ref = ref.to(param.device)
         if learn_reference:
             self.reference = nn.Parameter(ref)
         else:

@@ -24,14 +24,14 @@ from torch import Tensor
 __all__ = ["prune_players", "stage_fractions"]
 
 
-def prune_players(z: Tensor, fraction: float, num_players: int | None = None) -> Tensor:
+def prune_players(z: Tensor, fraction: float, rows: Tensor | None = None) -> Tensor:
     """Zero the `floor(fraction * N)` players of smallest channel-L1 norm in every sample.
 
     Args:
         z: a representation `(B, *players, C)`.
         fraction: `p` in `[0, 1]`.
-        num_players: consider only the first `num_players` players of the flattened player axes
-            (Deep ShapNets pass the real feature count so padding is not counted); default all.
+        rows: indices (into the flattened player axes) of the players that count; default all.
+            Deep ShapNets pass the rows of their real features so that padding is not counted.
 
     Returns:
         `z` with the pruned rows set to exactly 0 (gradients still flow to the kept rows).
@@ -39,12 +39,14 @@ def prune_players(z: Tensor, fraction: float, num_players: int | None = None) ->
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"pruning fraction must lie in [0, 1], got {fraction}")
     flat = z.reshape(z.shape[0], -1, z.shape[-1])
-    n = flat.shape[1] if num_players is None else num_players
+    n = flat.shape[1] if rows is None else rows.numel()
     count = math.floor(fraction * n)
     if count == 0:
         return z
-    norms = flat[:, :n].abs().sum(-1)
+    norms = flat.abs().sum(-1) if rows is None else flat.index_select(1, rows).abs().sum(-1)
     pruned = torch.sort(norms, dim=1, stable=True).indices[:, :count]
+    if rows is not None:
+        pruned = rows[pruned]
     keep = torch.ones(flat.shape[:2], dtype=torch.bool, device=z.device).scatter(1, pruned, False)
     return torch.where(keep[..., None], flat, torch.zeros((), dtype=z.dtype, device=z.device)).reshape(z.shape)
 

@@ -37,9 +37,10 @@ def test_prune_tie_rule_lower_index_first() -> None:
 
 def test_prune_counts_only_real_players() -> None:
     z = torch.randn(2, 8, 3, dtype=F64)
-    z[:, 6:] = 0  # padding
-    out = prune_players(z, 0.5, num_players=6)
-    assert ((out[:, :6].abs().sum(-1) == 0).sum(1) == 3).all()
+    rows = torch.tensor([0, 2, 3, 5, 6, 7])
+    z[:, [1, 4]] = 0  # padding rows
+    out = prune_players(z, 0.5, rows)
+    assert ((out[:, rows].abs().sum(-1) == 0).sum(1) == 3).all()
 
 
 def test_prune_fraction_validation() -> None:
@@ -96,7 +97,7 @@ def test_skip_path_gradients_match_dense() -> None:
 @pytest.mark.parametrize("residual", [True, False])
 def test_deep_pruned_skip_equals_masked(residual: bool) -> None:
     torch.manual_seed(2)
-    net = DeepShapNet(13, 3, channels=6, residual=residual, prune=[0.3, 0.5, 0.2, 0.0]).double().eval()
+    net = DeepShapNet(13, 3, channels=6, residual=residual, prune=[0.3, 0.5, 0.2, 0.1, 0.0]).double().eval()
     x = torch.randn(7, 13, dtype=F64)
     skipped = net.explain(x, layers=True)
     net.skip_inactive = False
