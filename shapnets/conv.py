@@ -69,7 +69,7 @@ class ShapleyConv2d(nn.Module):
         self.kernel_size, self.dilation = (kh, kw), (dh, dw)
         self.offsets = [(i * dh, j * dw) for i in range(kh) for j in range(kw)]
         self.pad = ((kh - 1) * dh, (kw - 1) * dw)
-        self.bank = ShapleyModuleBank(1, kh * kw, in_channels, out_channels, hidden, act_layer)
+        self.bank = ShapleyModuleBank(1, kh * kw, in_channels, out_channels, hidden, act_layer, output_bias=False)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, dilation={self.dilation}"

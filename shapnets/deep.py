@@ -169,7 +169,7 @@ class DeepShapNet(nn.Module):
         self.register_buffer("reference", check_reference(ref, (in_features, in_channels), "DeepShapNet"))
         self.register_buffer("live_rows", torch.tensor(live_rows(in_features)), persistent=False)
         self.stages = nn.ModuleList(
-            ShapleyModuleBank(self.num_padded // 2, 2, c_in, c_out, hidden, act_layer)
+            ShapleyModuleBank(self.num_padded // 2, 2, c_in, c_out, hidden, act_layer, output_bias=False)
             for c_in, c_out in zip(self.stage_channels[:-1], self.stage_channels[1:])
         )
         self.prune = stage_fractions(prune, len(self.stages))

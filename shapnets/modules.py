@@ -313,6 +313,9 @@ class ShapleyModuleBank(nn.Module):
         hidden: hidden widths of the inner MLP.
         act_layer: activation class between layers.
         max_players: the largest `k` accepted.
+        output_bias: give the last layer a bias. A constant cancels out of every Shapley
+            difference, so where only the Shapley values are used (Deep and Conv ShapNets discard
+            the value at the reference) that bias would get an exactly-zero gradient: leave it out.
     """
 
     def __init__(
@@ -324,6 +327,7 @@ class ShapleyModuleBank(nn.Module):
         hidden: Sequence[int] = (32,),
         act_layer: Callable[[], nn.Module] = nn.GELU,
         max_players: int = MAX_PLAYERS,
+        output_bias: bool = True,
     ) -> None:
         super().__init__()
         _check_arity(num_players, max_players)
@@ -335,29 +339,39 @@ class ShapleyModuleBank(nn.Module):
         widths = [num_players * in_channels, *hidden, out_channels]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
-        for fan_in, fan_out in itertools.pairwise(widths):
+        for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
             w = nn.Parameter(torch.empty(num_groups, fan_in, fan_out))
             b = nn.Parameter(torch.empty(num_groups, fan_out))
             _init_linear_(w, b, fan_in)
             self.weights.append(w)
-            self.biases.append(b)
+            if output_bias or layer < len(widths) - 2:
+                self.biases.append(b)
         self.act = act_layer()
 
     def extra_repr(self) -> str:
         widths = [self.weights[0].shape[1]] + [w.shape[2] for w in self.weights]
         return f"groups={self.num_groups}, players={self.num_players}, mlp={'-'.join(map(str, widths))}"
 
+    def bias(self, layer: int) -> Tensor | None:
+        """Layer `layer`'s bias `(G, width)`, or None (the output layer without `output_bias`)."""
+        return self.biases[layer] if layer < len(self.biases) else None
+
+    def _at_reference(self, shape_like: Tensor) -> Tensor:
+        b = self.bias(0)
+        return b if b is not None else shape_like.new_zeros(self.num_groups, self.weights[0].shape[-1])
+
     def _rest(self, h: Tensor) -> Tensor:
         """Layers after the first one, on `(..., G, h_1)` pre-activations."""
-        for w, b in zip(self.weights[1:], self.biases[1:]):
-            h = torch.einsum("...gi,gio->...go", self.act(h), w)
-            h += b
+        for i in range(1, len(self.weights)):
+            h = torch.einsum("...gi,gio->...go", self.act(h), self.weights[i])
+            if (b := self.bias(i)) is not None:
+                h += b
         return h
 
     def forward(self, x: Tensor) -> Tensor:
         """Every module's inner at its input: `(..., G, k, C_in)` -> `(..., G, C_out)`."""
         pre = torch.einsum("...gi,gio->...go", rearrange(x, "... g k c -> ... g (k c)"), self.weights[0])
-        return self._rest(pre + self.biases[0])
+        return self._rest(pre + self._at_reference(pre))
 
     def coalition_values(self, delta: Tensor, reference: Tensor | None = None) -> Tensor:
         """Every module's inner on every coalition: `(..., G, k, C)` -> `(2^k, ..., G, C_out)`.
@@ -372,7 +386,7 @@ class ShapleyModuleBank(nn.Module):
         """
         k = self.num_players
         w1 = rearrange(self.weights[0], "g (k c) h -> g k c h", k=k)
-        at_reference = self.biases[0]
+        at_reference = self._at_reference(delta)
         if reference is not None:
             if reference.dim() < 3:
                 raise ValueError(f"reference must be (..., G, k, C), got shape {tuple(reference.shape)}")
@@ -408,6 +422,8 @@ class ShapleyModuleBank(nn.Module):
 
     # ------------------------------------------------------------------ skipping inactive players
     stats: dict[str, int]
+    #: Skip only when at least this fraction of the dense coalition evaluations can be skipped.
+    skip_threshold: float = 0.3
 
     def reset_stats(self) -> None:
         """Zero the evaluation counters (`module_evals`, `coalition_evals` and their `*_skipped`)."""
@@ -429,13 +445,15 @@ class ShapleyModuleBank(nn.Module):
         n = flat.shape[0]
         w1 = rearrange(self.weights[0], "g (k c) h -> g k c h", k=k)
         # Pre-activation at the reference, per instance (reference broadcastable over the batch).
-        at_reference = self.biases[0].expand(n, G, -1)
+        at_reference = self._at_reference(flat).expand(n, G, -1)
         if reference is not None:
             ref = reference.to(delta.dtype).expand(*batch, G, k, C).reshape(n, G, k, C)
             at_reference = at_reference + torch.einsum("ngkc,gkch->ngh", ref, w1)
         base = self._rest(at_reference)  # (n, G, C_out): each module at its reference, one evaluation
         present = flat.ne(0).any(-1)  # (n, G, k): which players differ from the reference
-        if bool(present.all()):  # nothing to skip: the dense computation is cheaper than gathering
+        needed = (2 ** present.sum(-1)).masked_fill(~present.any(-1), 0).sum()
+        # Gathering costs more than it saves unless much can be skipped: below the threshold, go dense.
+        if needed > (1 - self.skip_threshold) * n * G * 2**k:
             values = self.coalition_values(delta, reference)
             self._count(n * G, n * G * 2**k, 0, 0)
             return shapley_from_values(values, k), values[0], values[-1]
@@ -455,11 +473,14 @@ class ShapleyModuleBank(nn.Module):
             projected = torch.einsum("mkc,mkch->mkh" if G > 1 else "mkc,kch->mkh", x, w[0] if G == 1 else w)
             masks = coalition_masks(len(members), delta.device, delta.dtype)
             h = torch.einsum("tk,mkh->tmh", masks, projected) + at_reference.reshape(n * G, -1)[inst]
-            for wl, bl in zip(self.weights[1:], self.biases[1:]):
+            for i in range(1, len(self.weights)):
+                wl, bl = self.weights[i], self.bias(i)
                 if G == 1:
-                    h = torch.einsum("tmi,io->tmo", self.act(h), wl[0]) + bl[0]
+                    h = torch.einsum("tmi,io->tmo", self.act(h), wl[0])
                 else:
-                    h = torch.einsum("tmi,mio->tmo", self.act(h), wl[group]) + bl[group]
+                    h = torch.einsum("tmi,mio->tmo", self.act(h), wl[group])
+                if bl is not None:
+                    h = h + (bl[0] if G == 1 else bl[group])
             coalitions += len(inst) * 2 ** len(members)
             sub = shapley_from_values(h, len(members))  # (m, k', C_out)
             rows = inst[:, None].expand(-1, len(members))
@@ -478,11 +499,13 @@ class ShapleyModuleBank(nn.Module):
     def module(self, g: int) -> ShapleyModule:
         """A stand-alone `ShapleyModule` holding a copy of module `g`'s weights (for auditing)."""
         layers: list[nn.Module] = []
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            lin = nn.Linear(w.shape[1], w.shape[2], device=w.device, dtype=w.dtype)
+        for i, w in enumerate(self.weights):
+            b = self.bias(i)
+            lin = nn.Linear(w.shape[1], w.shape[2], bias=b is not None, device=w.device, dtype=w.dtype)
             with torch.no_grad():
                 lin.weight.copy_(w[g].T)
-                lin.bias.copy_(b[g])
+                if b is not None:
+                    lin.bias.copy_(b[g])
             if i:
                 layers.append(self.act)
             layers.append(lin)

@@ -1,0 +1,161 @@
+"""Checkpoints: atomic writes, weights_only loading, RNG round trips, and a SIGKILLed run resuming bit for bit."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training import checkpoint as ckpt
+from training.config import UserError
+
+
+def test_atomic_save_survives_a_crash_before_the_rename(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "last.pt"
+    ckpt.save_checkpoint({"model": {"w": torch.ones(3)}, "step": 1}, path)
+
+    def crash(src, dst):
+        raise OSError("simulated crash between write and replace")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        ckpt.save_checkpoint({"model": {"w": torch.zeros(3)}, "step": 2}, path)
+    monkeypatch.undo()
+    state = ckpt.load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3)), "the previous file must be intact"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"], "no temp files left behind"
+
+
+def test_atomic_save_survives_a_failing_serialiser(tmp_path: Path) -> None:
+    path = tmp_path / "best.pt"
+    ckpt.save_checkpoint({"model": {}, "step": 1}, path)
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch.save raises for an unpicklable object
+        ckpt.save_checkpoint({"model": {}, "bad": lambda: None}, path)
+    assert ckpt.load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+
+
+def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
+    path = tmp_path / "c.pt"
+    state = {"model": {"w": torch.randn(2)}, "rng": ckpt.capture_rng_state(torch.Generator().manual_seed(3)),
+             "config": {"a": [1, 2.0, "x", None]}, "epoch": 3}
+    ckpt.save_checkpoint(state, path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["version"] == ckpt.CHECKPOINT_VERSION and loaded["epoch"] == 3
+    assert loaded["config"] == state["config"]
+
+
+def test_unreadable_files_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="checkpoint not found"):
+        ckpt.load_checkpoint(tmp_path / "missing.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        ckpt.load_checkpoint(garbage)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": {}, "obj": Path("x")}, pickled)  # needs full unpickling: refused by weights_only
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        ckpt.load_checkpoint(pickled)
+    no_model = tmp_path / "no_model.pt"
+    torch.save({"step": 1}, no_model)
+    with pytest.raises(UserError, match="no 'model' entry"):
+        ckpt.load_checkpoint(no_model)
+
+
+def test_rng_state_round_trip(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(7)
+    random.gauss(0, 1)  # leaves a cached gaussian in python's state
+    state = ckpt.capture_rng_state(gen)
+    ckpt.save_checkpoint({"model": {}, "rng": state}, tmp_path / "r.pt")
+    state = ckpt.load_checkpoint(tmp_path / "r.pt")["rng"]
+
+    def draw():
+        return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(),
+                torch.rand(3).tolist(), torch.rand(2, generator=gen).tolist())
+
+    first = draw()
+    ckpt.restore_rng_state(state, gen)
+    assert draw() == first
+
+
+# ------------------------------------------------------------------------------------------------ kill and resume
+WORKER = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(1)  # the same arithmetic in every process
+    import training.checkpoint as ckpt
+    from training.config import load_config
+    from training.data import ArrayDataset, DataBundle, DatasetInfo
+    from training.trainer import train
+
+    mode, out, kill_at_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    g = torch.Generator().manual_seed(0)
+    def split(n):
+        x = torch.randn(n, 4, generator=g)
+        return ArrayDataset(x, (x[:, 0] * x[:, 1] > 0).long())
+    info = DatasetInfo(name="toy", num_classes=2, input_shape=(4,), class_names=["a", "b"])
+    bundle = DataBundle(split(96), split(16), split(16), info)
+    cfg = load_config(None, ["model.name=shapnet_deep", "model.args.channels=4", "model.args.hidden=[8]",
+                             "data.batch_size=8", "train.epochs=3", "train.checkpoint_every_steps=4",
+                             "train.ema_decay=0.9", "optim.lr=0.01"])
+    if mode == "kill":
+        save = ckpt.save_checkpoint
+        def save_or_die(state, path):
+            if state.get("step") == kill_at_step and str(path).endswith("last.pt"):
+                os.kill(os.getpid(), signal.SIGKILL)  # dies with the newer state unsaved
+            return save(state, path)
+        ckpt.save_checkpoint = save_or_die
+    train(cfg, data=bundle, output_dir=out, resume=mode == "resume")
+""")
+
+
+def _run(script: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkilled_run_resumes_to_identical_parameters(tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    # 96 samples / batch 8 = 12 steps per epoch, a checkpoint every 4 steps: the process is killed when it is
+    # about to write the step-20 checkpoint (epoch 2, batch 8), so last.pt holds step 16 (epoch 2, batch 4)
+    # and the resumed run must redo steps 17-20 with the same batches and random numbers.
+    full = _run(script, "full", str(tmp_path / "full"), "-1")
+    killed = _run(script, "kill", str(tmp_path / "killed"), "20")
+    _, err = killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL, err
+    state = ckpt.load_checkpoint(tmp_path / "killed" / "last.pt")
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 4, 16)
+    resumed = _run(script, "resume", str(tmp_path / "killed"), "-1")
+    for proc in (full, resumed):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    a = ckpt.load_checkpoint(tmp_path / "full" / "last.pt")
+    b = ckpt.load_checkpoint(tmp_path / "killed" / "last.pt")
+    assert a["step"] == b["step"] == 36
+    for key in ("model", "ema", "optimizer"):
+        flat_a, flat_b = _tensors(a[key]), _tensors(b[key])
+        assert flat_a.keys() == flat_b.keys()
+        unequal = [k for k in flat_a if not torch.equal(flat_a[k], flat_b[k])]
+        assert not unequal, f"{key}: {unequal}"
+    assert a["scheduler"] == b["scheduler"]
+
+
+def _tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:
+    out = {}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else []
+    for k, v in items:
+        if isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+        else:
+            out.update(_tensors(v, f"{prefix}{k}."))
+    return out

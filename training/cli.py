@@ -1,0 +1,419 @@
+"""The `shapnets` command line (also `python -m training`).
+
+    shapnets train CONFIG [--set section.key=value]... [--output DIR] [--resume] [--overwrite]
+    shapnets eval CHECKPOINT_OR_NAME [--split test|val] [--data-root DIR]
+    shapnets explain CHECKPOINT_OR_NAME [--index N]... [--input CSV] [--split test] [--out plot.png]
+    shapnets zoo list [PATTERN] [--pretrained]
+    shapnets zoo info NAME
+
+Mistakes in what was asked (bad config key, missing file, unknown model, missing data folder) print one line to
+stderr and exit with status 2; `--debug` shows the traceback instead. A diverged run exits with status 1.
+Multi-process training: `torchrun --nproc_per_node N -m training train CONFIG`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import ConfigError, ExperimentConfig, UserError, config_from_dict, load_config
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("training")
+
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 1
+
+
+# ------------------------------------------------------------------------------------------------ model sources
+class _Loaded:
+    """A model ready for inference plus what is known about its data and training config."""
+
+    def __init__(self, model: nn.Module, info: Any, cfg: ExperimentConfig | None, source: str) -> None:
+        self.model, self.info, self.cfg, self.source = model, info, cfg, source
+
+
+def _dataset_info_from_dict(d: dict[str, Any]) -> Any:
+    from .data import DatasetInfo
+
+    return DatasetInfo.from_dict(d)
+
+
+def _load_source(source: str, device: torch.device) -> _Loaded:
+    """A training checkpoint (.pt), a run folder (best.pt/last.pt), a pretrained folder or a zoo name."""
+    from . import checkpoint as ckpt
+    from .trainer import build_model
+
+    path = Path(source)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                path = path / name
+                break
+    if path.is_file():
+        state = ckpt.load_checkpoint(path)
+        if "config" not in state or "data_info" not in state:
+            raise UserError(f"{path} has no config/data_info: not written by `shapnets train`")
+        try:
+            cfg = config_from_dict(state["config"])
+        except ConfigError as e:
+            raise UserError(f"{path}: the stored config is invalid: {e}") from e
+        info = _dataset_info_from_dict(state["data_info"])
+        model = build_model(cfg.model, info)
+        model.load_state_dict(state["model"])
+        return _Loaded(model.to(device).eval(), info, cfg, str(path))
+    if not path.exists() and (path.suffix in (".pt", ".pth") or path.parent != Path(".")):
+        raise UserError(f"no such checkpoint or folder: {source}")
+    zoo = _zoo()  # a pretrained folder (model.safetensors + config.json) or a registered name
+    try:
+        model = zoo.load_pretrained(source) if hasattr(zoo, "load_pretrained") else zoo.create_model(
+            source, pretrained=True)
+    except (KeyError, ValueError, RuntimeError, FileNotFoundError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise UserError(f"cannot load {source!r}: {message}") from e
+    info = getattr(model, "data_info", None)
+    if isinstance(info, dict):
+        info = _dataset_info_from_dict(info)
+    if info is None:
+        raise UserError(f"{source!r} does not say which data set it was trained on (no data_info)")
+    return _Loaded(model.to(device).eval(), info, None, source)
+
+
+def _zoo() -> Any:
+    try:
+        import zoo
+    except ImportError as e:
+        raise UserError(f"the model zoo is not available: {e}") from e
+    return zoo
+
+
+def _load_split(loaded: _Loaded, split: str, data_root: str | None) -> Any:
+    from .trainer import load_data
+
+    cfg = loaded.cfg or ExperimentConfig()
+    cfg.data.name = loaded.info.name
+    cfg.data.limit = None
+    if data_root is not None:
+        cfg.data.root = data_root
+    if loaded.cfg is None:  # a zoo model: use the split its data_info recorded
+        cfg.data.seed = int(loaded.info.split.get("seed", 0))
+        cfg.data.val_fraction = float(loaded.info.split.get("val_fraction", cfg.data.val_fraction))
+    bundle = load_data(cfg)
+    if bundle.info.preprocessing != loaded.info.preprocessing:
+        log.warning("the data's preprocessing differs from the one the model was trained with: results may be off")
+    dataset = getattr(bundle, split)
+    if dataset is None or len(dataset) == 0:
+        raise UserError(f"the {split} split of {loaded.info.name} is empty")
+    return dataset
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import train
+
+    cfg = load_config(args.config, args.set)
+    result = train(cfg, output_dir=args.output, resume=args.resume, overwrite=args.overwrite)
+    if args.quiet:  # otherwise the log already ended with this line
+        print(result["summary"])
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from .distributed import resolve_device
+    from .trainer import evaluate
+
+    device = resolve_device(args.device)
+    loaded = _load_source(args.source, device)
+    dataset = _load_split(loaded, args.split, args.data_root)
+    loader = DataLoader(dataset, batch_size=args.batch_size)
+    metrics = evaluate(loaded.model, loader, loaded.info.num_classes, device)
+    print(f"{loaded.source} on {loaded.info.name}/{args.split} ({len(dataset)} samples): "
+          f"acc {100 * metrics['acc']:.2f}%  macro acc {100 * metrics['acc_macro']:.2f}%  "
+          f"loss {metrics['loss']:.4f}  ECE {metrics['ece']:.4f}")
+    if args.json:
+        print(json.dumps({"source": loaded.source, "split": args.split, "samples": len(dataset), **metrics}))
+    return 0
+
+
+def _standardize_raw(values: list[str], info: Any, where: str) -> list[float]:
+    """Raw feature values (numbers, category names for label-encoded columns) -> model input.
+
+    The forward direction of `training.data.raw_values`, using the same preprocessing record.
+    """
+    record = info.preprocessing.get("standardize")
+    if record is None:
+        raise UserError(f"--raw: {info.name} inputs are not standardized; give model inputs without --raw")
+    categories = info.preprocessing.get("categories", {})
+    out = []
+    for j, (name, text) in enumerate(zip(info.feature_names, values)):
+        text = text.strip()
+        if name in categories:
+            if text not in categories[name]:
+                raise UserError(f"{where}: {name}={text!r} is not a known category ({', '.join(categories[name])})")
+            raw = float(categories[name].index(text))
+        else:
+            try:
+                raw = float(text)
+            except ValueError:
+                raise UserError(f"{where}: {name}={text!r} is not a number") from None
+        out.append((raw - record["mean"][j]) / record["std"][j])
+    return out
+
+
+def _read_csv_inputs(path: str, info: Any, raw: bool) -> Tensor:
+    """Rows of features (standardized model inputs, or raw values with `raw`); a header row, when present, names
+    the features (any order)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--input: no such CSV file: {path}")
+    if len(info.input_shape) != 1 or not info.feature_names:
+        raise UserError(f"--input CSV rows need a tabular model; {info.name} inputs have shape {info.input_shape}")
+    with file.open(newline="") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise UserError(f"--input: {path} has no rows")
+    names = list(info.feature_names)
+    header = None
+    if sum(c.strip() in names for c in rows[0]) > len(rows[0]) // 2:  # mostly feature names: a header
+        header, rows = [c.strip() for c in rows[0]], rows[1:]
+        unknown, missing = sorted(set(header) - set(names)), sorted(set(names) - set(header))
+        if unknown or missing:
+            raise UserError(f"--input: {path} header has unknown columns {unknown} and lacks {missing}")
+        order = [header.index(n) for n in names]
+        rows = [[r[i] for i in order] if len(r) == len(header) else r for r in rows]
+    values = []
+    for line, row in enumerate(rows, start=2 if header else 1):
+        where = f"{path} line {line}"
+        if len(row) != len(names):
+            raise UserError(f"--input: {where} has {len(row)} values, expected {len(names)}")
+        if raw:
+            values.append(_standardize_raw(row, info, where))
+            continue
+        try:
+            values.append([float(c) for c in row])
+        except ValueError as e:
+            raise UserError(f"--input: {where}: {e} (standardized numbers expected; --raw reads raw values)") from None
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _display_values(info: Any, x: Tensor) -> list[str]:
+    """Per-feature values for printing: raw (un-standardized, category names) when the data set allows it."""
+    try:
+        from .data import raw_values
+
+        return [v if isinstance(v, str) else f"{v:.4g}" for v in raw_values(info, x)]
+    except (ImportError, ValueError, KeyError):
+        return [f"{float(v):.4g}" for v in x]
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .distributed import resolve_device
+
+    device = resolve_device(args.device)
+    loaded = _load_source(args.source, device)
+    info = loaded.info
+    if not hasattr(loaded.model, "explain"):
+        raise UserError(f"{type(loaded.model).__name__} has no explain(): not a self-explaining model")
+    indices: list[int] = list(args.index or [])
+    csv_inputs: list[str] = []
+    for item in args.input or []:
+        (indices.append(int(item)) if item.lstrip("-").isdigit() else csv_inputs.append(item))
+    labels: list[int | None] = []
+    if csv_inputs:
+        xs = [_read_csv_inputs(p, info, args.raw) for p in csv_inputs]
+        x = torch.cat(xs)
+        labels = [None] * len(x)
+        names = [f"{Path(p).name} row {i + 1}" for p, t in zip(csv_inputs, xs) for i in range(len(t))]
+    else:
+        dataset = _load_split(loaded, args.split, args.data_root)
+        indices = indices or [0]
+        bad = [i for i in indices if not -len(dataset) <= i < len(dataset)]
+        if bad:
+            raise UserError(f"--index {bad} out of range: the {args.split} split has {len(dataset)} samples")
+        samples = [dataset[i] for i in indices]
+        x = torch.stack([s[0] for s in samples])
+        labels = [int(s[1]) for s in samples]
+        names = [f"{args.split}[{i}]" for i in indices]
+    with torch.no_grad():
+        expl = loaded.model.explain(x.to(device)).detach().cpu()
+    class_names = list(info.class_names)
+    feature_names = list(info.feature_names) if info.feature_names else None
+    for b, sample_name in enumerate(names):
+        predicted = int(expl.output[b].argmax())
+        target = args.target if args.target is not None else predicted
+        if not 0 <= target < len(class_names):
+            raise UserError(f"--target {target} out of range for {len(class_names)} classes")
+        truth = f", true {class_names[labels[b]]}" if labels[b] is not None else ""
+        print(f"{sample_name}: predicted {class_names[predicted]}{truth}; explaining class {class_names[target]} "
+              f"(logit {float(expl.output[b, target]):.4f} = base {float(expl.base[b, target]):.4f} "
+              f"+ sum of attributions)")
+        phi = expl.attributions[b, ..., target]
+        flat = phi.flatten()
+        order = flat.abs().argsort(descending=True)[: args.top]
+        shown = _display_values(info, x[b]) if feature_names is not None else []
+        for rank_, i in enumerate(order.tolist(), start=1):
+            if feature_names is not None:
+                label = f"{feature_names[i]} = {shown[i]}"
+            else:
+                coords = [int(c) for c in torch.unravel_index(torch.tensor(i), phi.shape)]
+                label = "pixel (" + ", ".join(str(c) for c in coords) + ")"
+            print(f"  {rank_:>2}. {label:<40} {float(flat[i]):+.4f}")
+        if args.out:
+            out = Path(args.out)
+            if len(names) > 1:
+                out = out.with_name(f"{out.stem}_{b}{out.suffix}")
+            written = _plot(expl, b, out, feature_names, class_names, x[b] if feature_names is None else None, target)
+            print(f"  plot: {written}")
+    return 0
+
+
+def _plot(expl: Any, index: int, out: Path, feature_names: Any, class_names: Any, image: Any, target: int) -> Path:
+    try:
+        from .plots import plot_explanation
+    except ImportError as e:
+        raise UserError(f"--out needs training/plots.py: {e}") from e
+    return plot_explanation(expl, index, out, feature_names=feature_names, class_names=class_names, image=image,
+                            target=target)
+
+
+def _cmd_zoo_list(args: argparse.Namespace) -> int:
+    zoo = _zoo()
+    for name in zoo.list_models(args.pattern or "", pretrained=args.pretrained):
+        print(name)
+    return 0
+
+
+def _cmd_zoo_info(args: argparse.Namespace) -> int:
+    zoo = _zoo()
+    try:
+        info = zoo.model_info(args.name)
+    except (KeyError, ValueError, RuntimeError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise UserError(f"zoo info {args.name!r}: {message}") from e
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser and main
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `shapnets`."""
+    parser = argparse.ArgumentParser(prog="shapnets", description="Train, evaluate and explain self-explaining "
+                                     "networks (ShapNets).")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--quiet", action="store_true", help="only warnings and the final result")
+    # The same flags after the command (`shapnets train c.yaml --debug`); SUPPRESS keeps the global value when absent.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("train", parents=[common], help="train a model from a YAML config")
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.epochs=5")
+    p.add_argument("--output", default=None, help="run folder (default: the config's output_dir or runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the output folder from last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
+    p.set_defaults(func=_cmd_train)
+
+    def add_source(p: argparse.ArgumentParser) -> None:
+        p.add_argument("source", metavar="CHECKPOINT_OR_NAME",
+                       help="a checkpoint (.pt), a run folder, a pretrained folder or a zoo model name")
+        p.add_argument("--data-root", default=None, help="folder holding the raw data (default: $SHAPNETS_DATA)")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    p = commands.add_parser("eval", parents=[common], help="evaluate a checkpoint or zoo model")
+    add_source(p)
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--json", action="store_true", help="also print the metrics as one JSON line")
+    p.set_defaults(func=_cmd_eval)
+
+    p = commands.add_parser("explain", parents=[common], help="explain predictions of a checkpoint or zoo model")
+    add_source(p)
+    p.add_argument("--index", type=int, action="append", help="sample index in --split (repeatable; default 0)")
+    p.add_argument("--input", nargs="+", metavar="CSV_OR_INDEX",
+                   help="CSV files of feature rows (header of feature names optional), or sample indices")
+    p.add_argument("--raw", action="store_true", help="CSV rows hold raw values (numbers, category names), "
+                   "standardized here with the training statistics")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted class)")
+    p.add_argument("--top", type=int, default=10, help="how many attributions to print")
+    p.add_argument("--out", default=None, help="write a plot here (PNG; one file per sample)")
+    p.set_defaults(func=_cmd_explain)
+
+    p = commands.add_parser("zoo", help="list and describe registered models")
+    zoo_commands = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    q = zoo_commands.add_parser("list", parents=[common], help="list registered models")
+    q.add_argument("pattern", nargs="?", default=None, help="fnmatch pattern, e.g. 'shapnet_*'")
+    q.add_argument("--pretrained", action="store_true", help="only models with weights")
+    q.set_defaults(func=_cmd_zoo_list)
+    q = zoo_commands.add_parser("info", parents=[common], help="describe one model")
+    q.add_argument("name")
+    q.set_defaults(func=_cmd_zoo_info)
+    return parser
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the record (tests swap it between calls of `main`)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _setup_logging(quiet: bool) -> None:
+    # The logger passes INFO on (train.log records everything); only the terminal handler is quieted.
+    logger = logging.getLogger("training")
+    handler = next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 diverged training, 2 user error)."""
+    from .trainer import TrainingDiverged
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        return args.func(args)
+    except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        if args.debug:
+            raise
+        print(f"shapnets {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except TrainingDiverged as e:
+        if args.debug:
+            raise
+        print(f"shapnets {args.command}: training diverged: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    finally:
+        from .distributed import cleanup_distributed
+
+        cleanup_distributed()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The training objective: cross-entropy plus weighted extra terms, from one forward pass.
+
+A loss term is any object with `name`, `weight`, `needs_explanation`, `needs_layers` and
+`__call__(out: StepOutput, target) -> scalar Tensor`. Terms come from two places:
+
+* the config (`loss.terms: [{name: ..., weight: ..., **kwargs}]`), built from the `LOSS_TERMS` registry that
+  `@register_loss_term("name")` fills;
+* the model itself, through an optional `model.loss_terms() -> list[LossTerm]` (for architectures whose
+  objective has its own parts).
+
+When any term needs the explanation, the step calls `model.explain(x)` instead of `model(x)` and uses
+`explanation.output` as the logits, so the network runs once either way. `ModelStep` is that forward as an
+`nn.Module`, so that DistributedDataParallel can wrap it and see the whole computation.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from shapnets import Explanation
+
+from .config import ConfigError, LossConfig
+
+__all__ = [
+    "LOSS_TERMS",
+    "LossTerm",
+    "ModelStep",
+    "Objective",
+    "StepOutput",
+    "build_loss_terms",
+    "register_loss_term",
+]
+
+
+@dataclass
+class StepOutput:
+    """What one forward pass produced.
+
+    Attributes:
+        logits: `(B, num_classes)`.
+        explanation: the model's explanation of `logits` when a term asked for it, else `None`.
+        extras: anything else a model or term wants to pass along.
+    """
+
+    logits: Tensor
+    explanation: Explanation | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class LossTerm(Protocol):
+    """One weighted part of the training objective."""
+
+    name: str
+    weight: float
+    needs_explanation: bool
+    needs_layers: bool
+
+    def __call__(self, out: StepOutput, target: Tensor) -> Tensor:
+        """A scalar loss (unweighted; the objective multiplies by `weight`)."""
+        ...
+
+
+LOSS_TERMS: dict[str, Callable[..., LossTerm]] = {}
+
+
+def register_loss_term(name: str) -> Callable[[Callable[..., LossTerm]], Callable[..., LossTerm]]:
+    """Register a loss-term factory under `name`; it is called as `factory(weight=..., **kwargs)` from the config.
+
+    Raises:
+        ValueError: `name` is already registered.
+    """
+
+    def decorator(factory: Callable[..., LossTerm]) -> Callable[..., LossTerm]:
+        if name in LOSS_TERMS and LOSS_TERMS[name] is not factory:
+            raise ValueError(f"loss term {name!r} is already registered")
+        LOSS_TERMS[name] = factory
+        return factory
+
+    return decorator
+
+
+def build_loss_terms(cfg: LossConfig, model: nn.Module | None = None) -> list[LossTerm]:
+    """The config's extra terms followed by the model's own (`model.loss_terms()`, when it has that method).
+
+    Raises:
+        ConfigError: unknown term name (listing the registered ones) or arguments the factory does not accept.
+    """
+    terms: list[LossTerm] = []
+    for i, spec in enumerate(cfg.terms):
+        spec = dict(spec)
+        name = spec.pop("name")
+        if name not in LOSS_TERMS:
+            valid = ", ".join(sorted(LOSS_TERMS)) or "none registered"
+            raise ConfigError(f"loss.terms[{i}]: unknown loss term {name!r} (registered: {valid})")
+        factory = LOSS_TERMS[name]
+        try:
+            inspect.signature(factory).bind(**spec)
+        except TypeError as e:
+            raise ConfigError(f"loss.terms[{i}] ({name}): {e}") from None
+        terms.append(factory(**spec))
+    if model is not None and callable(getattr(model, "loss_terms", None)):
+        terms.extend(model.loss_terms())
+    names = [t.name for t in terms]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"loss terms must have distinct names for logging, got duplicates {duplicates}")
+    return terms
+
+
+def _explain_accepts_layers(model: nn.Module) -> bool:
+    explain = getattr(model, "explain", None)
+    return explain is not None and "layers" in inspect.signature(explain).parameters
+
+
+class ModelStep(nn.Module):
+    """The training forward pass as a module: `forward(x, need_explanation, layers) -> (logits, explanation)`.
+
+    DistributedDataParallel only synchronises gradients of computations that run through its own `forward`, so the
+    trainer wraps *this* module (not the bare model) in DDP: calling `model.explain` directly would bypass it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.explain_takes_layers = _explain_accepts_layers(model)
+
+    def forward(self, x: Tensor, need_explanation: bool = False, layers: bool = False
+                ) -> tuple[Tensor, Explanation | None]:
+        if not need_explanation:
+            return self.model(x), None
+        if not hasattr(self.model, "explain"):
+            raise TypeError(f"a loss term needs explanations but {type(self.model).__name__} has no explain()")
+        if layers and not self.explain_takes_layers:
+            raise TypeError(f"a loss term needs per-layer explanations but {type(self.model).__name__}.explain() "
+                            "has no `layers` argument")
+        explanation = self.model.explain(x, layers=True) if layers else self.model.explain(x)
+        return explanation.output, explanation
+
+
+class Objective:
+    """Total loss = cross-entropy(label smoothing) + sum of weight * term, from one forward pass.
+
+    Args:
+        terms: the extra terms (see `build_loss_terms`).
+        label_smoothing: label smoothing of the cross-entropy.
+    """
+
+    def __init__(self, terms: list[LossTerm], label_smoothing: float = 0.0) -> None:
+        self.terms = list(terms)
+        self.label_smoothing = label_smoothing
+        self.needs_explanation = any(t.needs_explanation or t.needs_layers for t in self.terms)
+        self.needs_layers = any(t.needs_layers for t in self.terms)
+
+    @property
+    def part_names(self) -> list[str]:
+        """Names of the logged parts: `loss` (total), `ce`, then one per term."""
+        return ["loss", "ce", *[t.name for t in self.terms]]
+
+    def forward(self, step: nn.Module, x: Tensor) -> StepOutput:
+        """Run `step` (a `ModelStep`, possibly wrapped in DDP or compiled) once."""
+        logits, explanation = step(x, self.needs_explanation, self.needs_layers)
+        return StepOutput(logits=logits, explanation=explanation)
+
+    def __call__(self, out: StepOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The total loss and its detached parts (unweighted term values, for logging)."""
+        ce = F.cross_entropy(out.logits.float(), target, label_smoothing=self.label_smoothing)
+        total = ce
+        parts = {"ce": ce.detach()}
+        for term in self.terms:
+            value = term(out, target)
+            parts[term.name] = value.detach()
+            total = total + term.weight * value
+        parts["loss"] = total.detach()
+        return total, parts
+
