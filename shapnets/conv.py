@@ -126,6 +126,8 @@ class ConvShapNet(nn.Module):
             `prune_during_training`.
         prune_during_training: also prune in training mode.
         skip_inactive: skip patches (and coalitions) whose pixels sit at the reference; exact.
+        zero_init_output: start the last stage's output layer at zero, so the logits start at 0
+            (the spatial sum over many pixels otherwise starts with large logits).
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class ConvShapNet(nn.Module):
         prune: float | Sequence[float] = 0.0,
         prune_during_training: bool = False,
         skip_inactive: bool = True,
+        zero_init_output: bool = False,
     ) -> None:
         super().__init__()
         num_stages = len(channels) + 1
@@ -172,6 +175,8 @@ class ConvShapNet(nn.Module):
                 f"the last map has {width} channels but must have num_classes={num_classes}: "
                 f"channel_split carries {width - num_classes} channel(s) past the last stage"
             )
+        if zero_init_output:
+            nn.init.zeros_(self.stages[-1].bank.weights[-1])
         self.prune = stage_fractions(prune, num_stages)
         self.prune_during_training, self.skip_inactive = prune_during_training, skip_inactive
         ref = torch.as_tensor(reference) if reference is not None and not isinstance(reference, Tensor) else reference

@@ -48,7 +48,7 @@ def _dataset_info_from_dict(d: dict[str, Any]) -> Any:
     return DatasetInfo.from_dict(d)
 
 
-def _load_source(source: str, device: torch.device) -> _Loaded:
+def load_source(source: str, device: torch.device) -> _Loaded:
     """A training checkpoint (.pt), a run folder (best.pt/last.pt), a pretrained folder or a zoo name."""
     from . import checkpoint as ckpt
     from .trainer import build_model
@@ -96,7 +96,7 @@ def _zoo() -> Any:
     return zoo
 
 
-def _load_split(loaded: _Loaded, split: str, data_root: str | None) -> Any:
+def load_split(loaded: _Loaded, split: str, data_root: str | None) -> Any:
     from .trainer import load_data
 
     cfg = loaded.cfg or ExperimentConfig()
@@ -134,8 +134,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .trainer import evaluate
 
     device = resolve_device(args.device)
-    loaded = _load_source(args.source, device)
-    dataset = _load_split(loaded, args.split, args.data_root)
+    loaded = load_source(args.source, device)
+    dataset = load_split(loaded, args.split, args.data_root)
     loader = DataLoader(dataset, batch_size=args.batch_size)
     metrics = evaluate(loaded.model, loader, loaded.info.num_classes, device)
     print(f"{loaded.source} on {loaded.info.name}/{args.split} ({len(dataset)} samples): "
@@ -221,7 +221,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from .distributed import resolve_device
 
     device = resolve_device(args.device)
-    loaded = _load_source(args.source, device)
+    loaded = load_source(args.source, device)
     info = loaded.info
     if not hasattr(loaded.model, "explain"):
         raise UserError(f"{type(loaded.model).__name__} has no explain(): not a self-explaining model")
@@ -236,7 +236,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         labels = [None] * len(x)
         names = [f"{Path(p).name} row {i + 1}" for p, t in zip(csv_inputs, xs) for i in range(len(t))]
     else:
-        dataset = _load_split(loaded, args.split, args.data_root)
+        dataset = load_split(loaded, args.split, args.data_root)
         indices = indices or [0]
         bad = [i for i in indices if not -len(dataset) <= i < len(dataset)]
         if bad:
@@ -305,6 +305,19 @@ def _cmd_zoo_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_to_zoo
+
+    try:
+        out = export_to_zoo(args.source, args.name, args.out, data_root=args.data_root,
+                            fidelity_samples=args.fidelity_samples)
+    except (KeyError, ValueError, TypeError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise UserError(f"export {args.source!r}: {message}") from e
+    print(f"exported {args.name} to {out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser and main
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `shapnets`."""
@@ -352,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="how many attributions to print")
     p.add_argument("--out", default=None, help="write a plot here (PNG; one file per sample)")
     p.set_defaults(func=_cmd_explain)
+
+    p = commands.add_parser("export", parents=[common], help="export a trained run into the zoo (weights + card)")
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a run folder or a .pt checkpoint")
+    p.add_argument("--name", required=True, help="the zoo name to export as, e.g. shapnet_deep_yeast")
+    p.add_argument("--out", default=None, help="weights folder (default: zoo/weights/<name>)")
+    p.add_argument("--data-root", default=None, help="folder holding the raw data (default: $SHAPNETS_DATA)")
+    p.add_argument("--fidelity-samples", type=int, default=16, help="test samples used for the fidelity numbers")
+    p.set_defaults(func=_cmd_export)
 
     p = commands.add_parser("zoo", help="list and describe registered models")
     zoo_commands = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")

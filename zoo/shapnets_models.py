@@ -132,7 +132,8 @@ def _tabular_cfg(
 
 _BREAST = "UCI Breast Cancer Wisconsin (Diagnostic), 569 rows (the copy in scikit-learn)"
 _YEAST = "UCI Yeast, 1,484 rows"
-_ADULT = "UCI Adult / Census Income, 14 features, official train (32,561) / test (16,281) split"
+_ADULT = ("UCI Adult / Census Income, 12 features (fnlwgt and education dropped, rows with '?' dropped), "
+          "official train / test split (30,162 / 15,061 rows after dropping)")
 _MNIST = "MNIST, official train (60,000) / test (10,000) split"
 
 default_cfgs = generate_default_cfgs(
@@ -170,24 +171,24 @@ default_cfgs = generate_default_cfgs(
         "shapnet_shallow_yeast": _tabular_cfg("shapnet_shallow_yeast", _YEAST, 8, 10, _EXACT),
         "shapnet_deep_yeast": _tabular_cfg("shapnet_deep_yeast", _YEAST, 8, 10, _LAYERWISE),
         "shapnet_shallow_adult": _tabular_cfg(
-            "shapnet_shallow_adult", _ADULT, 14, 2, _EXACT, label_names=("<=50K", ">50K")
+            "shapnet_shallow_adult", _ADULT, 12, 2, _EXACT, label_names=("<=50K", ">50K")
         ),
         "shapnet_deep_adult": _tabular_cfg(
-            "shapnet_deep_adult", _ADULT, 14, 2, _LAYERWISE, label_names=("<=50K", ">50K")
+            "shapnet_deep_adult", _ADULT, 12, 2, _LAYERWISE, label_names=("<=50K", ">50K")
         ),
         "shapnet_conv_mnist": _cfg(
             file=_shipped_file("shapnet_conv_mnist"),
             description="Convolutional ShapNet for MNIST: 1x28x28 images, 10 classes",
             input_size=(1, 28, 28),
             num_classes=10,
-            mean=(0.0,),
-            std=(1.0,),
+            mean=(0.1307,),
+            std=(0.3081,),
             dataset=_MNIST,
-            preprocessing="pixels scaled to [0, 1] (uint8 / 255), no normalization",
+            preprocessing="pixels scaled to [0, 1] (uint8 / 255), then normalized with mean 0.1307 and std 0.3081",
             num_players=28 * 28,
             players="one player per pixel",
             player_axes=("height", "width"),
-            reference="0 (a black pixel, the background)",
+            reference="a black pixel after normalization, (0 - 0.1307) / 0.3081: the background",
             explanation=_LAYERWISE,
             label_names=tuple(str(d) for d in range(10)),
         ),
@@ -196,13 +197,16 @@ default_cfgs = generate_default_cfgs(
 
 # Documented architectures of the named variants, used when no shipped config.json overrides them.
 VARIANT_DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "shapnet_shallow_breast_cancer": ("shapnet_shallow", dict(in_features=30, out_features=2, groups="pairs")),
-    "shapnet_deep_breast_cancer": ("shapnet_deep", dict(in_features=30, num_classes=2, channels=16)),
-    "shapnet_shallow_yeast": ("shapnet_shallow", dict(in_features=8, out_features=10, groups="pairs")),
-    "shapnet_deep_yeast": ("shapnet_deep", dict(in_features=8, num_classes=10, channels=16)),
-    "shapnet_shallow_adult": ("shapnet_shallow", dict(in_features=14, out_features=2, groups="pairs")),
-    "shapnet_deep_adult": ("shapnet_deep", dict(in_features=14, num_classes=2, channels=16)),
-    "shapnet_conv_mnist": ("shapnet_conv", dict(in_chans=1, num_classes=10, channels=(16, 32, 32, 32))),
+    # Kept in step with configs/<kind>_<dataset>.yaml, which trains the shipped weights.
+    "shapnet_shallow_breast_cancer": ("shapnet_shallow", dict(in_features=30, out_features=2, groups="pairs",
+                                                              hidden=(16,))),
+    "shapnet_deep_breast_cancer": ("shapnet_deep", dict(in_features=30, num_classes=2, channels=8, hidden=(16,))),
+    "shapnet_shallow_yeast": ("shapnet_shallow", dict(in_features=8, out_features=10, groups="pairs", hidden=(32,))),
+    "shapnet_deep_yeast": ("shapnet_deep", dict(in_features=8, num_classes=10, channels=32, hidden=(32,))),
+    "shapnet_shallow_adult": ("shapnet_shallow", dict(in_features=12, out_features=2, groups="pairs", hidden=(32,))),
+    "shapnet_deep_adult": ("shapnet_deep", dict(in_features=12, num_classes=2, channels=32, hidden=(32,))),
+    "shapnet_conv_mnist": ("shapnet_conv", dict(in_chans=1, num_classes=10, channels=(16, 16, 16, 16), hidden=(32,),
+                                                reference=-0.1307 / 0.3081)),
 }
 
 
