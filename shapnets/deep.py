@@ -30,7 +30,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ._validation import check_input, check_reference
+from ._tabular import TabularGame
 from .explanation import Explanation
 from .modules import ShapleyModuleBank, evaluation_stats
 from .pruning import prune_players, stage_fractions
@@ -103,7 +103,7 @@ def _from_pairs(z: Tensor, stride: int) -> Tensor:
     return rearrange(z, "... (hi lo) two c -> ... (hi two lo) c", two=2, lo=stride)
 
 
-class DeepShapNet(nn.Module):
+class DeepShapNet(TabularGame):
     """Deep ShapNet with butterfly wiring: local accuracy and missingness at every layer.
 
     Args:
@@ -146,7 +146,7 @@ class DeepShapNet(nn.Module):
             raise ValueError(f"DeepShapNet needs at least 2 features, got {in_features}")
         if num_classes < 1 or in_channels < 1:
             raise ValueError(f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}")
-        self.in_features, self.num_classes, self.in_channels = in_features, num_classes, in_channels
+        self.num_classes = num_classes
         self.num_padded = 1 << math.ceil(math.log2(in_features))
         min_stages = butterfly_stages_needed(in_features)
         if isinstance(channels, int):
@@ -160,13 +160,7 @@ class DeepShapNet(nn.Module):
             )
         self.stage_channels = [in_channels, *channels, num_classes]
         self.residual = residual
-        self.feature_names = list(feature_names) if feature_names is not None else None
-        if self.feature_names is not None and len(self.feature_names) != in_features:
-            raise ValueError(f"{len(self.feature_names)} feature names for {in_features} features")
-        ref = reference
-        if isinstance(ref, Tensor) and ref.dim() == 1 and ref.numel() == in_features and in_channels > 1:
-            raise ValueError(f"reference (D,) is ambiguous with in_channels={in_channels}: pass (D, C)")
-        self.register_buffer("reference", check_reference(ref, (in_features, in_channels), "DeepShapNet"))
+        self._init_game(in_features, in_channels, reference, feature_names)
         self.register_buffer("live_rows", torch.tensor(live_rows(in_features)), persistent=False)
         self.stages = nn.ModuleList(
             ShapleyModuleBank(self.num_padded // 2, 2, c_in, c_out, hidden, act_layer, output_bias=False)
@@ -174,10 +168,6 @@ class DeepShapNet(nn.Module):
         )
         self.prune = stage_fractions(prune, len(self.stages))
         self.prune_during_training, self.skip_inactive = prune_during_training, skip_inactive
-
-    @property
-    def num_players(self) -> int:
-        return self.in_features
 
     @property
     def num_stages(self) -> int:
@@ -189,13 +179,6 @@ class DeepShapNet(nn.Module):
 
     def stage_stride(self, stage: int) -> int:
         return 1 << (stage % int(math.log2(self.num_padded)))
-
-    def _check(self, x: Tensor) -> Tensor:
-        spec = [(None, self.in_features, self.in_channels)]
-        if self.in_channels == 1:
-            spec.insert(0, (None, self.in_features))
-        x = check_input(x, spec, type(self).__name__, self)
-        return x[..., None] if x.dim() == 2 else x
 
     def representations(self, x: Tensor) -> list[Tensor]:
         """Every layer's Shapley representation `Z^(1..L)`, each `(B, P, C_l)`.

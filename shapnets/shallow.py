@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_input, check_reference
+from ._tabular import TabularGame
 from .explanation import Explanation
 from .modules import MAX_PLAYERS, ShapleyModuleBank
 
@@ -62,7 +62,7 @@ def make_groups(groups: GroupSpec, in_features: int) -> list[tuple[int, ...]]:
     return resolved
 
 
-class ShallowShapNet(nn.Module):
+class ShallowShapNet(TabularGame):
     """A Shallow ShapNet: exact Shapley values of the whole network in one forward pass.
 
     Args:
@@ -96,15 +96,9 @@ class ShallowShapNet(nn.Module):
         if in_features < 1 or out_features < 1 or in_channels < 1:
             raise ValueError(f"in_features, out_features, in_channels must be >= 1, got "
                              f"{in_features}, {out_features}, {in_channels}")
-        self.in_features, self.num_classes, self.in_channels = in_features, out_features, in_channels
+        self.num_classes = out_features
         self.groups = make_groups(groups, in_features)
-        self.feature_names = list(feature_names) if feature_names is not None else None
-        if self.feature_names is not None and len(self.feature_names) != in_features:
-            raise ValueError(f"{len(self.feature_names)} feature names for {in_features} features")
-        ref = reference
-        if isinstance(ref, Tensor) and ref.dim() == 1 and ref.numel() == in_features and in_channels > 1:
-            raise ValueError(f"reference (D,) is ambiguous with in_channels={in_channels}: pass (D, C)")
-        self.register_buffer("reference", check_reference(ref, (in_features, in_channels), "ShallowShapNet"))
+        self._init_game(in_features, in_channels, reference, feature_names)
 
         # One bank per arity: all modules of equal size run as one batched computation.
         arities = sorted({len(g) for g in self.groups})
@@ -119,17 +113,6 @@ class ShallowShapNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.num_classes}, modules={len(self.groups)}"
-
-    @property
-    def num_players(self) -> int:
-        return self.in_features
-
-    def _check(self, x: Tensor) -> Tensor:
-        spec = [(None, self.in_features, self.in_channels)]
-        if self.in_channels == 1:
-            spec.insert(0, (None, self.in_features))
-        x = check_input(x, spec, type(self).__name__, self)
-        return x[..., None] if x.dim() == 2 else x
 
     def _index(self, k: int) -> Tensor:
         return getattr(self, f"index_{k}")
