@@ -61,3 +61,27 @@ def test_gradients_reach_every_layer(kind: str) -> None:
             assert z.grad is not None and z.grad.abs().sum() > 0, f"layer {i} got no gradient"
         for name, p in net.named_parameters():
             assert p.grad is not None, name
+
+
+def test_loss_terms_from_config_use_the_same_forward_pass() -> None:
+    from training.config import ConfigError, LossConfig
+    from training.losses import ModelStep, Objective, build_loss_terms
+
+    net = DeepShapNet(8, 3, channels=[4, 4]).double()
+    terms = build_loss_terms(LossConfig(terms=[
+        {"name": "explanation_l1", "weight": 0.5, "layers": "all"},
+        {"name": "explanation_linf", "weight": 0.1, "target": "label"},
+    ]))
+    objective = Objective(terms)
+    assert objective.needs_explanation and objective.needs_layers
+    x, y = torch.randn(5, 8, dtype=torch.float64), torch.randint(0, 3, (5,))
+    out = objective.forward(ModelStep(net), x)
+    torch.testing.assert_close(out.logits, net(x))  # the logits are the explanation's output
+    total, parts = objective(out, y)
+    expected_l1 = explanation_penalty(out.explanation, "l1", "all")
+    expected_linf = explanation_penalty(out.explanation, "linf", "final", y)
+    torch.testing.assert_close(parts["explanation_l1_all_layers"], expected_l1.detach())
+    torch.testing.assert_close(parts["explanation_linf"], expected_linf.detach())
+    torch.testing.assert_close(total, parts["ce"] + 0.5 * expected_l1 + 0.1 * expected_linf)
+    with pytest.raises(ConfigError, match="target must be one of"):
+        build_loss_terms(LossConfig(terms=[{"name": "explanation_l1", "target": "everything"}]))

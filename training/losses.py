@@ -29,6 +29,7 @@ from .config import ConfigError, LossConfig
 
 __all__ = [
     "LOSS_TERMS",
+    "ExplanationPenalty",
     "LossTerm",
     "ModelStep",
     "Objective",
@@ -180,3 +181,54 @@ class Objective:
         parts["loss"] = total.detach()
         return total, parts
 
+
+
+# ---------------------------------------------------------------------------------------- explanation regularizers
+class ExplanationPenalty:
+    """A `shapnets.regularizers` penalty as a loss term, read from the explanation of the training forward pass.
+
+    Args:
+        kind: `"l1"` (sparsity) or `"linf"` (spreading); see `shapnets.regularizers` for the definitions.
+        weight: its weight in the total loss.
+        layers: `"final"` (the attributions) or `"all"` (every layer's representation; Deep and Conv ShapNets).
+        target: `"all"` (every output channel), `"label"` (each sample's true class) or `"predicted"` (its argmax),
+            for the final layer.
+        layer_weights: with `layers="all"`, one weight per layer.
+    """
+
+    TARGETS = ("all", "label", "predicted")
+
+    def __init__(self, kind: str, weight: float = 1.0, layers: str = "final", target: str = "all",
+                 layer_weights: list[float] | None = None) -> None:
+        if layers not in ("final", "all"):
+            raise ConfigError(f"explanation_{kind}: layers must be 'final' or 'all', got {layers!r}")
+        if target not in self.TARGETS:
+            raise ConfigError(f"explanation_{kind}: target must be one of {self.TARGETS}, got {target!r}")
+        self.kind, self.weight, self.layers, self.target = kind, float(weight), layers, target
+        self.layer_weights = layer_weights
+        self.name = f"explanation_{kind}" + ("_all_layers" if layers == "all" else "")
+        self.needs_explanation = True
+        self.needs_layers = layers == "all"
+
+    def __call__(self, out: StepOutput, target: Tensor) -> Tensor:
+        from shapnets import explanation_penalty
+
+        if out.explanation is None:
+            raise RuntimeError(f"{self.name} needs the explanation of the forward pass, but none was computed")
+        classes = {"all": None, "label": target, "predicted": out.logits.detach().argmax(1)}[self.target]
+        return explanation_penalty(out.explanation, self.kind, self.layers, classes,  # type: ignore[arg-type]
+                                   self.layer_weights)
+
+
+@register_loss_term("explanation_l1")
+def _explanation_l1(weight: float = 1.0, layers: str = "final", target: str = "all",
+                    layer_weights: list[float] | None = None) -> ExplanationPenalty:
+    """L1 sparsity of the explanation (`shapnets.regularizers.l1_sparsity`)."""
+    return ExplanationPenalty("l1", weight, layers, target, layer_weights)
+
+
+@register_loss_term("explanation_linf")
+def _explanation_linf(weight: float = 1.0, layers: str = "final", target: str = "all",
+                      layer_weights: list[float] | None = None) -> ExplanationPenalty:
+    """L-infinity spreading of the explanation (`shapnets.regularizers.linf_spreading`)."""
+    return ExplanationPenalty("linf", weight, layers, target, layer_weights)
