@@ -78,16 +78,19 @@ class ShapleyConv2d(nn.Module):
         """`(B, H, W, C)` offsets -> `(B, H, W, k, C)`: the players of the patch anchored at each pixel."""
         H, W = delta.shape[1:3]
         ph, pw = self.pad
-        padded = F.pad(delta, (0, 0, 0, pw, 0, ph))  # offset 0 == the reference
-        return torch.stack([padded[:, dy : dy + H, dx : dx + W] for dy, dx in self.offsets], dim=-2)
+        # Pad bottom/right with offset 0 (== the reference), then im2col: one op forward, one (col2im) backward.
+        padded = F.pad(rearrange(delta, "b h w c -> b c h w"), (0, pw, 0, ph))
+        cols = F.unfold(padded, self.kernel_size, dilation=self.dilation)  # (B, C*k, H*W), C-major
+        return rearrange(cols, "b (c k) (h w) -> b h w k c", k=len(self.offsets), h=H, w=W)
 
     def fold(self, phi: Tensor) -> Tensor:
         """Scatter-add each patch player's vector onto its pixel: `(B, H, W, k, C)` -> `(B, H, W, C)`."""
-        ph, pw = self.pad
         H, W = phi.shape[1:3]
-        # Player j of the patch at (h, w) is pixel (h + dy_j, w + dx_j): shift its map by the offset.
-        shifted = [F.pad(phi[..., j, :], (0, 0, dx, pw - dx, dy, ph - dy)) for j, (dy, dx) in enumerate(self.offsets)]
-        return torch.stack(shifted).sum(0)[:, :H, :W]
+        ph, pw = self.pad
+        # Player j of the patch at (h, w) is pixel (h + dy_j, w + dx_j): col2im adds it there.
+        cols = rearrange(phi, "b h w k c -> b (c k) (h w)")
+        summed = F.fold(cols, (H + ph, W + pw), self.kernel_size, dilation=self.dilation)
+        return rearrange(summed[:, :, :H, :W], "b c h w -> b h w c")
 
     def forward(self, delta: Tensor, reference: Tensor | None = None, skip_inactive: bool = False) -> Tensor:
         """The layer's Shapley representation.

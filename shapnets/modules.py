@@ -443,13 +443,6 @@ class ShapleyModuleBank(nn.Module):
         batch = delta.shape[:-3]
         flat = delta.reshape(-1, G, k, C)
         n = flat.shape[0]
-        w1 = rearrange(self.weights[0], "g (k c) h -> g k c h", k=k)
-        # Pre-activation at the reference, per instance (reference broadcastable over the batch).
-        at_reference = self._at_reference(flat).expand(n, G, -1)
-        if reference is not None:
-            ref = reference.to(delta.dtype).expand(*batch, G, k, C).reshape(n, G, k, C)
-            at_reference = at_reference + torch.einsum("ngkc,gkch->ngh", ref, w1)
-        base = self._rest(at_reference)  # (n, G, C_out): each module at its reference, one evaluation
         present = flat.ne(0).any(-1)  # (n, G, k): which players differ from the reference
         needed = (2 ** present.sum(-1)).masked_fill(~present.any(-1), 0).sum()
         # Gathering costs more than it saves unless much can be skipped: below the threshold, go dense.
@@ -457,22 +450,44 @@ class ShapleyModuleBank(nn.Module):
             values = self.coalition_values(delta, reference)
             self._count(n * G, n * G * 2**k, 0, 0)
             return shapley_from_values(values, k), values[0], values[-1]
+
+        w1 = rearrange(self.weights[0], "g (k c) h -> g k c h", k=k)
+        # Pre-activation at the reference: per group when the reference has no batch axes (every use here), else
+        # per instance.
+        at_reference = self._at_reference(flat)  # (G, h)
+        if reference is not None:
+            ref = reference.to(delta.dtype)
+            ref = ref.expand(*ref.shape[:-3], G, k, C)
+            at_reference = at_reference + torch.einsum("...gkc,gkch->...gh", ref, w1)
+        per_instance = at_reference.dim() > 2
+        if per_instance:
+            at_reference = at_reference.expand(*batch, G, -1).reshape(n * G, -1)
+        base = self._rest(at_reference)  # the module at its reference: (G, C_out) or (n*G, C_out)
+
+        # Sort the instances by which players are active, so that each pattern is one contiguous piece: one gather
+        # and one scatter in all (per-pattern gathers and scatters would each copy the full tensors in backward).
         pattern = (present.long() << torch.arange(k, device=delta.device)).sum(-1).flatten()  # (n*G,)
-        phi = flat.new_zeros(n * G, k, self.out_channels)
-        output = base.reshape(n * G, -1)
-        flat_instances = flat.reshape(n * G, k, C)
+        order = torch.argsort(pattern, stable=True)
+        patterns, counts = torch.unique_consecutive(pattern[order], return_counts=True)
+        sizes = counts.tolist()
+        pieces = flat.reshape(n * G, k, C).index_select(0, order).split(sizes)
+        at_ref_pieces = at_reference.index_select(0, order).split(sizes) if per_instance else None
+        phi_rows, phi_values, out_rows, out_values = [], [], [], []
         coalitions = 0
-        for p in pattern.unique().tolist():
+        for piece_index, (p, x_p, inst) in enumerate(zip(patterns.tolist(), pieces, order.split(sizes))):
             if p == 0:
                 continue  # every player at the reference: phi = 0 and output = base, nothing to evaluate
             members = [j for j in range(k) if p >> j & 1]
-            inst = (pattern == p).nonzero().squeeze(1)
             group = inst % G
-            x = flat_instances[inst][:, members]  # (m, k', C)
-            w = w1[:, members] if G == 1 else w1[group][:, members]  # shared or per-instance weights
-            projected = torch.einsum("mkc,mkch->mkh" if G > 1 else "mkc,kch->mkh", x, w[0] if G == 1 else w)
+            x = x_p[:, members]  # (m, k', C)
+            if G == 1:
+                projected = torch.einsum("mkc,kch->mkh", x, w1[0, members])
+                offset = at_ref_pieces[piece_index] if per_instance else at_reference[0]
+            else:
+                projected = torch.einsum("mkc,mkch->mkh", x, w1[group][:, members])
+                offset = at_ref_pieces[piece_index] if per_instance else at_reference[group]
             masks = coalition_masks(len(members), delta.device, delta.dtype)
-            h = torch.einsum("tk,mkh->tmh", masks, projected) + at_reference.reshape(n * G, -1)[inst]
+            h = torch.einsum("tk,mkh->tmh", masks, projected) + offset
             for i in range(1, len(self.weights)):
                 wl, bl = self.weights[i], self.bias(i)
                 if G == 1:
@@ -483,10 +498,17 @@ class ShapleyModuleBank(nn.Module):
                     h = h + (bl[0] if G == 1 else bl[group])
             coalitions += len(inst) * 2 ** len(members)
             sub = shapley_from_values(h, len(members))  # (m, k', C_out)
-            rows = inst[:, None].expand(-1, len(members))
-            cols = torch.tensor(members, device=delta.device).expand(len(inst), -1)
-            phi = phi.index_put((rows, cols), sub)
-            output = output.index_put((inst,), h[-1])
+            phi_rows.append((inst[:, None] * k + torch.tensor(members, device=delta.device)).flatten())
+            phi_values.append(sub.reshape(-1, sub.shape[-1]))
+            out_rows.append(inst)
+            out_values.append(h[-1])
+        out_channels = self.weights[-1].shape[-1]
+        phi = flat.new_zeros(n * G * k, out_channels)
+        base = base if per_instance else base.expand(n, G, out_channels).reshape(n * G, out_channels)
+        output = base
+        if phi_rows:
+            phi = phi.index_copy(0, torch.cat(phi_rows), torch.cat(phi_values))
+            output = output.index_copy(0, torch.cat(out_rows), torch.cat(out_values))
         total = n * G
         modules_done = int((pattern != 0).sum())
         self._count(total, total * 2**k, total - modules_done, total * 2**k - coalitions)

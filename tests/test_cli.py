@@ -133,12 +133,12 @@ def test_eval_and_explain_a_pretrained_folder(trained_run: Path, tmp_path: Path,
     """A run exported with zoo.save_pretrained (weights + config.json with data_info) evaluates the same."""
     import torch
 
-    from training.cli import _load_source
+    from training.cli import load_source
 
     zoo = pytest.importorskip("zoo")
     if not hasattr(zoo, "save_pretrained"):
         pytest.skip("zoo.save_pretrained not written yet")
-    loaded = _load_source(str(trained_run), torch.device("cpu"))
+    loaded = load_source(str(trained_run), torch.device("cpu"))
     zoo.save_pretrained(loaded.model, tmp_path / "export", metadata={"data_info": loaded.info.to_dict()})
     assert main(["eval", str(trained_run), "--json"]) == 0
     from_checkpoint = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

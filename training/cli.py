@@ -14,6 +14,7 @@ Multi-process training: `torchrun --nproc_per_node N -m training train CONFIG`.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import logging
@@ -99,7 +100,8 @@ def _zoo() -> Any:
 def load_split(loaded: _Loaded, split: str, data_root: str | None) -> Any:
     from .trainer import load_data
 
-    cfg = loaded.cfg or ExperimentConfig()
+    # A copy: the caller's config must keep describing the run (export records it).
+    cfg = copy.deepcopy(loaded.cfg) if loaded.cfg is not None else ExperimentConfig()
     cfg.data.name = loaded.info.name
     cfg.data.limit = None
     if data_root is not None:

@@ -388,13 +388,13 @@ def shapnet_deep_yeast(pretrained: bool = False, **kwargs: Any) -> DeepShapNet:
 
 @register_model
 def shapnet_shallow_adult(pretrained: bool = False, **kwargs: Any) -> ShallowShapNet:
-    """Shallow ShapNet (all feature pairs) for Adult / Census Income: 14 features, 2 classes."""
+    """Shallow ShapNet (all feature pairs) for Adult / Census Income: 12 features, 2 classes."""
     return _create("shapnet_shallow_adult", pretrained, kwargs)
 
 
 @register_model
 def shapnet_deep_adult(pretrained: bool = False, **kwargs: Any) -> DeepShapNet:
-    """Deep ShapNet for Adult / Census Income: 14 features (padded to 16), 2 classes."""
+    """Deep ShapNet for Adult / Census Income: 12 features (padded to 16), 2 classes."""
     return _create("shapnet_deep_adult", pretrained, kwargs)
 
 
