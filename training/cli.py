@@ -385,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = zoo_commands.add_parser("info", parents=[common], help="describe one model")
     q.add_argument("name")
     q.set_defaults(func=_cmd_zoo_info)
+
+    from .figures import add_figure_commands
+
+    p = commands.add_parser("figures", parents=[common], help="figures comparing the explanations of several models")
+    add_figure_commands(p.add_subparsers(dest="figure", required=True, metavar="FIGURE"), parents=[common])
     return parser
 
 

@@ -119,8 +119,9 @@ def plot_explanation(
             background = img.mean(0) if img.dim() == 3 else img
         for ax, k in zip(axes.flat, classes):
             if background is not None:
-                ax.imshow(background, cmap="gray", alpha=0.5)
-            ax.imshow(maps[..., k], cmap="bwr", vmin=-limit, vmax=limit, alpha=0.75 if background is not None else 1)
+                ax.imshow(background.numpy(), cmap="gray", alpha=0.5)
+            alpha = 0.75 if background is not None else 1.0
+            ax.imshow(maps[..., k].numpy(), cmap="bwr", vmin=-limit, vmax=limit, alpha=alpha)
             ax.set_title(f"{_class_name(class_names, k)} {expl.output[index, k].item():+.2f}", fontsize=8)
         for ax in axes.flat:
             ax.axis("off")

@@ -1,0 +1,357 @@
+"""Instance-based pruning of Deep and Conv ShapNets: accuracy, skipped work and real speed-up, per fraction.
+
+For every source (a run folder, a `.pt` checkpoint, a pretrained folder or a zoo name) and every pruning
+fraction `p`, on the first `--samples` test samples:
+
+* test accuracy with pruning `p` (eval mode);
+* the share of players (pixels, features) whose representation is non-zero after the pruned stages ("players
+  kept", mean over samples and pruned stages). `p` counts *all* players, including those already at the
+  reference: by missingness a background pixel of an MNIST digit is exactly 0 at every layer, so
+  `p` below the background share (~0.8 on MNIST) removes nothing more, and this column shows it;
+* the fraction of module evaluations and of coalition evaluations skipped, from `model.evaluation_stats()`
+  (a module whose players all sit at the reference is skipped; one with `z` such players evaluates
+  `2^(k-z)` of its `2^k` coalitions; see `ShapleyModuleBank.shapley(skip_inactive=True)`);
+* the wall time of `model.explain` with skipping and of the *same pruned computation* with
+  `skip_inactive=False` (pruned players are zeroed but everything is still evaluated: "masked"), timed in
+  turn in one process (median of `--repeats` after a warm-up), and their ratio (the speed-up);
+* whether the skip path predicts what the masked path predicts (it must: skipping is exact up to rounding),
+  with the largest logit difference.
+
+And, at `p = 0`, how sparse the explanations are: for each sample the predicted class's attribution map,
+the share of its |attribution| mass held by the top 10% of players (pixels or features; `ceil(0.1 * N)`,
+at least one) and its Gini index (0: mass spread evenly, -> 1: all on one player), averaged over samples.
+
+Which stages are pruned: every stage but the last, with the same fraction. The last stage's output is the
+class map whose spatial (or feature) sum *is* the logits: pruning it would drop terms of the logit sum
+itself (changing the prediction without saving any later work, since no stage follows), whereas pruning a
+hidden representation sets players to the next stage's reference, which is what lets that stage skip them.
+
+Usage:
+    python benchmarks/pruning.py RUN_OR_NAME [RUN_OR_NAME ...] [--labels ...] [--data-root DIR]
+        [--samples 1000] [--fractions 0 0.1 ... 0.9] [--time-samples 256] [--repeats 3] [--out DIR]
+
+Prints Markdown tables; `--out DIR` also writes `DIR/pruning.md`, `DIR/pruning.json` and the curves
+`DIR/pruning.png` (accuracy, coalitions skipped and speed-up against `p`). On 2 CPU cores a Conv ShapNet on
+MNIST takes ~1 minute per fraction with the defaults (most of it the masked pass over all samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from shapnets.pruning import stage_fractions
+
+# benchmarks/ is a folder of scripts, not a package: share the timing and table helpers of its sibling.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from explain_cost import interleaved_medians, markdown_table
+
+Row = dict[str, Any]
+
+DEFAULT_FRACTIONS = [round(0.1 * i, 1) for i in range(10)]
+TOP_SHARE = 0.1
+ROW_COLUMNS = ["p", "accuracy", "players kept", "modules skipped", "coalitions skipped", "skip ms", "masked ms",
+               "speed-up (masked / skip)", "same predictions", "max logit diff"]
+SPARSITY_COLUMNS = ["model", "architecture", "players", "non-zero players", "samples", "accuracy", "top-10% mass",
+                    "Gini"]
+
+
+class BenchmarkError(ValueError):
+    """A source that cannot be benchmarked (not a prunable ShapNet, bad fractions, labels that do not match)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparsity of explanations
+# ---------------------------------------------------------------------------------------------
+def top_share(magnitudes: Tensor, share: float = TOP_SHARE) -> Tensor:
+    """Per row of `(B, N)` non-negative values, the fraction of the row's total held by its `ceil(share * N)`
+    largest entries (at least one); NaN for an all-zero row."""
+    count = max(1, math.ceil(share * magnitudes.shape[1]))
+    top = magnitudes.topk(count, dim=1).values.sum(1)
+    total = magnitudes.sum(1)
+    return torch.where(total > 0, top / total, torch.full_like(total, math.nan))
+
+
+def gini(magnitudes: Tensor) -> Tensor:
+    """Gini index of each row of `(B, N)` non-negative values: `sum_i (2i - N - 1) x_(i) / (N sum x)` with the
+    values sorted ascending (`i = 1..N`); 0 when all are equal, `(N - 1) / N` when one holds everything, NaN for
+    an all-zero row."""
+    n = magnitudes.shape[1]
+    ascending = magnitudes.sort(dim=1).values
+    ranks = torch.arange(1, n + 1, dtype=magnitudes.dtype, device=magnitudes.device)
+    total = ascending.sum(1)
+    value = ((2 * ranks - n - 1) * ascending).sum(1) / (n * total)
+    return torch.where(total > 0, value, torch.full_like(total, math.nan))
+
+
+def _nanmean(values: Tensor) -> float:
+    kept = values[~values.isnan()]
+    return float(kept.mean()) if kept.numel() else math.nan
+
+
+def explanation_sparsity(maps: Tensor, accuracy: float) -> Row:
+    """Mean top-10% mass share and Gini index of `(B, players)` predicted-class attribution maps."""
+    magnitudes = maps.abs().double()
+    return {"accuracy": accuracy, "players": maps.shape[1], "samples": maps.shape[0],
+            "non-zero players": float(magnitudes.ne(0).sum(1).double().mean()),
+            "top-10% mass": _nanmean(top_share(magnitudes)), "Gini": _nanmean(gini(magnitudes))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a pruned model
+# ---------------------------------------------------------------------------------------------
+def check_prunable(model: nn.Module, source: str) -> None:
+    """Raise `BenchmarkError` unless `model` is a Deep or Conv ShapNet (per-stage `prune`, `skip_inactive`)."""
+    needed = ("prune", "skip_inactive", "num_stages", "evaluation_stats", "explain")
+    missing = [a for a in needed if not hasattr(model, a)]
+    if missing:
+        raise BenchmarkError(
+            f"{source}: {type(model).__name__} has no instance-based pruning (lacks {', '.join(missing)}); "
+            "expected a DeepShapNet or ConvShapNet"
+        )
+    if model.num_stages < 2:
+        raise BenchmarkError(f"{source}: {type(model).__name__} has {model.num_stages} stage; pruning needs a "
+                             "hidden stage before the last one")
+
+
+def pruned_stages(p: float, num_stages: int) -> list[float]:
+    """`p` for every stage but the last (see the module docstring), validated like the constructors do."""
+    return stage_fractions([p] * (num_stages - 1) + [0.0], num_stages)
+
+
+@torch.no_grad()
+def explain_all(
+    model: nn.Module, x: Tensor, batch_size: int, kept: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Logits `(B, C)`, the predicted class's attributions `(B, players)` and, with `kept`, each sample's share of
+    players whose representation is non-zero after the pruned stages (mean over those stages), in batches."""
+    logits, maps, shares = [], [], []
+    for chunk in x.split(batch_size):
+        expl = model.explain(chunk, layers=True) if kept else model.explain(chunk)
+        predicted = expl.output.argmax(1)
+        attributions = expl.attributions.reshape(len(chunk), -1, expl.attributions.shape[-1])
+        logits.append(expl.output)
+        maps.append(attributions.gather(2, predicted.view(-1, 1, 1).expand(-1, attributions.shape[1], 1))[..., 0])
+        if kept:  # every stage but the last one is pruned
+            hidden = [z.reshape(len(chunk), -1, z.shape[-1]).ne(0).any(-1).double().mean(1) for z in expl.layers[:-1]]
+            shares.append(torch.stack(hidden).mean(0))
+    return torch.cat(logits), torch.cat(maps), torch.cat(shares) if kept else None
+
+
+def benchmark_model(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    fractions: Sequence[float],
+    *,
+    time_samples: int,
+    repeats: int,
+    warmup: int,
+    batch_size: int,
+    source: str = "model",
+) -> tuple[list[Row], Row]:
+    """One row per fraction and the sparsity of the unpruned explanations (see the module docstring).
+
+    The model's `prune` and `skip_inactive` are restored afterwards.
+    """
+    check_prunable(model, source)
+    saved = (list(model.prune), model.skip_inactive, model.training)
+    model.eval()
+    rows: list[Row] = []
+    sparsity: Row = {}
+    timed = x[:time_samples]
+    try:
+        for p in fractions:
+            model.prune = pruned_stages(p, model.num_stages)
+            model.skip_inactive = True
+            model.evaluation_stats(reset=True)
+            logits, maps, kept = explain_all(model, x, batch_size, kept=True)
+            stats = model.evaluation_stats(reset=True)
+            model.skip_inactive = False
+            masked_logits, _, _ = explain_all(model, x, batch_size)
+
+            def run(skip: bool) -> None:
+                model.skip_inactive = skip
+                explain_all(model, timed, batch_size)
+
+            times = interleaved_medians({"skip": lambda: run(True), "masked": lambda: run(False)}, repeats, warmup)
+            model.evaluation_stats(reset=True)  # the timing runs are not part of the counts
+            predicted = logits.argmax(1)
+            rows.append({
+                "p": float(p),
+                "accuracy": float((predicted == y).double().mean()),
+                "players kept": float(kept.mean()),
+                "modules skipped": stats["module_evals_skipped"] / max(stats["module_evals"], 1),
+                "coalitions skipped": stats["coalition_evals_skipped"] / max(stats["coalition_evals"], 1),
+                "skip ms": 1e3 * times["skip"],
+                "masked ms": 1e3 * times["masked"],
+                "speed-up (masked / skip)": times["masked"] / times["skip"],
+                "same predictions": bool(torch.equal(predicted, masked_logits.argmax(1))),
+                "max logit diff": float((logits - masked_logits).abs().max()),
+                "evaluation_stats": stats,
+            })
+            if p == 0:
+                sparsity = explanation_sparsity(maps, rows[-1]["accuracy"])
+        if not sparsity:  # p = 0 was not asked for: one unpruned pass for the sparsity numbers
+            model.prune, model.skip_inactive = pruned_stages(0.0, model.num_stages), True
+            logits, maps, _ = explain_all(model, x, batch_size)
+            sparsity = explanation_sparsity(maps, float((logits.argmax(1) == y).double().mean()))
+    finally:
+        model.prune, model.skip_inactive = saved[0], saved[1]
+        model.train(saved[2])
+        model.evaluation_stats(reset=True)
+    return rows, sparsity
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources, report, command line
+# ---------------------------------------------------------------------------------------------
+def default_label(source: str) -> str:
+    path = Path(source)
+    if path.suffix in (".pt", ".pth"):
+        return path.parent.name or path.stem
+    return path.name or source
+
+
+def load_test_samples(
+    source: str, data_root: str | None, samples: int, device: torch.device
+) -> tuple[Any, Tensor, Tensor]:
+    """The loaded source (`training.cli.load_source`) and its first `samples` test samples."""
+    from training.cli import load_source, load_split
+
+    loaded = load_source(source, device)
+    check_prunable(loaded.model, source)
+    dataset = load_split(loaded, "test", data_root)
+    count = min(samples, len(dataset))
+    items = [dataset[i] for i in range(count)]
+    x = torch.stack([torch.as_tensor(item[0]) for item in items]).to(device)
+    y = torch.tensor([int(item[1]) for item in items], device=device)
+    return loaded, x, y
+
+
+def plot_curves(results: dict[str, list[Row]], out: Path) -> Path | None:
+    """Accuracy, coalitions skipped and speed-up against `p`, one line per model (None without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no curve written", file=sys.stderr)
+        return None
+    panels = [("accuracy", "test accuracy"), ("coalitions skipped", "coalition evaluations skipped"),
+              ("speed-up (masked / skip)", "speed-up of skipping (masked / skip)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for label, rows in results.items():
+        ps = [r["p"] for r in rows]
+        for ax, (key, _) in zip(axes, panels):
+            ax.plot(ps, [r[key] for r in rows], marker="o", markersize=3, label=label)
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_xlabel("pruning fraction p (every stage but the last)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[-1].axhline(1.0, color="black", linewidth=0.6)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sources", nargs="+", metavar="RUN_OR_NAME",
+                        help="run folders, .pt checkpoints, pretrained folders or zoo names (Deep / Conv ShapNets)")
+    parser.add_argument("--labels", nargs="+", default=None, help="one name per source for the tables")
+    parser.add_argument("--data-root", default=None, help="folder holding the raw data (default: $SHAPNETS_DATA)")
+    parser.add_argument("--samples", type=int, default=1000, help="test samples (the first ones of the split)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=DEFAULT_FRACTIONS,
+                        help="pruning fractions p (default 0, 0.1, ..., 0.9)")
+    parser.add_argument("--time-samples", type=int, default=256, help="samples per timed explain (of --samples)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    parser.add_argument("--batch-size", type=int, default=128, help="samples per explain call")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads (1: stable timings on a shared machine; 0: torch default)")
+    parser.add_argument("--out", type=Path, default=None, help="also write pruning.md / .json / .png here")
+    args = parser.parse_args(argv)
+    if args.labels is not None and len(args.labels) != len(args.sources):
+        parser.error(f"--labels: {len(args.sources)} sources need {len(args.sources)} labels, got {len(args.labels)}")
+    bad = [p for p in args.fractions if not 0.0 <= p <= 1.0]
+    if bad:
+        parser.error(f"--fractions must lie in [0, 1], got {bad}")
+    for name in ("samples", "time_samples", "repeats", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the report; returns `{"models": {label: {...rows, sparsity...}}, "report": str}`."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    labels = args.labels or [default_label(s) for s in args.sources]
+    if len(set(labels)) != len(labels):
+        raise BenchmarkError(f"labels must be distinct, got {labels}: pass --labels")
+    models: dict[str, Any] = {}
+    sections = [
+        "## Instance-based pruning: accuracy and skipped work\n",
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {device}, float32. p prunes every stage but "
+        f"the last. Times: `explain` on {args.time_samples} samples (batches of {args.batch_size}), median of "
+        f"{args.repeats} after {args.warmup} warm-up, skip and masked timed in turn; skipped fractions and "
+        "predictions on all samples.\n",
+    ]
+    for label, source in zip(labels, args.sources):
+        loaded, x, y = load_test_samples(source, args.data_root, args.samples, device)
+        model = loaded.model
+        rows, sparsity = benchmark_model(model, x, y, args.fractions, time_samples=args.time_samples,
+                                         repeats=args.repeats, warmup=args.warmup, batch_size=args.batch_size,
+                                         source=source)
+        architecture = type(model).__name__
+        models[label] = {"source": source, "architecture": architecture, "dataset": loaded.info.name,
+                         "stages": model.num_stages, "rows": rows, "sparsity": sparsity}
+        sections += [f"### {label} ({architecture}, {loaded.info.name}, {len(x)} test samples, "
+                     f"{model.num_stages} stages)\n", markdown_table(rows, ROW_COLUMNS) + "\n"]
+        print(f"[{label}] done", file=sys.stderr)
+    sparsity_rows = [{"model": label, "architecture": m["architecture"], **m["sparsity"]} for label, m in models.items()
+                     if m["sparsity"]]
+    if sparsity_rows:
+        sections += [
+            "### Sparsity of the explanations at p = 0\n",
+            "Predicted class's attribution map per sample: share of |attribution| mass in the top 10% of players "
+            "(ceil(0.1 N)) and Gini index of |attribution| (0 = even, -> 1 = concentrated), averaged over samples. "
+            "Players at the reference (an image's background) count, with attribution exactly 0: compare models "
+            "on the same data, and see `non-zero players` (mean per sample).\n",
+            markdown_table(sparsity_rows, SPARSITY_COLUMNS),
+        ]
+    report = "\n".join(sections)
+    print(report)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "pruning.md").write_text(report + "\n")
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        (args.out / "pruning.json").write_text(json.dumps({"settings": settings, "models": models}, indent=2))
+        plot_curves({label: m["rows"] for label, m in models.items()}, args.out / "pruning.png")
+    return {"models": models, "report": report}
+
+
+if __name__ == "__main__":
+    from training.config import UserError
+
+    try:
+        main()
+    except (BenchmarkError, UserError) as e:  # a mistake in what was asked: one line and status 2, like `shapnets`
+        print(f"pruning benchmark: error: {e}", file=sys.stderr)
+        sys.exit(2)
