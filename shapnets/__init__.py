@@ -7,11 +7,22 @@ Core objects:
 * `ShallowShapNet` (exact Shapley), `DeepShapNet` and `ConvShapNet` (local accuracy + missingness,
   layer-wise explanations).
 * `exact_shapley` - the brute-force oracle for any callable.
+* `InterpretableCNN`, `InterpretableConv2d` - Interpretable CNNs (Zhang et al. 2018): peak-masked top filters,
+  the filter loss and the location-instability metric.
 """
 
 from .conv import ConvShapNet, ShapleyConv2d
 from .deep import DeepShapNet, butterfly_pairs
 from .explanation import Explanation, LocalAccuracyError
+from .icnn import (
+    FilterLossTerm,
+    InterpretableCNN,
+    InterpretableConv2d,
+    filter_loss,
+    location_instability,
+    mask_at_peak,
+    part_templates,
+)
 from .modules import (
     MAX_PLAYERS,
     ShapleyModule,
@@ -32,6 +43,9 @@ __all__ = [
     "ConvShapNet",
     "DeepShapNet",
     "Explanation",
+    "FilterLossTerm",
+    "InterpretableCNN",
+    "InterpretableConv2d",
     "LocalAccuracyError",
     "ShallowShapNet",
     "ShapleyConv2d",
@@ -42,9 +56,13 @@ __all__ = [
     "evaluation_stats",
     "exact_shapley",
     "explanation_penalty",
+    "filter_loss",
     "l1_sparsity",
     "linf_spreading",
+    "location_instability",
     "make_groups",
+    "mask_at_peak",
+    "part_templates",
     "pixel_players",
     "prune_players",
     "shapley_from_values",

@@ -3,6 +3,7 @@ entry points, the parts data set and the location-instability metric."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import pickle
@@ -95,6 +96,10 @@ def test_layer_keeps_the_maps_of_its_last_forward_and_the_baseline_does_not_mask
     plain.load_state_dict(layer.state_dict())
     torch.testing.assert_close(plain(features), layer.last_maps)
     assert float(plain.filter_loss(torch.tensor([0, 1]))) == 0.0
+    # Copies (export, EMA) drop the kept maps, which hold the graph of one forward pass.
+    clone = copy.deepcopy(layer)
+    assert clone.last_maps is None and layer.last_maps is not None
+    torch.testing.assert_close(clone(features), masked)
 
 
 # ------------------------------------------------------------------------------------------------ filter loss
@@ -158,12 +163,28 @@ def test_filter_loss_gradient_is_the_papers_and_points_the_right_way() -> None:
     assert bool((grad[negative] > 0).all())
     positive_peak_grad = grad.flatten(2).gather(-1, peaks[..., None]).squeeze(-1)
     assert bool((positive_peak_grad[~negative] < 0).all())
+    # Through the batch normaliser: the same value, a gradient that sums to zero over each template's images.
+    batch_loss = filter_loss(maps, labels, classes, normalizer="batch")
+    torch.testing.assert_close(batch_loss, loss)
+    (batch_grad,) = torch.autograd.grad(batch_loss, maps)
+    assert not torch.allclose(batch_grad, grad)
     per_filter = filter_loss(maps, labels, classes, reduction="none")
     assert per_filter.shape == (2,)
     torch.testing.assert_close(loss, per_filter.sum())
     torch.testing.assert_close(filter_loss(maps, labels, classes, reduction="mean"), per_filter.mean())
     # Each filter's loss only depends on its own maps.
     torch.testing.assert_close(filter_loss(maps[:, :1], labels, classes[:1], reduction="none"), per_filter[:1])
+
+
+def test_filter_loss_is_computed_in_float32_under_autocast() -> None:
+    model = small_model()
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        loss = model.filter_loss(y)
+    maps = model.interpretable_layer.last_maps
+    assert maps.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, filter_loss(maps.float(), y, model.filter_classes))
 
 
 # ------------------------------------------------------------------------------------------------ class assignment
@@ -216,6 +237,7 @@ def test_the_loss_term_reads_the_same_forward_pass_and_updates_the_assignment() 
     assert model.interpretable_layer.conv.weight.grad is not None
     assert small_model(interpretable=False).loss_terms() == [] and small_model(filter_loss_weight=0).loss_terms() == []
     assert small_model(filter_loss_weight=2.5).loss_terms()[0].weight == 2.5
+    assert terms[0].weight == model.filter_loss_weight == 0.1
 
 
 def test_loss_without_or_after_a_different_forward_is_an_error() -> None:
@@ -315,6 +337,22 @@ def test_backbone_starts_from_a_local_checkpoint_file_only(tmp_path: Path) -> No
         zoo.create_model("icnn_resnet18", num_classes=3, backbone_checkpoint_path=str(tmp_path / "missing.pth"))
 
 
+def test_save_and_load_round_trip_once_the_hub_knows_the_icnn_names(tmp_path: Path, monkeypatch) -> None:
+    # The hub rebuilds through zoo.shapnets_models.ARCHITECTURES; registering the icnn names there is all it needs.
+    for name, cls in zoo.icnn_models.ICNN_ARCHITECTURES.items():
+        monkeypatch.setitem(zoo.shapnets_models.ARCHITECTURES, name, cls)
+    model = zoo.create_model("icnn_vgg_small", num_classes=3, num_filters=4, backbone_args=TINY_VGG)
+    x = torch.randn(3, 3, 16, 16)
+    model(x)
+    model.filter_loss(torch.tensor([0, 1, 1]))                           # the assignment buffers hold data now
+    model.eval()
+    zoo.save_pretrained(model, tmp_path / "icnn")
+    loaded = zoo.load_pretrained(tmp_path / "icnn").eval()
+    torch.testing.assert_close(loaded(x), model(x))
+    assert torch.equal(loaded.filter_classes, model.filter_classes)
+    assert loaded.interpretable_layer.class_seen.tolist() == [True, True, False]
+
+
 def test_zoo_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match=r"close matches.*resnet18"):
         zoo.create_model("icnn_timm", backbone="resnt18", num_classes=3)
@@ -322,6 +360,8 @@ def test_zoo_errors_name_the_problem() -> None:
         zoo.create_model("icnn_timm", backbone="hf-hub:timm/resnet18.a1_in1k", num_classes=3)
     with pytest.raises(TypeError, match="needs backbone"):
         zoo.create_model("icnn_timm", num_classes=3)
+    with pytest.raises(ValueError, match="one output map"):
+        zoo.create_model("icnn_vgg_small", out_index=-2, num_classes=3)
     with pytest.raises(ValueError, match="use icnn_timm"):
         zoo.create_model("icnn_resnet18", backbone="resnet50", num_classes=3)
     with pytest.raises(RuntimeError, match="no shipped weights"):
@@ -343,10 +383,13 @@ def test_a_tiny_model_overfits_a_small_batch_of_the_parts_data(parts_bundle) -> 
         ce, fl = F.cross_entropy(logits, y), model.filter_loss(y)
         first_filter_loss = fl.item() if first_filter_loss is None else first_filter_loss
         optimizer.zero_grad()
-        (ce + 10 * fl).backward()
+        (ce + model.filter_loss_weight * fl).backward()
         optimizer.step()
     assert ce.item() < 0.2 and bool((logits.argmax(1) == y).all())
-    assert fl.item() < first_filter_loss
+    assert fl.item() < first_filter_loss - 0.5
+    # The filters of each image's own class stay alive (the filter loss did not silence them).
+    own = y[:, None] == model.filter_classes[None, :]
+    assert bool((model.interpretable_layer.last_maps.flatten(2).amax(-1)[own] > 0).float().mean() > 0.9)
 
 
 def test_the_trainer_runs_an_icnn_with_its_filter_loss(tmp_path: Path, parts_bundle) -> None:
@@ -468,7 +511,7 @@ def test_parts_data_rejects_bad_arguments() -> None:
 # ------------------------------------------------------------------------------------------------ bad input
 def test_bad_inputs_raise_clear_errors() -> None:
     model = small_model()
-    with pytest.raises(ValueError, match=r"expects input of shape \(B, 3, B, B\)|expects input of shape"):
+    with pytest.raises(ValueError, match=r"expects input of shape \(B, 3, B, B\), got \(2, 1, 16, 16\)"):
         model(torch.randn(2, 1, 16, 16))
     with pytest.raises(ValueError, match="expects input of shape"):
         model.explain(torch.randn(3, 16, 16))
@@ -486,6 +529,8 @@ def test_bad_inputs_raise_clear_errors() -> None:
         InterpretableConv2d(3, 4, 2, alpha=1.0)
     with pytest.raises(ValueError, match="assignment must be one of"):
         InterpretableConv2d(3, 4, 2, assignment="greedy")
+    with pytest.raises(ValueError, match="normalizer must be one of"):
+        filter_loss(torch.rand(2, 3, 4, 4), torch.tensor([0, 1]), torch.tensor([0, 1, 0]), normalizer="running")
     with pytest.raises(ValueError, match=r"maps must be \(B, M, H, W\)"):
         filter_loss(torch.rand(2, 3, 4), torch.tensor([0, 1]), torch.tensor([0, 1, 0]))
     with pytest.raises(ValueError, match=r"labels must be \(2,\)"):

@@ -24,7 +24,7 @@ from timm.models import is_model
 from timm.models import list_models as _timm_list_models
 from torch import nn
 
-from . import shapnets_models  # noqa: F401  (imported for its timm registrations)
+from . import icnn_models, shapnets_models  # noqa: F401  (imported for their timm registrations)
 from ._args import ACT_LAYERS
 from .cards import model_info, write_model_card
 from .hub import load_pretrained, read_config, save_pretrained, sha256_of
@@ -44,6 +44,7 @@ __all__ = [
     "write_model_card",
 ]
 
+ARCHITECTURES.update(icnn_models.ICNN_ARCHITECTURES)  # the hub rebuilds icnn_* checkpoints through this table
 _ZOO_NAMES = tuple(sorted([*ARCHITECTURES, *VARIANT_DEFAULTS]))
 
 

@@ -156,7 +156,7 @@ def validate_config(config: object, where: str = CONFIG_NAME) -> dict[str, Any]:
         )
     architecture_of(architecture)  # registered but not a ShapNet -> ValueError with the known names
     game = config.get("game", {})
-    if "reference_shape" in game and (
+    if game.get("reference_shape") is not None and (
         not isinstance(game["reference_shape"], list) or not all(isinstance(s, int) for s in game["reference_shape"])
     ):
         raise ValueError(f"{where}: game.reference_shape must be a list of integers, got {game['reference_shape']!r}")

@@ -1,0 +1,712 @@
+"""Interpretable CNNs: top-layer filters that each fire on one part of one class.
+
+Interpretable Convolutional Neural Networks (Quanshi Zhang, Ying Nian Wu, Song-Chun Zhu), CVPR 2018,
+https://arxiv.org/abs/1710.00935 (journal version: TPAMI 2020, https://arxiv.org/abs/1901.02413).
+
+An `InterpretableConv2d` is a conv layer + ReLU whose `M` output maps `x` (each `n x n`, here `H x W`) are
+*masked* around their own peak before they reach the next layer, and which carries a *filter loss* that
+pushes every filter to (a) fire only on images of the class it is assigned to and (b) fire at a single place.
+`InterpretableCNN` puts such a layer on the top feature map of any backbone and reads the logits off its
+masked maps with a linear head, so that `explain` splits every logit exactly over filters and pixels.
+
+Templates (paper notation; `d(p, mu) = |p_i - mu_i| / H + |p_j - mu_j| / W`, the paper's `||p - mu||_1 / n`):
+
+* positive template of part position `mu`: `T_mu[p] = tau * max(1 - beta * d(p, mu), -1)` (one per cell);
+* negative template (the filter should stay silent): `T^-[p] = -tau` everywhere;
+* `tau = 0.5 / (H W)`, `beta = 4`; priors `p(T_mu) = alpha / (H W)`, `p(T^-) = 1 - alpha`, `alpha = HW / (1 + HW)`.
+
+Forward mask: `mu_hat = argmax_p x[p]` and `x_masked = max(x * m, 0)` with `m[p] = max(1 - beta d(p, mu_hat), -1)`,
+the template's shape at the map's own peak. `m` is a constant of the backward pass (it is built from an index,
+so no gradient flows through the argmax or the mask), as in the paper and in the released MatConvNet code.
+
+Filter loss of filter `f` over a batch `X = {x_1 .. x_B}` (its post-ReLU, *unmasked* maps):
+
+    p(x|T) = exp(tr(x . T)) / Z_T,   Z_T = sum_{x' in X} exp(tr(x' . T))      (normalised over the batch)
+    MI(X; T) = sum_T p(T) sum_{x in X} p(x|T) log[p(x|T) / p(x)],   p(x) = sum_T p(T) p(x|T)
+
+Every map has a *target template* `T_x`: `T_{mu_hat}` (its own peak) when the image belongs to the filter's
+class, `T^-` when it does not; this is where the labels enter. The paper learns with the approximation that
+only the target template explains a map (`exp(tr(x . T)) << exp(tr(x . T_x))` for the others, so
+`p(x) ~= p(T_x) p(x|T_x)` and the other terms vanish), under which the mutual information becomes
+
+    MI(X; T) ~= sum_{x in X} p(T_x) log(1 / p(T_x)) p(x|T_x),      Loss_f = -MI(X; T)
+
+and it treats `Z_T` as a constant when differentiating. We compute exactly that: the value is the
+approximated `-MI` with `Z_T` normalised over the batch (log-sum-exp), in `[-H(T), 0]`; in the backward pass
+`Z_T` is a constant (detached), so the gradient is the paper's, `dLoss_f/dx = -p(T_x) log(1 / p(T_x)) p(x|T_x)
+T_x`: it pushes every negative image's map down and every positive image's map towards the template at its
+own peak, one image at a time. `normalizer="batch"` differentiates through the batch `Z_T` instead (same
+value): the images then compete within each template, so nothing pushes all activations down at once (gentler
+from scratch), but a firing negative image merely takes `T^-` mass from the other negatives, at no cost, and
+an all-negative batch gives no gradient. On a tiny model trained from scratch the paper's gradient with a large
+weight silences filters for good (dead ReLUs), so the weight needs tuning against the classification loss.
+`Loss_f` is summed over filters, as in the paper's `lambda sum_f Loss_f`. The loss reads the *unmasked* maps:
+the mask zeroes activations far from the peak, so a loss on masked maps could not push them down (a pitfall of
+one public port). Its gradient is small in absolute terms (at most `tau log(1 + n^2) / (1 + n^2)` per cell and
+image), but consistent in sign, which adaptive optimisers amplify.
+
+Filter-to-class assignment: a buffer keeps, per filter and class, an exponential moving average (momentum
+0.9) of the per-image peak activation over images of that class; each filter is assigned to the class where
+that average is largest (the released code's `sliceMag`). Classes not seen yet are skipped; before any update
+filter `f` is assigned to class `f mod C`. `assignment="fixed"` keeps that round-robin assignment for good.
+
+Paper vs released code: the released MatConvNet code (and its faithful PyTorch port) masks two layers, centres
+the mask at the activation-weighted centroid, learns `beta` per filter and never forms the loss, adding a
+hand-written gradient instead. We implement the *paper*: one masked layer on the top feature map, the argmax
+peak, a fixed `beta`, and the filter loss as the scalar above, so that autograd, mixed precision and any
+optimiser work unchanged. One choice follows the released code: the forward mask has no `tau` (`tau` lives in
+the loss templates only; a mask scaled by `tau` would shrink the activations by ~1/(2 n^2) before the head).
+
+Location instability (`location_instability`): for every filter, its top-`k` images by peak activation, the
+distance from the filter's inferred part location to each annotated landmark, its standard deviation across
+those images, averaged over landmarks and divided by the image diagonal; lower is better.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ._validation import check_input
+from .explanation import Explanation
+
+__all__ = [
+    "FilterLossTerm",
+    "InterpretableCNN",
+    "InterpretableConv2d",
+    "default_alpha",
+    "default_tau",
+    "feature_to_pixel",
+    "filter_loss",
+    "location_instability",
+    "mask_at_peak",
+    "part_templates",
+    "peak_indices",
+    "template_shape",
+]
+
+POOLS = ("avg", "max")
+NORMALIZERS = ("constant", "batch")
+ASSIGNMENTS = ("running", "fixed")
+
+
+# ---------------------------------------------------------------------------------------------------- templates
+def default_tau(height: int, width: int) -> float:
+    """The paper's template scale `tau = 0.5 / n^2`, with `n^2 = H W` cells."""
+    return 0.5 / (height * width)
+
+
+def default_alpha(height: int, width: int) -> float:
+    """The paper's prior mass of the positive templates, `alpha = n^2 / (1 + n^2)`."""
+    cells = height * width
+    return cells / (1.0 + cells)
+
+
+def template_shape(
+    peaks: Tensor, height: int, width: int, beta: float, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """`max(1 - beta * d(p, mu), -1)` for every peak `mu`: the template without `tau`, i.e. the forward mask.
+
+    Args:
+        peaks: `(..., 2)` integer (row, col) cells.
+        height: map height `H`.
+        width: map width `W`.
+        beta: decay of the template with the normalised L1 distance `|di| / H + |dj| / W`.
+        dtype: of the result.
+
+    Returns:
+        `(..., H, W)` in `[-1, 1]`, equal to 1 at the peak.
+    """
+    rows = torch.arange(height, device=peaks.device, dtype=dtype) / height
+    cols = torch.arange(width, device=peaks.device, dtype=dtype) / width
+    peak_rows = (peaks[..., 0].to(dtype) / height)[..., None, None]
+    peak_cols = (peaks[..., 1].to(dtype) / width)[..., None, None]
+    distance = (rows[:, None] - peak_rows).abs() + (cols[None, :] - peak_cols).abs()
+    return (1.0 - beta * distance).clamp(min=-1.0)
+
+
+def part_templates(
+    height: int, width: int, tau: float | None = None, beta: float = 4.0, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The `H W` positive templates `T_mu`, one per cell `mu` in row-major order, shape `(H W, H, W)`.
+
+    `T_mu[p] = tau * max(1 - beta * (|p_i - mu_i| / H + |p_j - mu_j| / W), -1)`; the negative template is the
+    constant `-tau`. `tau` defaults to `0.5 / (H W)`.
+    """
+    _check_positive_size(height, width, "part_templates")
+    tau = default_tau(height, width) if tau is None else float(tau)
+    cells = torch.stack(
+        torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij"), dim=-1
+    ).reshape(-1, 2)
+    return tau * template_shape(cells, height, width, beta, dtype)
+
+
+def peak_indices(maps: Tensor) -> Tensor:
+    """The (row, col) cell of each map's maximum (the first one on ties), `(..., H, W) -> (..., 2)` int64."""
+    width = maps.shape[-1]
+    flat = maps.detach().flatten(-2).argmax(dim=-1)
+    return torch.stack([flat // width, flat % width], dim=-1)
+
+
+def mask_at_peak(maps: Tensor, beta: float = 4.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Mask every post-ReLU map with the template shape at its own peak.
+
+    Args:
+        maps: `(B, M, H, W)`, non-negative (after the ReLU).
+        beta: template decay.
+
+    Returns:
+        `(masked, mask, peaks)`: `masked = max(maps * mask, 0)` `(B, M, H, W)`; the mask `(B, M, H, W)`, built
+        from the argmax index and hence constant for autograd (the gradient of `masked` w.r.t. `maps` is
+        `max(mask, 0)`, as in the paper); the peaks `(B, M, 2)` (row, col).
+    """
+    peaks = peak_indices(maps)
+    wide = torch.promote_types(maps.dtype, torch.float32)  # half-precision grids would round the distances
+    mask = template_shape(peaks, maps.shape[-2], maps.shape[-1], beta, wide).to(maps.dtype)
+    # maps >= 0, so max(maps * mask, 0) == maps * max(mask, 0): one multiply, and the detached mask is explicit.
+    return maps * mask.clamp(min=0.0), mask, peaks
+
+
+def feature_to_pixel(peaks: Tensor, feature_size: Sequence[int], input_size: Sequence[int]) -> Tensor:
+    """Feature-map cells -> input pixel coordinates (row, col) of the centre of the block each cell covers.
+
+    A cell `i` of an `H`-row map over an `H_in`-row image covers rows `[i H_in / H, (i + 1) H_in / H)`; its
+    centre is `(i + 0.5) H_in / H - 0.5` in pixel-index units (the paper's receptive-field centre).
+    """
+    scale = torch.tensor([input_size[0] / feature_size[0], input_size[1] / feature_size[1]], device=peaks.device)
+    return (peaks.float() + 0.5) * scale - 0.5
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+def filter_loss(
+    maps: Tensor,
+    labels: Tensor,
+    filter_classes: Tensor,
+    *,
+    tau: float | None = None,
+    beta: float = 4.0,
+    alpha: float | None = None,
+    normalizer: str = "constant",
+    reduction: str = "sum",
+) -> Tensor:
+    """The filter loss: the paper's approximated negative mutual information (see the module docstring).
+
+    Args:
+        maps: `(B, M, H, W)` post-ReLU maps (not masked) of the interpretable filters.
+        labels: `(B,)` class of every image.
+        filter_classes: `(M,)` class each filter is assigned to.
+        tau: template scale; default `0.5 / (H W)`.
+        beta: template decay.
+        alpha: prior mass of the positive templates; default `H W / (1 + H W)`.
+        normalizer: `"constant"`: `Z_T` is a constant of the backward pass (the paper's gradient); `"batch"`:
+            the gradient also flows through the batch `Z_T` (the same value; see the module docstring).
+        reduction: `"sum"` over filters (the paper), `"mean"` over filters, or `"none"` (`(M,)`, one `Loss_f`
+            per filter).
+
+    Returns:
+        The loss, computed in float32 (or the maps' dtype if wider).
+
+    Raises:
+        ValueError: shapes that do not fit, out-of-range constants or an unknown reduction.
+    """
+    if maps.dim() != 4:
+        raise ValueError(f"filter_loss: maps must be (B, M, H, W), got shape {tuple(maps.shape)}")
+    batch, filters, height, width = maps.shape
+    if labels.shape != (batch,):
+        raise ValueError(f"filter_loss: labels must be ({batch},), one per map, got shape {tuple(labels.shape)}")
+    if filter_classes.shape != (filters,):
+        raise ValueError(f"filter_loss: filter_classes must be ({filters},), got shape {tuple(filter_classes.shape)}")
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"filter_loss: normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+    if reduction not in ("sum", "mean", "none"):
+        raise ValueError(f"filter_loss: reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
+    cells = height * width
+    alpha = default_alpha(height, width) if alpha is None else float(alpha)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"filter_loss: alpha must lie in (0, 1), got {alpha}")
+
+    # Scores of O(1) feed exponentials: keep them out of autocast's half precision.
+    with torch.autocast(maps.device.type, enabled=False):
+        dtype = torch.promote_types(maps.dtype, torch.float32)
+        x = rearrange(maps.to(dtype), "b m h w -> b m (h w)")
+        positive = rearrange(part_templates(height, width, tau, beta, dtype).to(x.device), "t h w -> t (h w)")
+        tau_value = default_tau(height, width) if tau is None else float(tau)
+        templates = torch.cat([positive, torch.full((1, cells), -tau_value, dtype=dtype, device=x.device)])
+        scores = torch.einsum("bmp,tp->bmt", x, templates)                 # tr(x . T), all H W + 1 templates
+        log_z = (scores.detach() if normalizer == "constant" else scores).logsumexp(dim=0)   # log Z_T over the batch
+        log_prior = torch.cat([
+            torch.full((cells,), math.log(alpha / cells), dtype=dtype, device=x.device),
+            torch.full((1,), math.log1p(-alpha), dtype=dtype, device=x.device),
+        ])
+
+        peaks = x.detach().argmax(dim=-1)                                 # each map's own peak cell, (B, M)
+        positive_image = labels.to(x.device)[:, None] == filter_classes.to(x.device)[None, :]
+        target = torch.where(positive_image, peaks, torch.full_like(peaks, cells))   # index `cells` is T^-
+        target_score = scores.gather(-1, target[..., None]).squeeze(-1)
+        target_log_z = log_z.gather(-1, target.T).T                       # log Z of each map's target template
+        likelihood = (target_score - target_log_z).exp()                  # p(x | T_x)
+        prior = log_prior[target]
+        loss = (prior.exp() * prior * likelihood).sum(dim=0)              # -sum_x p(T_x) log(1/p(T_x)) p(x|T_x)
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+# ---------------------------------------------------------------------------------------------------- layer
+class InterpretableConv2d(nn.Module):
+    """Conv + ReLU whose maps are masked at their own peak, with the filter loss and class assignment.
+
+    `forward(features) -> masked maps (B, M, H, W)`. The layer keeps what the loss needs from its *last*
+    forward pass on the module: `last_maps` (post-ReLU, unmasked, still attached to the graph in training so
+    that `filter_loss(labels)` differentiates through the same forward pass as the classification loss),
+    `last_masked` and `last_peaks`. Call the loss after the forward pass of the batch it belongs to and
+    before the next one.
+
+    Args:
+        in_channels: channels of the feature map it sits on.
+        num_filters: `M`, the interpretable filters.
+        num_classes: classes the filters are assigned to.
+        kernel_size: of the conv (the paper: 3).
+        beta: template decay (the paper: 4).
+        tau: template scale of the loss; `None` uses `0.5 / (H W)` of the map at hand.
+        alpha: prior mass of the positive templates; `None` uses `H W / (1 + H W)`.
+        normalizer: `"constant"` (the paper's gradient) or `"batch"` (see `filter_loss`).
+        momentum: of the running per-class activation (the released code: 0.9).
+        assignment: `"running"` (argmax of the running per-class activation) or `"fixed"` (filter `f` ->
+            class `f mod C`).
+        interpretable: `False` gives the same layer without mask and loss: an ordinary conv + ReLU, the
+            baseline the paper compares with (its filters still have peaks and classes for the metrics).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_filters: int,
+        num_classes: int,
+        kernel_size: int = 3,
+        *,
+        beta: float = 4.0,
+        tau: float | None = None,
+        alpha: float | None = None,
+        normalizer: str = "constant",
+        momentum: float = 0.9,
+        assignment: str = "running",
+        interpretable: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("num_filters", num_filters),
+                            ("num_classes", num_classes), ("kernel_size", kernel_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"InterpretableConv2d: {name} must be a positive int, got {value!r}")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"InterpretableConv2d: kernel_size must be odd (to keep the map size), got {kernel_size}")
+        if not beta > 0:
+            raise ValueError(f"InterpretableConv2d: beta must be positive, got {beta}")
+        if tau is not None and not tau > 0:
+            raise ValueError(f"InterpretableConv2d: tau must be positive or None, got {tau}")
+        if alpha is not None and not 0.0 < alpha < 1.0:
+            raise ValueError(f"InterpretableConv2d: alpha must lie in (0, 1) or be None, got {alpha}")
+        if normalizer not in NORMALIZERS:
+            raise ValueError(f"InterpretableConv2d: normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"InterpretableConv2d: momentum must lie in [0, 1), got {momentum}")
+        if assignment not in ASSIGNMENTS:
+            raise ValueError(f"InterpretableConv2d: assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
+        self.num_filters, self.num_classes = num_filters, num_classes
+        self.beta, self.tau, self.alpha, self.momentum = float(beta), tau, alpha, float(momentum)
+        self.normalizer = normalizer
+        self.assignment, self.interpretable = assignment, bool(interpretable)
+        self.conv = nn.Conv2d(in_channels, num_filters, kernel_size, padding=kernel_size // 2)
+        self.register_buffer("class_activation", torch.zeros(num_filters, num_classes))
+        self.register_buffer("class_seen", torch.zeros(num_classes, dtype=torch.bool))
+        self.last_maps: Tensor | None = None
+        self.last_masked: Tensor | None = None
+        self.last_peaks: Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, tau={self.tau}, alpha={self.alpha}, normalizer={self.normalizer!r}, "
+                f"assignment={self.assignment!r}, interpretable={self.interpretable}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The kept maps belong to one forward pass (and may hold its graph, which cannot be copied): copies and
+        # pickles (deepcopy for export or EMA, DataParallel replicas) start without them.
+        return {**self.__dict__, "last_maps": None, "last_masked": None, "last_peaks": None}
+
+    def forward(self, features: Tensor) -> Tensor:
+        """`(B, C, H, W)` features -> `(B, M, H, W)` masked maps (unmasked when `interpretable=False`)."""
+        maps = F.relu(self.conv(features))
+        if self.interpretable:
+            masked, _, peaks = mask_at_peak(maps, self.beta)
+        else:
+            masked, peaks = maps, peak_indices(maps)
+        # Kept for the loss and for explanations of this very forward pass (see the class docstring).
+        self.last_maps, self.last_masked, self.last_peaks = maps, masked, peaks
+        return masked
+
+    @property
+    def filter_classes(self) -> Tensor:
+        """`(M,)` the class each filter is assigned to (see the module docstring)."""
+        round_robin = torch.arange(self.num_filters, device=self.class_activation.device) % self.num_classes
+        if self.assignment == "fixed" or not bool(self.class_seen.any()):
+            return round_robin
+        scores = self.class_activation.masked_fill(~self.class_seen[None, :], float("-inf"))
+        return scores.argmax(dim=1)
+
+    @torch.no_grad()
+    def update_assignment(self, maps: Tensor, labels: Tensor) -> None:
+        """Fold a batch's per-class mean peak activation into the running average.
+
+        Args:
+            maps: `(B, M, H, W)` post-ReLU maps.
+            labels: `(B,)` classes.
+        """
+        if maps.dim() != 4 or maps.shape[1] != self.num_filters:
+            raise ValueError(f"update_assignment: maps must be (B, {self.num_filters}, H, W), "
+                             f"got {tuple(maps.shape)}")
+        labels = _check_labels(labels, maps.shape[0], self.num_classes, "update_assignment")
+        peak = maps.detach().float().flatten(2).amax(dim=-1)                   # (B, M)
+        one_hot = F.one_hot(labels.to(peak.device), self.num_classes).to(peak.dtype)   # (B, C)
+        counts = one_hot.sum(dim=0)
+        present = counts > 0
+        mean = (peak.T @ one_hot) / counts.clamp(min=1)                         # (M, C)
+        first = present & ~self.class_seen
+        old = self.class_activation
+        blended = self.momentum * old + (1.0 - self.momentum) * mean
+        new = torch.where(first[None, :], mean, torch.where(present[None, :], blended, old))
+        self.class_activation.copy_(new.to(old.dtype))
+        self.class_seen.logical_or_(present.to(self.class_seen.device))
+
+    def filter_loss(self, labels: Tensor, update: bool | None = None) -> Tensor:
+        """The filter loss of the last forward pass (summed over filters); 0 when `interpretable=False`.
+
+        Args:
+            labels: `(B,)` classes of the batch of the last forward pass.
+            update: fold the batch into the running class assignment first; default: in training mode.
+
+        Raises:
+            RuntimeError: no forward pass yet, or a last forward pass on a batch of another size.
+        """
+        maps = self.last_maps
+        if maps is None:
+            raise RuntimeError("filter_loss: run a forward pass first (the loss reads that pass's feature maps)")
+        labels = _check_labels(labels, maps.shape[0], self.num_classes, "filter_loss")
+        if update is None:
+            update = self.training
+        if update:
+            self.update_assignment(maps, labels)
+        if not self.interpretable:
+            return maps.new_zeros(()).float()
+        return filter_loss(maps, labels, self.filter_classes, tau=self.tau, beta=self.beta, alpha=self.alpha,
+                           normalizer=self.normalizer)
+
+
+def _check_labels(labels: Tensor, batch: int, num_classes: int, who: str) -> Tensor:
+    if not isinstance(labels, Tensor) or labels.dtype in (torch.bool,) or labels.is_floating_point():
+        kind = type(labels).__name__ if not isinstance(labels, Tensor) else str(labels.dtype)
+        raise TypeError(f"{who}: labels must be an integer tensor, got {kind}")
+    if labels.shape != (batch,):
+        raise RuntimeError(
+            f"{who}: labels have shape {tuple(labels.shape)} but the last forward pass saw a batch of {batch}: "
+            "call the loss right after the forward pass of the same batch"
+        )
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"{who}: labels must lie in [0, {num_classes}), got range "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    return labels
+
+
+class FilterLossTerm:
+    """The filter loss as a training loss term (`training.losses.LossTerm` protocol), from the same forward.
+
+    It reads the maps the model's `InterpretableConv2d` kept from the step's forward pass (so it needs no
+    explanation and no second pass) and, in training mode, updates the running filter-to-class assignment.
+
+    Args:
+        layer: the interpretable layer.
+        weight: its weight in the total loss.
+    """
+
+    name = "filter_loss"
+    needs_explanation = False
+    needs_layers = False
+
+    def __init__(self, layer: InterpretableConv2d, weight: float = 0.1) -> None:
+        self.layer, self.weight = layer, float(weight)
+
+    def __call__(self, out: Any, target: Tensor) -> Tensor:
+        return self.layer.filter_loss(target)
+
+    def __repr__(self) -> str:
+        return f"FilterLossTerm(weight={self.weight})"
+
+
+# ---------------------------------------------------------------------------------------------------- model
+class InterpretableCNN(nn.Module):
+    """A backbone, an interpretable conv layer on its top feature map, and a linear head on pooled filters.
+
+    `logits = W pool(x_masked) + b`, with `pool` the spatial mean (or max) of each masked filter map. The
+    head is linear in the pooled filter activations, so `explain` splits every logit exactly: filter `f`
+    contributes `W[c, f] pool_f` to class `c`; under mean pooling that contribution is spread over the
+    filter's masked map (`W[c, f] x_masked[f, cell] / (H W)` per cell), under max pooling it sits on the
+    filter's peak cell. Each cell's value is shared equally among the input pixels of the block it covers
+    (pixel row `i` belongs to cell `floor(i H / H_in)`), which preserves the sums, so
+    `bias + sum over pixels == logits` holds exactly (local accuracy; the base is the head's bias, the
+    output with every filter silent).
+
+    Args:
+        backbone: any module mapping `(B, in_chans, H_in, W_in)` to a top feature map `(B, C, H, W)`, or to
+            a list / tuple / dict of maps whose last one is the top map (timm `features_only=True` models).
+        num_classes: classes.
+        feature_channels: `C`; default read from the backbone (`feature_info.channels()[-1]` for timm
+            feature extractors, else an `out_channels` attribute).
+        in_chans: input channels (checked on every call).
+        num_filters: interpretable filters `M`; default `C` (the paper keeps the layer's width).
+        kernel_size: of the interpretable conv.
+        pool: `"avg"` or `"max"` pooling of the masked maps before the head.
+        beta: template decay.
+        tau: template scale; `None`: `0.5 / (H W)`.
+        alpha: prior of the positive templates; `None`: `H W / (1 + H W)`.
+        normalizer: `"constant"` (the paper's gradient) or `"batch"` (see `filter_loss`).
+        momentum: of the running class assignment.
+        assignment: `"running"` or `"fixed"` (see `InterpretableConv2d`).
+        interpretable: `False` builds the baseline (no mask, no filter loss) with the same architecture.
+        filter_loss_weight: weight of the filter loss that `loss_terms()` hands to the trainer; the default 0.1
+            is only a starting point (a tiny model trained from scratch keeps its filters alive with it and loses
+            most of them with 1-10); tune it per backbone and data set.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        *,
+        feature_channels: int | None = None,
+        in_chans: int = 3,
+        num_filters: int | None = None,
+        kernel_size: int = 3,
+        pool: str = "avg",
+        beta: float = 4.0,
+        tau: float | None = None,
+        alpha: float | None = None,
+        normalizer: str = "constant",
+        momentum: float = 0.9,
+        assignment: str = "running",
+        interpretable: bool = True,
+        filter_loss_weight: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"InterpretableCNN: pool must be one of {POOLS}, got {pool!r}")
+        if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+            raise ValueError(f"InterpretableCNN: in_chans must be a positive int, got {in_chans!r}")
+        if not filter_loss_weight >= 0:
+            raise ValueError(f"InterpretableCNN: filter_loss_weight must be >= 0, got {filter_loss_weight}")
+        channels = _feature_channels(backbone) if feature_channels is None else feature_channels
+        self.backbone = backbone
+        self.in_chans, self.num_classes, self.pool = in_chans, num_classes, pool
+        self.filter_loss_weight = float(filter_loss_weight)
+        self.interpretable_layer = InterpretableConv2d(
+            channels, channels if num_filters is None else num_filters, num_classes, kernel_size,
+            beta=beta, tau=tau, alpha=alpha, normalizer=normalizer, momentum=momentum, assignment=assignment,
+            interpretable=interpretable,
+        )
+        self.num_filters = self.interpretable_layer.num_filters
+        self.head = nn.Linear(self.num_filters, num_classes)
+
+    # ------------------------------------------------------------------ forward
+    def top_features(self, x: Tensor) -> Tensor:
+        """The backbone's top feature map `(B, C, H, W)`."""
+        out = self.backbone(x)
+        if isinstance(out, dict):
+            out = list(out.values())
+        if isinstance(out, list | tuple):
+            out = out[-1]
+        if not isinstance(out, Tensor) or out.dim() != 4:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise RuntimeError(f"{type(self).__name__}: the backbone must return a (B, C, H, W) map, got {shape}")
+        return out
+
+    def _pooled(self, masked: Tensor) -> Tensor:
+        return masked.mean(dim=(2, 3)) if self.pool == "avg" else masked.amax(dim=(2, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`(B, in_chans, H_in, W_in) -> (B, num_classes)` logits."""
+        x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
+        masked = self.interpretable_layer(self.top_features(x))
+        return self.head(self._pooled(masked))
+
+    # ------------------------------------------------------------------ training
+    def loss_terms(self) -> list[FilterLossTerm]:
+        """The filter loss as an extra training term (none for the baseline or with weight 0)."""
+        if not self.interpretable_layer.interpretable or self.filter_loss_weight == 0:
+            return []
+        return [FilterLossTerm(self.interpretable_layer, self.filter_loss_weight)]
+
+    def filter_loss(self, labels: Tensor) -> Tensor:
+        """The filter loss of the last forward pass (see `InterpretableConv2d.filter_loss`)."""
+        return self.interpretable_layer.filter_loss(labels)
+
+    @property
+    def filter_classes(self) -> Tensor:
+        """`(M,)` the class each interpretable filter is assigned to."""
+        return self.interpretable_layer.filter_classes
+
+    # ------------------------------------------------------------------ explanation
+    def explain(self, x: Tensor) -> Explanation:
+        """Logits split exactly over input pixels through the interpretable filters.
+
+        Returns:
+            An `Explanation` with attributions `(B, H_in, W_in, num_classes)` (player axes height, width),
+            base = the head's bias, output = the logits (local accuracy holds exactly) and `extras`:
+
+            * `part_locations` `(B, M, 2)`: each filter's peak as input pixel (row, col), the centre of the
+              block its peak cell covers (the inferred part location);
+            * `peak_activations` `(B, M)`: each filter's peak activation;
+            * `filter_classes` `(B, M)`: the class each filter is assigned to (the same row for every sample);
+            * `filter_contributions` `(B, M, num_classes)`: `W[c, f] pool_f`, which sums over filters to
+              `output - base`;
+            * `masked_maps` `(B, M, H, W)`: the masked filter maps.
+        """
+        x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
+        masked = self.interpretable_layer(self.top_features(x))
+        peaks = self.interpretable_layer.last_peaks
+        pooled = self._pooled(masked)
+        logits = self.head(pooled)
+        batch, filters, height, width = masked.shape
+        in_height, in_width = x.shape[-2:]
+        if height > in_height or width > in_width:
+            raise RuntimeError(f"{type(self).__name__}.explain: the top map ({height}x{width}) is larger than the "
+                               f"input ({in_height}x{in_width}); cannot share cells among pixels")
+        if self.pool == "avg":
+            cell_values = masked / (height * width)
+        else:  # the whole pooled value sits on the peak cell
+            peak_cell = peaks[..., 0] * width + peaks[..., 1]
+            cell_values = torch.zeros_like(masked).flatten(2)
+            cell_values = cell_values.scatter(2, peak_cell[..., None], pooled[..., None])
+            cell_values = rearrange(cell_values, "b m (h w) -> b m h w", h=height)
+        weight = self.head.weight
+        cell_attributions = torch.einsum("bmhw,cm->bhwc", cell_values, weight)
+        share_rows = _share_matrix(in_height, height, x)
+        share_cols = _share_matrix(in_width, width, x)
+        attributions = torch.einsum("ih,bhwc,jw->bijc", share_rows, cell_attributions, share_cols)
+        feature_size, input_size = (height, width), (in_height, in_width)
+        extras = {
+            "part_locations": feature_to_pixel(peaks, feature_size, input_size).to(x.dtype),
+            "peak_activations": masked.flatten(2).amax(dim=-1),
+            "filter_classes": self.filter_classes.expand(batch, filters),
+            "filter_contributions": pooled[:, :, None] * weight.T[None],
+            "masked_maps": masked,
+        }
+        return Explanation(
+            attributions=attributions,
+            base=self.head.bias.expand(batch, -1),
+            output=logits,
+            reference=None,
+            player_axes=("height", "width"),
+            exact=False,
+            method=type(self).__name__,
+            extras=extras,
+        )
+
+
+def _share_matrix(pixels: int, cells: int, like: Tensor) -> Tensor:
+    """`(pixels, cells)`: pixel `i` belongs to cell `floor(i cells / pixels)`; each column sums to 1."""
+    owner = torch.arange(pixels, device=like.device) * cells // pixels
+    share = F.one_hot(owner, cells).to(like.dtype)
+    return share / share.sum(dim=0, keepdim=True)
+
+
+def _feature_channels(backbone: nn.Module) -> int:
+    info = getattr(backbone, "feature_info", None)
+    if info is not None and callable(getattr(info, "channels", None)):
+        channels = info.channels()
+        return int(channels[-1] if isinstance(channels, list | tuple) else channels)
+    if isinstance(getattr(backbone, "out_channels", None), int):
+        return backbone.out_channels
+    raise ValueError(
+        f"InterpretableCNN: cannot tell how many channels the backbone {type(backbone).__name__} outputs; pass "
+        "feature_channels=... (timm features_only models and modules with an `out_channels` int are read directly)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- metric
+def location_instability(
+    part_locations: Tensor,
+    landmarks: Tensor,
+    image_size: Sequence[int],
+    activations: Tensor | None = None,
+    *,
+    top_k: int = 100,
+    valid: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """The paper's location instability of filters' inferred parts w.r.t. annotated landmarks (lower is better).
+
+    For every filter: take its `top_k` images by peak activation (all images when `activations` is None),
+    compute the distance from the filter's part location to each landmark in each of those images, take the
+    standard deviation of that distance across the images (with Bessel's correction, as MATLAB's `std` in
+    the released `getDistSqrtVar.m`), average over landmarks and divide by the image diagonal.
+
+    Args:
+        part_locations: `(N, M, 2)` each filter's inferred part location (row, col) in each image, pixels.
+        landmarks: `(N, K, 2)` annotated landmarks (row, col) in the same pixels; NaN marks a missing one.
+        image_size: `(H, W)` of the images, for the diagonal.
+        activations: `(N, M)` peak activation of each filter in each image, to pick its top images.
+        top_k: images per filter (the paper: 100); fewer when fewer are available.
+        valid: `(N, M)` bool: which images may count for which filter (e.g. the images of its class, whose
+            landmarks are its parts); default all.
+        reduction: `"mean"` over filters (NaN-aware; filters with fewer than two usable images are skipped)
+            or `"none"` for `(M,)`.
+
+    Raises:
+        ValueError: mismatched shapes, a bad `image_size`, `top_k < 2` or an unknown reduction.
+    """
+    if part_locations.dim() != 3 or part_locations.shape[-1] != 2:
+        raise ValueError(f"location_instability: part_locations must be (N, M, 2), got {tuple(part_locations.shape)}")
+    n_images, n_filters, _ = part_locations.shape
+    if landmarks.dim() != 3 or landmarks.shape[0] != n_images or landmarks.shape[-1] != 2:
+        raise ValueError(f"location_instability: landmarks must be ({n_images}, K, 2), got {tuple(landmarks.shape)}")
+    if activations is not None and activations.shape != (n_images, n_filters):
+        raise ValueError(f"location_instability: activations must be ({n_images}, {n_filters}), "
+                         f"got {tuple(activations.shape)}")
+    if valid is not None and valid.shape != (n_images, n_filters):
+        raise ValueError(f"location_instability: valid must be ({n_images}, {n_filters}), got {tuple(valid.shape)}")
+    if len(image_size) != 2 or min(image_size) <= 0:
+        raise ValueError(f"location_instability: image_size must be (H, W) > 0, got {tuple(image_size)}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 2:
+        raise ValueError(f"location_instability: top_k must be an int >= 2 (a spread needs two images), got {top_k!r}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"location_instability: reduction must be 'mean' or 'none', got {reduction!r}")
+
+    dtype = torch.promote_types(part_locations.dtype, torch.float32)
+    locations, landmarks = part_locations.to(dtype), landmarks.to(dtype=dtype, device=part_locations.device)
+    score = torch.zeros(n_images, n_filters, dtype=dtype) if activations is None else activations.detach().to(dtype)
+    score = score.to(locations.device)
+    usable = torch.ones_like(score, dtype=torch.bool) if valid is None else valid.to(locations.device).bool()
+    score = score.masked_fill(~usable, float("-inf"))
+    k = min(top_k, n_images)
+    top = score.topk(k, dim=0).indices                                             # (k, M)
+    chosen = usable.gather(0, top)                                                 # (k, M)
+    top_locations = locations.gather(0, top[..., None].expand(k, n_filters, 2))   # (k, M, 2)
+    top_landmarks = landmarks[top]                                                 # (k, M, K, 2)
+    distance = (top_locations[:, :, None, :] - top_landmarks).norm(dim=-1)        # (k, M, K)
+    present = distance.isfinite() & chosen[..., None]
+    count = present.sum(dim=0)                                                     # (M, K)
+    filled = distance.nan_to_num(0.0) * present
+    mean = filled.sum(dim=0) / count.clamp(min=1)
+    variance = (((distance.nan_to_num(0.0) - mean) ** 2) * present).sum(dim=0) / (count - 1).clamp(min=1)
+    spread = torch.where(count >= 2, variance.sqrt(), torch.full_like(variance, float("nan")))
+    diagonal = math.hypot(float(image_size[0]), float(image_size[1]))
+    per_filter = spread.nanmean(dim=1) / diagonal                                  # (M,)
+    return per_filter.nanmean() if reduction == "mean" else per_filter
+
+
+def _check_positive_size(height: int, width: int, who: str) -> None:
+    if min(height, width) < 1:
+        raise ValueError(f"{who}: map size must be positive, got {height}x{width}")
