@@ -62,6 +62,13 @@ def explanation_fidelity(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
             moved[:, j] = reference[j].reshape(moved[:, j].shape[1:]) if moved.dim() == 3 else reference[j, 0]
             worst = max(worst, model64.explain(moved).attributions[:, j].abs().max().item())
         result["missingness_residual"] = worst
+    elif reference is not None and expl.player_axes == ("height", "width"):
+        # Missingness for images: move a random tenth of the pixels (all channels) to the reference.
+        H, W = x.shape[-2:]
+        pixels = torch.rand(H, W, generator=torch.Generator().manual_seed(0)) < 0.1
+        moved = torch.where(pixels, reference.view(-1, 1, 1), x)
+        result["missingness_residual"] = model64.explain(moved).attributions[:, pixels].abs().max().item()
+        result["missingness_pixels"] = int(pixels.sum())
     players = expl.num_players
     if expl.player_axes == ("feature",) and reference is not None:
         # A game of more than ORACLE_MAX_PLAYERS players is out of the oracle's reach. Keep a random subset U of
