@@ -308,7 +308,10 @@ def raw_values(info: DatasetInfo, x: torch.Tensor | np.ndarray) -> list[float | 
     values = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
     if values.shape != tuple(info.input_shape):
         raise ValueError(f"raw_values: expected one sample of shape {tuple(info.input_shape)}, got {values.shape}")
-    raw = values * np.asarray(record["std"]) + np.asarray(record["mean"])
+    std = np.asarray(record["std"])
+    raw = values * std + np.asarray(record["mean"])
+    # Model inputs are float32: undoing the standardisation leaves residues of ~1e-7 * std; show those as 0.
+    raw = np.where(np.abs(raw) < std * 2.0**-20, 0.0, raw)
     categories = info.preprocessing.get("categories", {})
     names = info.feature_names or [str(j) for j in range(len(raw))]
     out: list[float | str] = []
