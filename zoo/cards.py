@@ -113,6 +113,10 @@ def model_info(name_or_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+def _as_list(value: Any) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else [str(v) for v in value]
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return NOT_RECORDED
@@ -252,6 +256,7 @@ def render_model_card(info: Mapping[str, Any]) -> str:
         "",
         f"**Test accuracy:** {_fmt(test_accuracy)}",
         "",
+        *(f"**Note:** {note}\n" for note in _as_list((info.get("extra") or {}).get("notes"))),
         _table({k: v for k, v in metrics.items() if k != "test_accuracy"}) if len(metrics) > 1 else "",
         "## Explanation fidelity",
         "",
