@@ -356,9 +356,20 @@ class ShapleyModuleBank(nn.Module):
         """Layer `layer`'s bias `(G, width)`, or None (the output layer without `output_bias`)."""
         return self.biases[layer] if layer < len(self.biases) else None
 
-    def _at_reference(self, shape_like: Tensor) -> Tensor:
+    def _first_layer_weight(self) -> Tensor:
+        return rearrange(self.weights[0], "g (k c) h -> g k c h", k=self.num_players)
+
+    def _at_reference(self, like: Tensor, reference: Tensor | None = None) -> Tensor:
+        """The first layer's pre-activation at the reference: `(G, h_1)`, or `(..., G, h_1)` for a batched one."""
         b = self.bias(0)
-        return b if b is not None else shape_like.new_zeros(self.num_groups, self.weights[0].shape[-1])
+        at_reference = b if b is not None else like.new_zeros(self.num_groups, self.weights[0].shape[-1])
+        if reference is None:
+            return at_reference
+        if reference.dim() < 3:
+            raise ValueError(f"reference must be (..., G, k, C), got shape {tuple(reference.shape)}")
+        players = (self.num_groups, self.num_players, self.in_channels)
+        ref = reference.to(like.dtype).expand(*reference.shape[:-3], *players)
+        return at_reference + torch.einsum("...gkc,gkch->...gh", ref, self._first_layer_weight())
 
     def _rest(self, h: Tensor) -> Tensor:
         """Layers after the first one, on `(..., G, h_1)` pre-activations."""
@@ -385,14 +396,8 @@ class ShapleyModuleBank(nn.Module):
                 `None` means zero.
         """
         k = self.num_players
-        w1 = rearrange(self.weights[0], "g (k c) h -> g k c h", k=k)
-        at_reference = self._at_reference(delta)
-        if reference is not None:
-            if reference.dim() < 3:
-                raise ValueError(f"reference must be (..., G, k, C), got shape {tuple(reference.shape)}")
-            ref = reference.to(delta.dtype).expand(*reference.shape[:-3], self.num_groups, k, self.in_channels)
-            at_reference = at_reference + torch.einsum("...gkc,gkch->...gh", ref, w1)
-        projected = torch.einsum("...gkc,gkch->...gkh", delta, w1)
+        at_reference = self._at_reference(delta, reference)
+        projected = torch.einsum("...gkc,gkch->...gkh", delta, self._first_layer_weight())
         pre = torch.einsum("tk,...gkh->t...gh", coalition_masks(k, delta.device, delta.dtype), projected)
         pre += at_reference  # in place: this is the largest tensor of the computation
         return self._rest(pre)
@@ -451,14 +456,10 @@ class ShapleyModuleBank(nn.Module):
             self._count(n * G, n * G * 2**k, 0, 0)
             return shapley_from_values(values, k), values[0], values[-1]
 
-        w1 = rearrange(self.weights[0], "g (k c) h -> g k c h", k=k)
+        w1 = self._first_layer_weight()
         # Pre-activation at the reference: per group when the reference has no batch axes (every use here), else
         # per instance.
-        at_reference = self._at_reference(flat)  # (G, h)
-        if reference is not None:
-            ref = reference.to(delta.dtype)
-            ref = ref.expand(*ref.shape[:-3], G, k, C)
-            at_reference = at_reference + torch.einsum("...gkc,gkch->...gh", ref, w1)
+        at_reference = self._at_reference(flat, reference)
         per_instance = at_reference.dim() > 2
         if per_instance:
             at_reference = at_reference.expand(*batch, G, -1).reshape(n * G, -1)
