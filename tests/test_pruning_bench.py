@@ -205,7 +205,7 @@ def test_finetune_configs_match_conv_mnist_and_train_from_a_start_point(name: st
     assert tuned["optim"]["lr"] < base["optim"]["lr"]
     start = tmp_path_factory.getbasetemp() / "conv_mnist_start"
     if not (start / "last.pt").is_file():
-        _one_step(ROOT / "configs" / "conv_mnist.yaml", start)
+        _one_step(ROOT / "configs" / "conv_mnist_stage1.yaml", start)
     out = tmp_path_factory.mktemp(name)
     result = _one_step(ROOT / "configs" / f"{name}.yaml", out, f"model.init_from={start}")
     assert result["steps"] == 1

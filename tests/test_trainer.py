@@ -208,6 +208,46 @@ def test_model_provided_loss_terms_are_included(tmp_path: Path, monkeypatch) -> 
     assert "train_mean_abs_phi" in read_csv(Path(result["output_dir"]) / "metrics.csv")[0]
 
 
+class _HingeFromExtras:
+    """Replaces the cross-entropy and reads what `forward_train` put in the step's extras (as CapsNet's terms do)."""
+
+    name, weight, needs_explanation, needs_layers, replaces_cross_entropy = "hinge", 1.0, False, False, True
+
+    def __init__(self) -> None:
+        self.seen_targets: list[Tensor] = []
+
+    def __call__(self, out: StepOutput, target: Tensor) -> Tensor:
+        self.seen_targets.append(out.extras["target_seen"])
+        true_score = out.logits.gather(1, target[:, None])
+        return torch.relu(1.0 - true_score + out.logits).mean()
+
+
+def test_forward_train_extras_reach_the_terms_and_a_term_can_replace_the_cross_entropy(
+        tmp_path: Path, monkeypatch) -> None:
+    from training.losses import ModelStep, Objective
+
+    def forward_train(self, x: Tensor, target: Tensor) -> tuple[Tensor, dict]:
+        return self(x), {"target_seen": target}
+
+    monkeypatch.setattr(ShallowShapNet, "forward_train", forward_train, raising=False)
+    term = _HingeFromExtras()
+    net = ShallowShapNet(D, 2, hidden=(8,))
+    objective = Objective([term])
+    x, y = torch.randn(6, D), torch.tensor([0, 1, 1, 0, 1, 0])
+    out = objective.forward(ModelStep(net), x, y)
+    total, parts = objective(out, y)
+    assert torch.equal(term.seen_targets[-1], y)
+    assert total.item() == pytest.approx(parts["hinge"].item())       # no cross-entropy in the total ...
+    assert parts["ce"].item() > 0                                      # ... but still logged
+    # Without the target (evaluation), the plain forward runs.
+    assert objective.forward(ModelStep(net), x).extras == {}
+    with pytest.raises(ConfigError, match="only one loss term can replace the cross-entropy"):
+        Objective([_HingeFromExtras(), _HingeFromExtras()])
+    monkeypatch.setattr(ShallowShapNet, "loss_terms", lambda self: [term], raising=False)
+    result = train(toy_config(tmp_path, "train.epochs=1"), data=toy_bundle())
+    assert len(term.seen_targets) > result["steps"] > 0
+
+
 def test_loss_term_errors(tmp_path: Path, registered_term) -> None:
     with pytest.raises(ConfigError, match=r"unknown loss term 'nope' \(registered: .*mean_abs_phi"):
         train(toy_config(tmp_path, "loss.terms=[{name: nope}]"), data=toy_bundle())

@@ -9,7 +9,11 @@ A loss term is any object with `name`, `weight`, `needs_explanation`, `needs_lay
   objective has its own parts).
 
 When any term needs the explanation, the step calls `model.explain(x)` instead of `model(x)` and uses
-`explanation.output` as the logits, so the network runs once either way. `ModelStep` is that forward as an
+`explanation.output` as the logits, so the network runs once either way. A model whose training forward needs the
+labels or returns more than logits (CapsNet: the reconstruction masked by the true class) has
+`forward_train(x, target) -> (logits, extras)`; the step calls it and the terms read `StepOutput.extras`. A term
+with `replaces_cross_entropy = True` (CapsNet's margin loss) takes the cross-entropy's place in the total; the
+cross-entropy is still logged, for comparison across models. `ModelStep` is that forward as an
 `nn.Module`, so that DistributedDataParallel can wrap it and see the whole computation.
 """
 
@@ -131,18 +135,25 @@ class ModelStep(nn.Module):
         super().__init__()
         self.model = model
         self.explain_takes_layers = _explain_accepts_layers(model)
+        self.has_forward_train = callable(getattr(model, "forward_train", None))
 
-    def forward(self, x: Tensor, need_explanation: bool = False, layers: bool = False
-                ) -> tuple[Tensor, Explanation | None]:
+    def forward(self, x: Tensor, need_explanation: bool = False, layers: bool = False, target: Tensor | None = None
+                ) -> tuple[Tensor, Explanation | None, dict[str, Any]]:
+        if self.has_forward_train and target is not None:
+            if need_explanation:
+                raise TypeError(f"{type(self.model).__name__} trains through forward_train(x, target); explanation "
+                                "penalties are not supported for it")
+            logits, extras = self.model.forward_train(x, target)
+            return logits, None, dict(extras)
         if not need_explanation:
-            return self.model(x), None
+            return self.model(x), None, {}
         if not hasattr(self.model, "explain"):
             raise TypeError(f"a loss term needs explanations but {type(self.model).__name__} has no explain()")
         if layers and not self.explain_takes_layers:
             raise TypeError(f"a loss term needs per-layer explanations but {type(self.model).__name__}.explain() "
                             "has no `layers` argument")
         explanation = self.model.explain(x, layers=True) if layers else self.model.explain(x)
-        return explanation.output, explanation
+        return explanation.output, explanation, {}
 
 
 class Objective:
@@ -158,21 +169,25 @@ class Objective:
         self.label_smoothing = label_smoothing
         self.needs_explanation = any(t.needs_explanation or t.needs_layers for t in self.terms)
         self.needs_layers = any(t.needs_layers for t in self.terms)
+        replacing = [t.name for t in self.terms if getattr(t, "replaces_cross_entropy", False)]
+        if len(replacing) > 1:
+            raise ConfigError(f"only one loss term can replace the cross-entropy, got {replacing}")
+        self.uses_cross_entropy = not replacing
 
     @property
     def part_names(self) -> list[str]:
         """Names of the logged parts: `loss` (total), `ce`, then one per term."""
         return ["loss", "ce", *[t.name for t in self.terms]]
 
-    def forward(self, step: nn.Module, x: Tensor) -> StepOutput:
-        """Run `step` (a `ModelStep`, possibly wrapped in DDP or compiled) once."""
-        logits, explanation = step(x, self.needs_explanation, self.needs_layers)
-        return StepOutput(logits=logits, explanation=explanation)
+    def forward(self, step: nn.Module, x: Tensor, target: Tensor | None = None) -> StepOutput:
+        """Run `step` (a `ModelStep`, possibly wrapped in DDP or compiled) once; `target` reaches `forward_train`."""
+        logits, explanation, extras = step(x, self.needs_explanation, self.needs_layers, target)
+        return StepOutput(logits=logits, explanation=explanation, extras=extras)
 
     def __call__(self, out: StepOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The total loss and its detached parts (unweighted term values, for logging)."""
         ce = F.cross_entropy(out.logits.float(), target, label_smoothing=self.label_smoothing)
-        total = ce
+        total = ce if self.uses_cross_entropy else ce.new_zeros(())
         parts = {"ce": ce.detach()}
         for term in self.terms:
             value = term(out, target)

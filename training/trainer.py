@@ -582,7 +582,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
             for x, y in _progress(train_loader, steps_per_epoch - batch_in_epoch, show_progress, f"epoch {epoch + 1}"):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast():
-                    out_step = objective.forward(step_module, x)
+                    out_step = objective.forward(step_module, x, y)
                     loss, values = objective(out_step, y)
                 if all_reduce_flag(not bool(torch.isfinite(loss)), device):
                     raise _diverged(f"non-finite loss ({float(loss.detach())})", epoch, step, out)
