@@ -149,10 +149,12 @@ def test_cli_export(exported, tmp_path: Path, capsys) -> None:
     architecture, run, _ = exported
     out = tmp_path / "cli_export"
     assert main(["--quiet", "export", str(run), "--name", architecture, "--out", str(out),
-                 "--fidelity-samples", "2"]) == 0
+                 "--fidelity-samples", "2", "--note", "two stages", "--note", "on CPU"]) == 0
     assert f"exported {architecture} to {out}" in capsys.readouterr().out
     assert zoo.read_config(out)["fidelity"]["samples"] == 2
-    assert (out / "README.md").is_file()
+    assert zoo.read_config(out)["notes"] == ["two stages", "on CPU"]
+    card = (out / "README.md").read_text()
+    assert "**Note:** two stages" in card and "**Note:** on CPU" in card
 
 
 def test_exporting_what_is_not_a_run_exits_2_with_one_line(exported, tmp_path: Path, capsys) -> None:

@@ -312,7 +312,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     try:
         out = export_to_zoo(args.source, args.name, args.out, data_root=args.data_root,
-                            fidelity_samples=args.fidelity_samples)
+                            fidelity_samples=args.fidelity_samples, notes=args.note)
     except (KeyError, ValueError, TypeError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise UserError(f"export {args.source!r}: {message}") from e
@@ -374,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="weights folder (default: zoo/weights/<name>)")
     p.add_argument("--data-root", default=None, help="folder holding the raw data (default: $SHAPNETS_DATA)")
     p.add_argument("--fidelity-samples", type=int, default=16, help="test samples used for the fidelity numbers")
+    p.add_argument("--note", action="append", default=None,
+                   help="a note for config.json and the model card (repeatable), e.g. how the run deviates")
     p.set_defaults(func=_cmd_export)
 
     p = commands.add_parser("zoo", help="list and describe registered models")

@@ -111,8 +111,11 @@ def export_to_zoo(
     *,
     data_root: str | None = None,
     fidelity_samples: int = 16,
+    notes: list[str] | None = None,
 ) -> Path:
     """Export a run (folder or .pt checkpoint) as zoo weights + card; returns the weights folder.
+
+    `notes` go into config.json (`notes`) and onto the card, one "**Note:**" line each.
 
     Raises:
         UserError (from the CLI helpers): the source cannot be loaded or has no data information.
@@ -160,6 +163,8 @@ def export_to_zoo(
             "torch": torch.__version__,
         },
     }
+    if notes:
+        metadata["notes"] = list(notes)
     out = Path(out_dir) if out_dir is not None else shipped_dir(name)
     model_args = getattr(loaded.model, "model_args", None)
     zoo.save_pretrained(loaded.model, out, metadata=metadata, model_args=model_args, architecture=name)
