@@ -111,12 +111,14 @@ def _shipped_file(name: str) -> str | None:
 
 
 def _tabular_cfg(
-    name: str, dataset: str, num_features: int, num_classes: int, explanation: str, **kwargs: Any
+    name: str, dataset: str, num_features: int, num_classes: int, explanation: str, description: str | None = None,
+    **kwargs: Any
 ) -> ShapNetCfg:
     kind = "Shallow" if name.startswith("shapnet_shallow") else "Deep"
     return _cfg(
         file=_shipped_file(name),
-        description=f"{kind} ShapNet for {dataset.split(',')[0]}: {num_features} features, {num_classes} classes",
+        description=description or f"{kind} ShapNet for {dataset.split(',')[0]}: {num_features} features, "
+                                   f"{num_classes} classes",
         input_size=(num_features,),
         num_classes=num_classes,
         dataset=dataset,
@@ -127,6 +129,25 @@ def _tabular_cfg(
         reference="zeros in standardized space (the training mean of every feature)",
         explanation=explanation,
         **kwargs,
+    )
+
+
+def _mnist_conv_cfg(name: str, description: str) -> ShapNetCfg:
+    return _cfg(
+        file=_shipped_file(name),
+        description=f"{description}: 1x28x28 images, 10 classes",
+        input_size=(1, 28, 28),
+        num_classes=10,
+        mean=(0.1307,),
+        std=(0.3081,),
+        dataset=_MNIST,
+        preprocessing="pixels scaled to [0, 1] (uint8 / 255), then normalized with mean 0.1307 and std 0.3081",
+        num_players=28 * 28,
+        players="one player per pixel",
+        player_axes=("height", "width"),
+        reference="a black pixel after normalization, (0 - 0.1307) / 0.3081: the background",
+        explanation=_LAYERWISE,
+        label_names=tuple(str(d) for d in range(10)),
     )
 
 
@@ -176,21 +197,13 @@ default_cfgs = generate_default_cfgs(
         "shapnet_deep_adult": _tabular_cfg(
             "shapnet_deep_adult", _ADULT, 12, 2, _LAYERWISE, label_names=("<=50K", ">50K")
         ),
-        "shapnet_conv_mnist": _cfg(
-            file=_shipped_file("shapnet_conv_mnist"),
-            description="Convolutional ShapNet for MNIST: 1x28x28 images, 10 classes",
-            input_size=(1, 28, 28),
-            num_classes=10,
-            mean=(0.1307,),
-            std=(0.3081,),
-            dataset=_MNIST,
-            preprocessing="pixels scaled to [0, 1] (uint8 / 255), then normalized with mean 0.1307 and std 0.3081",
-            num_players=28 * 28,
-            players="one player per pixel",
-            player_axes=("height", "width"),
-            reference="a black pixel after normalization, (0 - 0.1307) / 0.3081: the background",
-            explanation=_LAYERWISE,
-            label_names=tuple(str(d) for d in range(10)),
+        "shapnet_deep_yeast_l1": _tabular_cfg(
+            "shapnet_deep_yeast_l1", _YEAST, 8, 10, _LAYERWISE,
+            description="Deep ShapNet for UCI Yeast fine-tuned with L1 sparsity on every layer: 8 features, 10 classes",
+        ),
+        "shapnet_conv_mnist": _mnist_conv_cfg("shapnet_conv_mnist", "Convolutional ShapNet for MNIST"),
+        "shapnet_conv_mnist_l1": _mnist_conv_cfg(
+            "shapnet_conv_mnist_l1", "Convolutional ShapNet for MNIST fine-tuned with L1 sparsity on its explanation"
         ),
     }
 )
@@ -205,8 +218,11 @@ VARIANT_DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
     "shapnet_deep_yeast": ("shapnet_deep", dict(in_features=8, num_classes=10, channels=32, hidden=(32,))),
     "shapnet_shallow_adult": ("shapnet_shallow", dict(in_features=12, out_features=2, groups="pairs", hidden=(32,))),
     "shapnet_deep_adult": ("shapnet_deep", dict(in_features=12, num_classes=2, channels=32, hidden=(32,))),
+    "shapnet_deep_yeast_l1": ("shapnet_deep", dict(in_features=8, num_classes=10, channels=32, hidden=(32,))),
     "shapnet_conv_mnist": ("shapnet_conv", dict(in_chans=1, num_classes=10, channels=(16, 16, 16, 16), hidden=(32,),
                                                 reference=-0.1307 / 0.3081)),
+    "shapnet_conv_mnist_l1": ("shapnet_conv", dict(in_chans=1, num_classes=10, channels=(16, 16, 16, 16),
+                                                   hidden=(32,), reference=-0.1307 / 0.3081)),
 }
 
 
@@ -387,6 +403,12 @@ def shapnet_deep_yeast(pretrained: bool = False, **kwargs: Any) -> DeepShapNet:
 
 
 @register_model
+def shapnet_deep_yeast_l1(pretrained: bool = False, **kwargs: Any) -> DeepShapNet:
+    """shapnet_deep_yeast fine-tuned with L1 sparsity on every layer (configs/finetune_deep_yeast_l1.yaml)."""
+    return _create("shapnet_deep_yeast_l1", pretrained, kwargs)
+
+
+@register_model
 def shapnet_shallow_adult(pretrained: bool = False, **kwargs: Any) -> ShallowShapNet:
     """Shallow ShapNet (all feature pairs) for Adult / Census Income: 12 features, 2 classes."""
     return _create("shapnet_shallow_adult", pretrained, kwargs)
@@ -402,3 +424,9 @@ def shapnet_deep_adult(pretrained: bool = False, **kwargs: Any) -> DeepShapNet:
 def shapnet_conv_mnist(pretrained: bool = False, **kwargs: Any) -> ConvShapNet:
     """Convolutional ShapNet for MNIST: 1x28x28 in [0, 1], 5 stages of 2x2 dilated patches, 10 classes."""
     return _create("shapnet_conv_mnist", pretrained, kwargs)
+
+
+@register_model
+def shapnet_conv_mnist_l1(pretrained: bool = False, **kwargs: Any) -> ConvShapNet:
+    """shapnet_conv_mnist fine-tuned with L1 sparsity on its explanation (configs/finetune_conv_mnist_l1_final.yaml)."""
+    return _create("shapnet_conv_mnist_l1", pretrained, kwargs)
