@@ -100,8 +100,8 @@ def plot_filters(result: dict, label: str, path: Path, filters: int, images: int
     per_filter = result["_per_filter"].masked_fill(result["_dead"], float("inf")).nan_to_num(float("inf"))
     chosen = per_filter.argsort()[:filters].tolist()
     peaks = result["_out"]["peaks"].masked_fill(~result["_valid"], float("-inf"))
-    mean = torch.tensor(PARTS_MEAN).view(3, 1, 1)
-    std = torch.tensor(PARTS_STD).view(3, 1, 1)
+    mean = torch.as_tensor(PARTS_MEAN).reshape(-1, 1, 1)
+    std = torch.as_tensor(PARTS_STD).reshape(-1, 1, 1)
     fig, axes = plt.subplots(len(chosen), images, figsize=(1.6 * images, 1.7 * len(chosen)), squeeze=False)
     for row, f in enumerate(chosen):
         top = peaks[:, f].topk(images).indices.tolist()

@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 ARCHITECTURES.update(icnn_models.ICNN_ARCHITECTURES)  # the hub rebuilds icnn_* checkpoints through this table
+VARIANT_DEFAULTS.update(icnn_models.ICNN_VARIANT_DEFAULTS)  # trained icnn_* variants: listed, shipped, rebuilt
 _ZOO_NAMES = tuple(sorted([*ARCHITECTURES, *VARIANT_DEFAULTS]))
 
 

@@ -19,7 +19,11 @@ model, which it loads after building. The path is used while building only: the 
 hold `backbone_checkpoint_path=None`, so a saved ICNN rebuilds from its own weights without the file.
 
 `pretrained=True` loads weights of the whole ICNN, from `pretrained_cfg_overlay=dict(file=<folder or
-.safetensors>)` or from the package's `zoo/weights/<name>/` (none ship yet), hash-checked by `zoo.hub`.
+.safetensors>)` or from the package's `zoo/weights/<name>/`, hash-checked by `zoo.hub`. Trained variants (their
+architecture in `ICNN_VARIANT_DEFAULTS`, trained by `configs/<...>.yaml`):
+
+* `icnn_vgg_small_parts`: the synthetic parts data (4 classes of 3-part objects, 64x64; `configs/icnn_parts.yaml`);
+* `icnn_vgg_small_mnist`: MNIST (`configs/icnn_mnist.yaml`).
 """
 
 from __future__ import annotations
@@ -37,9 +41,16 @@ from shapnets.icnn import InterpretableCNN
 
 from ._args import full_model_args
 from ._paths import WEIGHTS_NAME, shipped_dir
-from .shapnets_models import ShapNetCfg, resolve_cfg
+from .shapnets_models import ShapNetCfg, _shipped_file, _weights_location, resolve_cfg
 
-__all__ = ["ICNN_ARCHITECTURES", "LOCAL_BACKBONES", "TimmInterpretableCNN", "VGGSmallFeatures", "build_backbone"]
+__all__ = [
+    "ICNN_ARCHITECTURES",
+    "ICNN_VARIANT_DEFAULTS",
+    "LOCAL_BACKBONES",
+    "TimmInterpretableCNN",
+    "VGGSmallFeatures",
+    "build_backbone",
+]
 
 PAPER = "Interpretable Convolutional Neural Networks (Zhang, Wu, Zhu, CVPR 2018)"
 PAPER_ID = "arXiv:1710.00935"
@@ -218,6 +229,29 @@ default_cfgs = generate_default_cfgs(
         "icnn_resnet18": _cfg("Interpretable CNN on ResNet-18, any image size"),
         "icnn_resnet34": _cfg("Interpretable CNN on ResNet-34, any image size"),
         "icnn_timm": _cfg("Interpretable CNN on any timm CNN (pass backbone=<timm name>)"),
+        "icnn_vgg_small_parts": _cfg(
+            "Interpretable CNN (small VGG) for the synthetic parts data: 3x64x64 images, 4 classes",
+            file=_shipped_file("icnn_vgg_small_parts"),
+            input_size=(3, 64, 64),
+            num_classes=4,
+            mean=(0.19, 0.19, 0.19),
+            std=(0.15, 0.15, 0.15),
+            dataset=("synthetic parts (training.data.parts): 4 classes of 3-part objects with landmarks, clutter, "
+                     "random position and scale; 2,000 train (10% held out for validation) / 500 test images"),
+            preprocessing="pixels scaled to [0, 1], then normalized with mean 0.19 and std 0.15 (every channel)",
+            label_names=("tower", "face", "kite", "cart"),
+        ),
+        "icnn_vgg_small_mnist": _cfg(
+            "Interpretable CNN (small VGG, stride 4) for MNIST: 1x28x28 images, 10 classes",
+            file=_shipped_file("icnn_vgg_small_mnist"),
+            input_size=(1, 28, 28),
+            num_classes=10,
+            mean=(0.1307,),
+            std=(0.3081,),
+            dataset="MNIST, official train (60,000) / test (10,000) split",
+            preprocessing="pixels scaled to [0, 1] (uint8 / 255), then normalized with mean 0.1307 and std 0.3081",
+            label_names=tuple(str(d) for d in range(10)),
+        ),
     }
 )
 
@@ -227,6 +261,17 @@ _DEFAULT_BACKBONES = {
     "icnn_resnet18": "resnet18",
     "icnn_resnet34": "resnet34",
 }
+
+ICNN_VARIANT_DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # Kept in step with configs/icnn_parts.yaml and configs/icnn_mnist.yaml, which train the shipped weights.
+    "icnn_vgg_small_parts": ("icnn_vgg_small", dict(
+        num_classes=4, in_chans=3, num_filters=64, filter_loss_weight=0.1,
+        backbone_args=dict(channels=(16, 32, 64, 128), convs_per_stage=(1, 1, 2, 2)))),
+    "icnn_vgg_small_mnist": ("icnn_vgg_small", dict(
+        num_classes=10, in_chans=1, num_filters=64, filter_loss_weight=0.1,
+        backbone_args=dict(channels=(16, 32, 64), convs_per_stage=(1, 1, 2)))),
+}
+"""Trained variant -> (the entry point it is built like, its documented constructor arguments)."""
 
 ICNN_ARCHITECTURES: dict[str, type[nn.Module]] = {name: TimmInterpretableCNN for name in [*_DEFAULT_BACKBONES,
                                                                                             "icnn_timm"]}
@@ -240,10 +285,19 @@ def _create_icnn(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> Timm
     kwargs.pop("cache_dir", None)  # no download cache: nothing is downloaded
     kwargs.pop("pretrained_model_args", None)  # timm's `local-dir:` copy of model_args, already in kwargs
     cfg = resolve_cfg(variant, pretrained_cfg, overlay)
-    if variant in _DEFAULT_BACKBONES:
-        given = kwargs.setdefault("backbone", _DEFAULT_BACKBONES[variant])
-        if given != _DEFAULT_BACKBONES[variant]:
-            raise ValueError(f"{variant} is built on {_DEFAULT_BACKBONES[variant]!r}, got backbone={given!r}; "
+    base = variant
+    if variant in ICNN_VARIANT_DEFAULTS:
+        # Documented defaults < the shipped config.json < the caller's kwargs, as for the ShapNet variants.
+        from .hub import read_config  # hub imports the registries: a top-level import would be circular
+
+        base, defaults = ICNN_VARIANT_DEFAULTS[variant]
+        shipped = shipped_dir(variant)
+        recorded = read_config(shipped)["model_args"] if (shipped / "config.json").is_file() else {}
+        kwargs = {**defaults, **recorded, **kwargs}
+    if base in _DEFAULT_BACKBONES:
+        given = kwargs.setdefault("backbone", _DEFAULT_BACKBONES[base])
+        if given != _DEFAULT_BACKBONES[base]:
+            raise ValueError(f"{variant} is built on {_DEFAULT_BACKBONES[base]!r}, got backbone={given!r}; "
                              f"use icnn_timm for another backbone")
     elif "backbone" not in kwargs:
         raise TypeError(f"{variant} needs backbone=<timm CNN name>, e.g. backbone='resnet50'")
@@ -256,7 +310,8 @@ def _create_icnn(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> Timm
     if pretrained:
         from .hub import load_weights_into  # hub imports the registries: a top-level import would be circular
 
-        location = Path(cfg.file) if cfg.file else shipped_dir(variant) / WEIGHTS_NAME
+        location = _weights_location(variant, cfg)
+        location = location if location is not None else shipped_dir(variant) / WEIGHTS_NAME
         if not location.exists():
             raise RuntimeError(
                 f"{variant} has no shipped weights (looked in {location}); use pretrained=False, "
@@ -296,3 +351,15 @@ def icnn_resnet34(pretrained: bool = False, **kwargs: Any) -> TimmInterpretableC
 def icnn_timm(pretrained: bool = False, **kwargs: Any) -> TimmInterpretableCNN:
     """Interpretable CNN on any timm CNN: `backbone=<timm name>` plus kwargs of `TimmInterpretableCNN`."""
     return _create_icnn("icnn_timm", pretrained, kwargs)
+
+
+@register_model
+def icnn_vgg_small_parts(pretrained: bool = False, **kwargs: Any) -> TimmInterpretableCNN:
+    """Interpretable CNN trained on the synthetic parts data (configs/icnn_parts.yaml); 3x64x64 in, 4 classes."""
+    return _create_icnn("icnn_vgg_small_parts", pretrained, kwargs)
+
+
+@register_model
+def icnn_vgg_small_mnist(pretrained: bool = False, **kwargs: Any) -> TimmInterpretableCNN:
+    """Interpretable CNN trained on MNIST (configs/icnn_mnist.yaml); 1x28x28 in, 10 classes."""
+    return _create_icnn("icnn_vgg_small_mnist", pretrained, kwargs)
