@@ -1,7 +1,7 @@
 """The checkpoints shipped in zoo/weights: they load by name through the zoo and timm, and what their config.json and
 model card claim (test accuracy, fidelity of the explanations) is reproduced here from the weights and the data.
 
-Parametrized over `zoo.list_models("shapnet_*", pretrained=True)` at collection time: nothing to check (skipped, with
+Parametrized over `zoo.list_models(pretrained=True)` (every family) at collection time: nothing to check (skipped, with
 a message) before any checkpoint is exported. Yeast, Adult and MNIST need the real data (`data_root` fixture).
 The hash-mismatch (tamper) test lives in test_zoo.py.
 """
@@ -21,9 +21,9 @@ from shapnets import ConvShapNet, ShallowShapNet
 from training.data import DataBundle, load_dataset
 from zoo._paths import card_path, shipped_dir
 
-SHIPPED = zoo.list_models("shapnet_*", pretrained=True)
-TABULAR = [n for n in SHIPPED if n != "shapnet_conv_mnist"]
-CONV_MNIST = "shapnet_conv_mnist"
+SHIPPED = zoo.list_models(pretrained=True)
+TABULAR = [n for n in SHIPPED if n.startswith(("shapnet_shallow_", "shapnet_deep_"))]
+IMAGE = [n for n in SHIPPED if n not in TABULAR]
 
 
 def shipped(names: list[str], what: str = "") -> list:
@@ -128,44 +128,44 @@ def test_card_is_shipped_and_describes_these_weights(name: str) -> None:
     assert config["sha256"] in text, f"{card} describes other weights (sha256 differs): regenerate it"
 
 
-# --- the MNIST checkpoint: 10,000 test images take minutes on a CPU, so the default run checks 100 ---------------
-needs_conv = pytest.mark.skipif(CONV_MNIST not in SHIPPED, reason=f"{CONV_MNIST} is not shipped (yet)")
+# --- image models: 10,000 MNIST test images take minutes on a CPU, so the default run checks the first 100 ----------
+@functools.cache
+def _image_model(name: str) -> torch.nn.Module:
+    return zoo.create_model(name, pretrained=True).eval()
 
 
-@pytest.fixture(scope="module")
-def conv_mnist(request: pytest.FixtureRequest) -> tuple[ConvShapNet, dict, DataBundle]:
-    config, bundle = recorded_split(CONV_MNIST, request)
-    return zoo.create_model(CONV_MNIST, pretrained=True).eval(), config, bundle
-
-
-@needs_conv
-def test_conv_mnist_explanations_add_up_to_the_logits(conv_mnist) -> None:
-    model, _, bundle = conv_mnist
+@pytest.mark.parametrize("name", shipped(IMAGE, "image "))
+def test_image_model_explanations_add_up_to_the_logits(name: str, request: pytest.FixtureRequest) -> None:
+    config, bundle = recorded_split(name, request)
     x, _ = stacked(bundle.test, 4)
     with torch.no_grad():
-        expl = copy.deepcopy(model).double().explain(x.double())
-    assert expl.attributions.shape == (4, 28, 28, 10)
+        expl = copy.deepcopy(_image_model(name)).double().explain(x.double())
+    height, width = config["data_info"]["input_shape"][-2:]
+    assert expl.attributions.shape == (4, height, width, config["data_info"]["num_classes"])
     expl.check_local_accuracy(atol=1e-9, rtol=0.0)
+    if isinstance(_image_model(name), ConvShapNet):
+        assert config["fidelity"]["missingness_residual"] < 1e-9
 
 
-@needs_conv
+@pytest.mark.parametrize("name", shipped(IMAGE, "image "))
 @pytest.mark.parametrize("count", [100, pytest.param(500, marks=pytest.mark.slow)])  # 500 images: ~20 s on a CPU
-def test_conv_mnist_accuracy_on_the_first_test_images(conv_mnist, count: int) -> None:
-    """The first `count` test images: within sampling error of the recorded accuracy on all 10,000."""
-    model, config, bundle = conv_mnist
+def test_image_model_accuracy_on_the_first_test_images(name: str, count: int, request: pytest.FixtureRequest) -> None:
+    """The first `count` test images: within sampling error of the recorded accuracy on the whole test split."""
+    config, bundle = recorded_split(name, request)
     x, y = stacked(bundle.test, count)
     recorded = config["metrics"]["test_accuracy"]
-    assert abs(accuracy(model, x, y, batch_size=250) - recorded) <= binomial_tolerance(recorded, count)
+    assert abs(accuracy(_image_model(name), x, y, batch_size=250) - recorded) <= binomial_tolerance(recorded, count)
 
 
-@needs_conv
+@pytest.mark.parametrize("name", shipped(IMAGE, "image "))
 @pytest.mark.slow
-def test_conv_mnist_reproduces_recorded_test_accuracy(conv_mnist) -> None:
-    """All 10,000 test images (about 8 minutes on one busy CPU core)."""
-    model, config, bundle = conv_mnist
+def test_image_model_reproduces_recorded_test_accuracy(name: str, request: pytest.FixtureRequest) -> None:
+    """The whole test split (MNIST: about 8 minutes on one busy CPU core for a Conv ShapNet)."""
+    config, bundle = recorded_split(name, request)
     x, y = stacked(bundle.test)
     assert len(y) == config["metrics"]["test_samples"]
-    assert accuracy(model, x, y, batch_size=500) == pytest.approx(config["metrics"]["test_accuracy"], abs=1e-6)
+    assert accuracy(_image_model(name), x, y, batch_size=500) == pytest.approx(config["metrics"]["test_accuracy"],
+                                                                               abs=1e-6)
 
 
 def test_every_folder_in_zoo_weights_is_a_listed_checkpoint() -> None:
