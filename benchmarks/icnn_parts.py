@@ -91,7 +91,7 @@ def evaluate_source(source: str, data_root: str | None, top_k: int) -> dict:
     }
 
 
-def plot_filters(result: dict, label: str, path: Path, filters: int, images: int) -> None:
+def plot_filters(result: dict, label: str, path: Path, filters: int, images: int, dpi: int = 110) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,7 +119,7 @@ def plot_filters(result: dict, label: str, path: Path, filters: int, images: int
                 ax.set_ylabel(f"filter {f}\n{name}\ninst. {per_filter[f]:.3f}", fontsize=7)
     fig.suptitle(f"{label}: inferred part (circle) of its most stable filters on their top images", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=100, help="top images per filter (the paper: 100)")
     parser.add_argument("--filters", type=int, default=6, help="filters per PNG")
     parser.add_argument("--images", type=int, default=8, help="images per filter in the PNG")
+    parser.add_argument("--dpi", type=int, default=110, help="PNG resolution")
     parser.add_argument("--out", type=Path, default=None, help="folder for icnn_parts.md/.json and the PNGs")
     args = parser.parse_args(argv)
     labels = args.labels or args.sources
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "icnn_parts.json").write_text(json.dumps(public, indent=2))
         for label, r in zip(labels, results):
             slug = "".join(ch if ch.isalnum() else "_" for ch in label).strip("_")
-            plot_filters(r, label, args.out / f"icnn_parts_filters_{slug}.png", args.filters, args.images)
+            plot_filters(r, label, args.out / f"icnn_parts_filters_{slug}.png", args.filters, args.images,
+                         args.dpi)
         print(f"wrote {args.out}")
     return 0
 
