@@ -3,12 +3,18 @@
     python -m training.figures regularizers --models NONE L1_FINAL L1_ALL LINF [--labels ...]
         [--data-root DIR] --out fig.png [--samples 8] [--indices I ...] [--split test]
 
+    python -m training.figures capsule-poses --model RUN_OR_NAME --out fig.png [--index 0] [--dims 0 1 ...]
+
 `regularizers`: one row per model (run folder, `.pt` checkpoint, pretrained folder or zoo name of an image
 ShapNet), the same test images in the columns, each cell the explanation map of the class that row's model
 predicts, in red (pushes the class up) and blue (pushes it down) over the faded image; the colour scale is
 symmetric and shared along a row (one model), so a row shows how that model spreads its attribution, as in the
 ShapNets paper's figure of unregularized / L1 on the final layer / L1 on all layers / L-infinity explanations.
 By default the columns are the first test image of each class in turn (distinct digits on MNIST).
+
+`capsule-poses`: the CapsNet paper's figure of what the dimensions of a class capsule encode: for one test image,
+the predicted class's 16-D pose is shifted along one dimension at a time (-0.25 to 0.25 in steps of 0.05) and
+decoded; one row per dimension, with the input and its unperturbed reconstruction on the left.
 
 Mistakes in what was asked (a tabular model, models trained on different data, bad indices) print one line
 and exit with status 2, like the `shapnets` command.
@@ -27,7 +33,8 @@ from torch import Tensor
 
 from .config import UserError
 
-__all__ = ["add_figure_commands", "build_parser", "main", "pick_columns", "regularizers_figure"]
+__all__ = ["add_figure_commands", "build_parser", "capsule_poses_figure", "main", "pick_columns",
+           "regularizers_figure"]
 
 EXIT_USER_ERROR = 2
 
@@ -178,7 +185,94 @@ def regularizers_figure(
     return out
 
 
+def capsule_poses_figure(
+    source: str,
+    out: str | Path,
+    index: int = 0,
+    dims: Sequence[int] | None = None,
+    steps: Sequence[float] | None = None,
+    data_root: str | None = None,
+    split: str = "test",
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Decode a CapsNet's predicted-class pose with one dimension shifted at a time (one row per dimension).
+
+    Args:
+        source: a run folder, checkpoint, pretrained folder or zoo name of a CapsNet with a decoder.
+        out: the PNG to write.
+        index: the sample of `split` to perturb.
+        dims: pose dimensions (rows); default all.
+        steps: shifts (columns); default -0.25 to 0.25 in steps of 0.05, as in the paper.
+        data_root: folder of the raw data (default `$SHAPNETS_DATA`).
+        split: `test`, `val` or `train`.
+        device: where the model runs.
+
+    Returns:
+        The path written.
+
+    Raises:
+        UserError: not a CapsNet with a decoder, a bad index or dimension, no matplotlib.
+    """
+    from .cli import load_source, load_split
+
+    loaded = load_source(source, torch.device(device))
+    model = loaded.model.eval()
+    if not callable(getattr(model, "perturb_poses", None)):
+        raise UserError(f"capsule-poses figure: {source} is a {type(model).__name__}, not a CapsNet")
+    dataset = load_split(loaded, split, data_root)
+    if not 0 <= index < len(dataset):
+        raise UserError(f"capsule-poses figure: index {index} out of range: the {split} split has {len(dataset)} "
+                        "samples")
+    plt = _matplotlib()
+    image, label = dataset[index]
+    x = torch.as_tensor(image)[None].to(device)
+    shifts = torch.linspace(-0.25, 0.25, 11) if steps is None else torch.as_tensor(list(steps), dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            grid = model.perturb_poses(x, dims=dims, steps=shifts)[0].cpu()      # (dims, steps, C, H, W)
+            reconstruction = model.reconstruct(x)[0].cpu()
+            predicted = int(model(x).argmax(1))
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"capsule-poses figure: {e}") from e
+    dims = list(range(grid.shape[0])) if dims is None else list(dims)
+    rows, cols = grid.shape[0], grid.shape[1] + 2
+    fig, axes = plt.subplots(rows, cols, figsize=(0.75 * cols, 0.8 * rows + 0.6), squeeze=False,
+                             layout="constrained")
+
+    def show(ax: Any, picture: Tensor) -> None:
+        ax.imshow(picture.permute(1, 2, 0).squeeze(-1).clamp(0, 1), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    original = model.unnormalize(x)[0].cpu()
+    names = list(loaded.info.class_names)
+    for r in range(rows):
+        show(axes[r, 0], original)
+        show(axes[r, 1], reconstruction)
+        for c in range(grid.shape[1]):
+            show(axes[r, c + 2], grid[r, c])
+            if r == 0:
+                axes[r, c + 2].set_title(f"{float(shifts[c]):+.2f}", fontsize=6)
+        axes[r, 0].set_ylabel(f"dim {dims[r]}", fontsize=7)
+    axes[0, 0].set_title("input", fontsize=6)
+    axes[0, 1].set_title("recon.", fontsize=6)
+    fig.suptitle(f"{source}: {split} sample {index} (true {names[int(label)]}, predicted {names[predicted]}); "
+                 "one pose dimension shifted per row", fontsize=8)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ command line
+def _cmd_capsule_poses(args: argparse.Namespace) -> int:
+    out = capsule_poses_figure(args.model, args.out, index=args.index, dims=args.dims, data_root=args.data_root,
+                               split=args.split, device=args.device)
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_regularizers(args: argparse.Namespace) -> int:
     out = regularizers_figure(args.models, args.out, labels=args.labels, data_root=args.data_root,
                               samples=args.samples, indices=args.indices, split=args.split, device=args.device)
@@ -187,7 +281,7 @@ def _cmd_regularizers(args: argparse.Namespace) -> int:
 
 
 def add_figure_commands(commands: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
-    """Add the figure subcommands (`regularizers`) to an argparse subparsers object; each sets `func`."""
+    """Add the figure subcommands (`regularizers`, `capsule-poses`) to an argparse subparsers object (sets `func`)."""
     p = commands.add_parser("regularizers", parents=list(parents),
                             help="explanation maps of several image models on the same images, one row each")
     p.add_argument("--models", nargs="+", required=True, metavar="RUN_OR_NAME",
@@ -200,6 +294,17 @@ def add_figure_commands(commands: Any, parents: Sequence[argparse.ArgumentParser
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
     p.add_argument("--device", default="cpu", help="torch device")
     p.set_defaults(func=_cmd_regularizers)
+
+    p = commands.add_parser("capsule-poses", parents=list(parents),
+                            help="a CapsNet class pose shifted one dimension at a time, decoded (paper Fig. 4)")
+    p.add_argument("--model", required=True, metavar="RUN_OR_NAME", help="run folder, checkpoint or zoo name")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--index", type=int, default=0, help="sample index in the split")
+    p.add_argument("--dims", type=int, nargs="+", default=None, help="pose dimensions (default: all)")
+    p.add_argument("--data-root", default=None, help="folder holding the raw data (default: $SHAPNETS_DATA)")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.set_defaults(func=_cmd_capsule_poses)
 
 
 def build_parser() -> argparse.ArgumentParser:
