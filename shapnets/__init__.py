@@ -7,6 +7,8 @@ Core objects:
 * `ShallowShapNet` (exact Shapley), `DeepShapNet` and `ConvShapNet` (local accuracy + missingness,
   layer-wise explanations).
 * `exact_shapley` - the brute-force oracle for any callable.
+* `Interactions`, `exact_interactions` - exact Harsanyi dividends and pairwise Shapley interaction indices
+  (`model.interactions(...)`), and their brute-force oracle.
 * `InterpretableCNN`, `InterpretableConv2d` - Interpretable CNNs (Zhang et al. 2018): peak-masked top filters,
   the filter loss and the location-instability metric.
 """
@@ -22,6 +24,14 @@ from .icnn import (
     location_instability,
     mask_at_peak,
     part_templates,
+)
+from .interactions import (
+    DecompositionError,
+    Interactions,
+    RankedInteraction,
+    exact_interactions,
+    moebius_transform,
+    shapley_interaction_index,
 )
 from .modules import (
     MAX_PLAYERS,
@@ -41,12 +51,15 @@ __version__ = "0.1.0"
 __all__ = [
     "MAX_PLAYERS",
     "ConvShapNet",
+    "DecompositionError",
     "DeepShapNet",
     "Explanation",
     "FilterLossTerm",
+    "Interactions",
     "InterpretableCNN",
     "InterpretableConv2d",
     "LocalAccuracyError",
+    "RankedInteraction",
     "ShallowShapNet",
     "ShapleyConv2d",
     "ShapleyModule",
@@ -54,6 +67,7 @@ __all__ = [
     "butterfly_pairs",
     "coalition_masks",
     "evaluation_stats",
+    "exact_interactions",
     "exact_shapley",
     "explanation_penalty",
     "filter_loss",
@@ -62,8 +76,10 @@ __all__ = [
     "location_instability",
     "make_groups",
     "mask_at_peak",
+    "moebius_transform",
     "part_templates",
     "pixel_players",
     "prune_players",
     "shapley_from_values",
+    "shapley_interaction_index",
 ]

@@ -21,6 +21,7 @@ of pixels that no patch covers and whose information is lost).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from ._validation import check_input, check_reference
 from .explanation import Explanation
+from .interactions import Interactions, check_layer
 from .modules import ShapleyModuleBank, evaluation_stats
 from .pruning import prune_players, stage_fractions
 
@@ -105,6 +107,42 @@ class ShapleyConv2d(nn.Module):
         ref = None if reference is None else reference.expand(1, len(self.offsets), reference.shape[-1])
         phi, _, _ = self.bank.shapley(players, ref, skip_inactive=skip_inactive)
         return self.fold(phi[..., 0, :, :])
+
+    def patch_members(self, height: int, width: int) -> Tensor:
+        """`(H * W, k)`: the pixel (`h * W + w`) of every player of every patch, `-1` for padding."""
+        h = torch.arange(height)[:, None, None]
+        w = torch.arange(width)[None, :, None]
+        dy = torch.tensor([o[0] for o in self.offsets])
+        dx = torch.tensor([o[1] for o in self.offsets])
+        inside = (h + dy < height) & (w + dx < width)
+        pixel = torch.where(inside, (h + dy) * width + (w + dx), -1)
+        return rearrange(pixel, "h w k -> (h w) k")
+
+    def interactions(self, delta: Tensor, reference: Tensor | None = None,
+                     max_order: int | None = None) -> Interactions:
+        """Exact interactions of the layer's game `F(Z) = sum_patches f(patch)` over the pixels of its input.
+
+        Per output channel the layer is a Shallow ShapNet whose groups are the patches, so its dividends are
+        the patches' own: every subset of the pixels of a patch, summed over the patches that share it (a
+        pixel's singleton is in up to `k` patches); subsets of pixels that share no patch have dividend 0 and
+        are not listed. Kept per output channel. Padding pixels are dummies and are left out.
+
+        Args:
+            delta: input minus reference, channel-last `(B, H, W, C_in)`.
+            reference: per-channel reference `(C_in,)`; `None` means 0.
+            max_order: list only subsets of at most this many pixels.
+
+        Returns:
+            `Interactions` over the `H * W` pixels (`player_shape=(H, W)`), dividends `(B, S, C_out)`, sii
+            `(B, H*W, H*W, C_out)` (dense: mind the memory for large images and batches).
+        """
+        height, width = delta.shape[1:3]
+        players = self.patches(delta)[..., None, :, :]
+        ref = None if reference is None else reference.expand(1, len(self.offsets), reference.shape[-1])
+        values = rearrange(self.bank.coalition_values(players, ref), "t b h w 1 o -> t b (h w) o")
+        members = self.patch_members(height, width).to(delta.device)
+        return Interactions.from_module_games([(values, members)], height * width, max_order,
+                                              player_shape=(height, width), method=type(self).__name__)
 
 
 class ConvShapNet(nn.Module):
@@ -199,9 +237,13 @@ class ConvShapNet(nn.Module):
             raise ValueError(f"{type(self).__name__}: empty image of size {tuple(x.shape[-2:])}")
         return x
 
+    def _input_offsets(self, x: Tensor) -> Tensor:
+        """The first stage's input: the image's offsets from the reference, channel-last `(B, H, W, C)`."""
+        return rearrange(x - self.reference[:, None, None], "b c h w -> b h w c")
+
     def representations(self, x: Tensor) -> list[Tensor]:
         """Every stage's Shapley map, channel-last `(B, H, W, C_l)`."""
-        z = rearrange(x - self.reference[:, None, None], "b c h w -> b h w c")
+        z = self._input_offsets(x)
         layers = []
         for s, (stage, take) in enumerate(zip(self.stages, self.channel_split)):
             head, tail = z[..., :take], z[..., take:]
@@ -237,3 +279,30 @@ class ConvShapNet(nn.Module):
             layers=reps if layers else None,
             method=type(self).__name__,
         )
+
+    def interactions(self, x: Tensor, layer: int, max_order: int | None = None) -> Interactions:
+        """Exact interactions of one stage's game with respect to that stage's input pixels (not of the network).
+
+        Stage `layer` plays `F(Z) = sum_patches f(patch)` on the channels it takes (`channel_split`) of its
+        input map `Z` (the image for stage 0, reference the model's; the previous stage's map after, reference
+        0): see `ShapleyConv2d.interactions`. Its Shapley values are the stage's Shapley map before the
+        residual connection and pruning; its dividends live on subsets of the pixels of one dilated patch,
+        per output channel of the stage (the classes for the last stage).
+
+        Args:
+            x: `(B, C, H, W)` images.
+            layer: the stage, `0..num_stages - 1` (negative counts from the end).
+            max_order: list only subsets of at most this many pixels.
+
+        Returns:
+            `Interactions` over the `H * W` pixels (`player_shape=(H, W)`), per output channel of the stage.
+        """
+        stage_index = check_layer(layer, self.num_stages, type(self).__name__)
+        x = self._check(x)
+        take = self.channel_split[stage_index]
+        if stage_index == 0:
+            z, reference = self._input_offsets(x), self.reference[:take]
+        else:
+            z, reference = self.representations(x)[stage_index - 1], None
+        found = self.stages[stage_index].interactions(z[..., :take], reference, max_order)
+        return replace(found, method=f"{type(self).__name__} layer {stage_index} (per-layer game)")

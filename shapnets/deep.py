@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ._tabular import TabularGame
 from .explanation import Explanation
+from .interactions import Interactions, check_layer
 from .modules import ShapleyModuleBank, evaluation_stats
 from .pruning import prune_players, stage_fractions
 
@@ -180,15 +181,19 @@ class DeepShapNet(TabularGame):
     def stage_stride(self, stage: int) -> int:
         return 1 << (stage % int(math.log2(self.num_padded)))
 
+    def _padded_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The first stage's game: offsets `(B, P, C)` of the checked input and the padded reference `(P, C)`."""
+        # Work in offsets from the reference: padded players sit exactly at the reference (offset 0).
+        z = x.new_zeros(x.shape[0], self.num_padded, x.shape[2]).index_copy(1, self.live_rows, x - self.reference)
+        reference = self.reference.new_zeros(self.num_padded, x.shape[2]).index_copy(0, self.live_rows, self.reference)
+        return z, reference
+
     def representations(self, x: Tensor) -> list[Tensor]:
         """Every layer's Shapley representation `Z^(1..L)`, each `(B, P, C_l)`.
 
         Rows are the padded butterfly's: feature `i` sits at row `live_rows[i]`; padded rows are 0.
         """
-        x = self._check(x)
-        # Work in offsets from the reference: padded players sit exactly at the reference (offset 0).
-        z = x.new_zeros(x.shape[0], self.num_padded, x.shape[2]).index_copy(1, self.live_rows, x - self.reference)
-        reference = self.reference.new_zeros(self.num_padded, x.shape[2]).index_copy(0, self.live_rows, self.reference)
+        z, reference = self._padded_input(self._check(x))
         layers = []
         for s, stage in enumerate(self.stages):
             stride = self.stage_stride(s)
@@ -231,4 +236,44 @@ class DeepShapNet(TabularGame):
             exact=False,
             layers=reps if layers else None,
             method=type(self).__name__,
+        )
+
+    def interactions(self, x: Tensor, layer: int, max_order: int | None = None) -> Interactions:
+        """Exact interactions of one layer's game with respect to that layer's inputs (not of the network).
+
+        Stage `layer` is the game `F(Z) = sum_pairs f_pair(Z_a, Z_{a + stride})` of its input rows `Z` (the
+        previous stage's representation; the input features for stage 0), with the stage's reference (the
+        model's reference for stage 0, 0 after). Its Shapley values are the stage's Shapley representation
+        before the residual connection adds `Z` (and before pruning), and its dividends live on the singletons
+        and on the stage's butterfly pairs only (the pairs are disjoint, so nothing is summed); every other
+        subset's dividend is 0. Row `live_rows[i]` of any representation is feature `i`'s slot, so players are
+        numbered (and named) by feature; padded rows are dummies and are left out. The output channels are the
+        stage's (`num_classes` for the last stage). End to end, a Deep ShapNet's interactions are not these:
+        use `exact_interactions(model, x, model.reference)` for those (up to 16 features).
+
+        Args:
+            x: `(B, D)` or `(B, D, C)` model input.
+            layer: the stage, `0..num_stages - 1` (negative counts from the end).
+            max_order: list only subsets of at most this many players (1 or 2 here).
+
+        Returns:
+            `Interactions` with dividends `(B, S, C_layer)`, sii `(B, D, D, C_layer)`; base and output are the
+            summed module values at the stage's reference and at its input.
+        """
+        stage_index = check_layer(layer, self.num_stages, type(self).__name__)
+        x = self._check(x)
+        if stage_index == 0:
+            z, reference = self._padded_input(x)
+        else:
+            z, reference = self.representations(x)[stage_index - 1], None
+        stride = self.stage_stride(stage_index)
+        ref = None if reference is None else _to_pairs(reference, stride)
+        values = self.stages[stage_index].coalition_values(_to_pairs(z, stride), ref)  # (4, B, pairs, C_out)
+        feature_of_row = torch.full((self.num_padded,), -1, dtype=torch.long, device=z.device)
+        feature_of_row[self.live_rows] = torch.arange(self.in_features, device=z.device)
+        rows = torch.arange(self.num_padded, device=z.device)[:, None]
+        members = feature_of_row[_to_pairs(rows, stride)[..., 0]]  # (pairs, 2): the features each module plays on
+        return Interactions.from_module_games(
+            [(values, members)], self.in_features, max_order, player_names=self.feature_names,
+            method=f"{type(self).__name__} layer {stage_index} (per-layer game)",
         )

@@ -25,6 +25,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 from einops import rearrange
@@ -32,6 +33,9 @@ from torch import Tensor, nn
 
 from ._validation import check_input, check_reference
 from .explanation import Explanation
+
+if TYPE_CHECKING:
+    from .interactions import Interactions
 
 __all__ = [
     "MAX_PLAYERS",
@@ -266,6 +270,24 @@ class ShapleyModule(nn.Module):
             exact=True,
             method="ShapleyModule",
         )
+
+    def interactions(self, x: Tensor, max_order: int | None = None) -> Interactions:
+        """Exact Harsanyi dividends and pairwise Shapley interaction indices of the inner network at `x`.
+
+        From the same `2^k` coalition values as `explain` (no extra evaluation): the dividends of every
+        non-empty subset of the `k` players and the `(k, k)` interaction index (Shapley values on its diagonal).
+
+        Args:
+            x: `(B, k, C_in)`.
+            max_order: list only subsets of at most this many players.
+
+        Returns:
+            `Interactions` with dividends `(B, S, C_out)`, sii `(B, k, k, C_out)`, base `f(r)`, output `f(x)`.
+        """
+        from .interactions import Interactions  # interactions builds on this module's coalition table
+
+        return Interactions.from_coalition_values(self.coalition_values(self._check(x)), max_order,
+                                                  method="ShapleyModule")
 
 
 # ---------------------------------------------------------------------------------------------

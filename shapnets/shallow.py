@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ._tabular import TabularGame
 from .explanation import Explanation
+from .interactions import Interactions
 from .modules import MAX_PLAYERS, ShapleyModuleBank
 
 __all__ = ["ShallowShapNet", "make_groups"]
@@ -153,4 +154,31 @@ class ShallowShapNet(TabularGame):
             player_names=self.feature_names,
             exact=True,
             method=type(self).__name__,
+        )
+
+    def interactions(self, x: Tensor, max_order: int | None = None) -> Interactions:
+        """Exact Harsanyi dividends and pairwise Shapley interaction indices of the whole network.
+
+        `g` is a sum of module games, so its dividends are the modules' own: every non-empty subset of every
+        group is listed, and a subset shared by several groups (a feature's singleton under `"pairs"`) gets
+        the sum of their dividends. A subset that lies in no group - in particular any subset of features from
+        different groups - has dividend exactly 0 by construction and is not listed; likewise the interaction
+        index of two features that share no group is 0. Computed from the coalition values `explain` uses.
+
+        Args:
+            x: `(B, D)` or `(B, D, C)`.
+            max_order: list only subsets of at most this many features.
+
+        Returns:
+            `Interactions` with dividends `(B, S, out_features)`, sii `(B, D, D, out_features)` (the exact
+            Shapley values of `explain` on its diagonal), base `g(reference)`, output `g(x)`.
+        """
+        x = self._check(x)
+        delta = x - self.reference
+        games = []
+        for k, bank in zip(self.arities, self.banks):
+            index = self._index(k)
+            games.append((bank.coalition_values(delta[:, index], self.reference[index]), index))
+        return Interactions.from_module_games(
+            games, self.in_features, max_order, player_names=self.feature_names, method=type(self).__name__
         )
