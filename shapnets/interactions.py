@@ -37,9 +37,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from ._validation import check_reference
 from .explanation import Explanation, LocalAccuracyError
 from .modules import _coalition_table
+from .oracle import coalition_values
 
 __all__ = [
     "DecompositionError",
@@ -507,59 +507,6 @@ class Interactions:
 # ---------------------------------------------------------------------------------------------
 # The oracle
 # ---------------------------------------------------------------------------------------------
-def _oracle_values(
-    fn: Callable[[Tensor], Tensor],
-    x: Tensor,
-    reference: Tensor | float | None,
-    players: Tensor | None,
-    max_players: int,
-    max_batch: int,
-    who: str,
-) -> Tensor:
-    """`fn` on every coalition of the players of every sample: `(2^n, B, C_out)`.
-
-    The same enumeration as `exact_shapley` (the baseline game `v(S) = fn(x_S ; reference_rest)`, rows in
-    `coalition_masks` order, at most `max_batch` inputs handed to `fn` at once).
-    """
-    if x.dim() < 2:
-        raise ValueError(f"{who} expects a batch (B, ...), got shape {tuple(x.shape)}")
-    sample_shape = tuple(x.shape[1:])
-    if players is None:
-        players = torch.arange(sample_shape[0]).view(-1, *([1] * (len(sample_shape) - 1))).expand(sample_shape)
-    players = torch.as_tensor(players, device=x.device)
-    if players.is_floating_point() or players.dtype == torch.bool or players.is_complex():
-        raise TypeError(f"players must be an integer map (player id per element), got dtype {players.dtype}")
-    players = players.long()
-    if tuple(players.shape) != sample_shape:
-        raise ValueError(f"players map has shape {tuple(players.shape)}, expected one sample's shape {sample_shape}")
-    n = int(players.max()) + 1
-    if set(players.unique().tolist()) != set(range(n)):
-        raise ValueError(f"players must number the players 0..{n - 1} without gaps")
-    if n > max_players:
-        raise ValueError(f"{who}: {n} players need 2^{n} evaluations (and dividends) per sample; the limit is "
-                         f"max_players={max_players}")
-    ref = check_reference(reference, sample_shape, who, x.dtype).to(x.device)
-
-    bits = 1 << torch.arange(n, device=x.device)
-    batch_values = []
-    for sub in x.split(max(1, max_batch)):
-        b = sub.shape[0]
-        per_chunk = max(1, max_batch // b)
-        chunks = []
-        for start in range(0, 2**n, per_chunk):
-            rows = torch.arange(start, min(start + per_chunk, 2**n), device=x.device)
-            present = (rows[:, None] & bits) != 0  # (t, n), row order as in coalition_masks
-            hybrids = torch.where(present[:, players][:, None], sub[None], ref[None, None])  # (t, b, *S)
-            out = fn(hybrids.reshape(-1, *sample_shape))
-            if not isinstance(out, Tensor) or out.dim() not in (1, 2) or out.shape[0] != hybrids.shape[0] * b:
-                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ValueError(f"fn must map a batch of {hybrids.shape[0] * b} inputs to ({hybrids.shape[0] * b},) "
-                                 f"or ({hybrids.shape[0] * b}, C_out), got {got}")
-            chunks.append(out.reshape(rows.shape[0], b, -1))
-        batch_values.append(torch.cat(chunks))
-    return torch.cat(batch_values, dim=1)
-
-
 @torch.no_grad()
 def exact_interactions(
     fn: Callable[[Tensor], Tensor],
@@ -592,7 +539,7 @@ def exact_interactions(
         float64 to verify.
     """
     max_order = _check_max_order(max_order)
-    values = _oracle_values(fn, x, reference, players, max_players, max_batch, "exact_interactions")
+    values, _ = coalition_values(fn, x, reference, players, max_players, max_batch, "exact_interactions")
     return Interactions.from_coalition_values(
         values, max_order, player_names=list(player_names) if player_names is not None else None,
         method="exact_interactions",

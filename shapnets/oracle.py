@@ -15,7 +15,7 @@ from ._validation import check_reference
 from .explanation import Explanation
 from .modules import shapley_from_values
 
-__all__ = ["exact_shapley", "pixel_players"]
+__all__ = ["coalition_values", "exact_shapley", "pixel_players"]
 
 
 def pixel_players(channels: int, height: int, width: int) -> Tensor:
@@ -48,8 +48,39 @@ def exact_shapley(
         `Explanation` with attributions `(B, n, C_out)`, base `fn(reference)`, output `fn(x)`,
         `exact=True`. Computed in `x`'s dtype: use float64 for verification.
     """
+    v, ref = coalition_values(fn, x, reference, players, max_players, max_batch, "exact_shapley")
+    n = (v.shape[0] - 1).bit_length()
+    return Explanation(
+        attributions=shapley_from_values(v, n),
+        base=v[0],
+        output=v[-1],
+        reference=ref,
+        player_axes=("player",),
+        exact=True,
+        method="exact_shapley",
+    )
+
+
+def coalition_values(
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    reference: Tensor | float | None,
+    players: Tensor | None,
+    max_players: int,
+    max_batch: int,
+    who: str,
+) -> tuple[Tensor, Tensor]:
+    """`fn` on every coalition of the players of every sample, under `v(S) = fn(x_S ; reference_rest)`.
+
+    The enumeration behind `exact_shapley` and `shapnets.exact_interactions` (arguments as in `exact_shapley`;
+    `who` names the caller in errors).
+
+    Returns:
+        `(values, reference)`: values `(2^n, B, C_out)` with rows in `coalition_masks` order, and the reference
+        as one sample.
+    """
     if x.dim() < 2:
-        raise ValueError(f"exact_shapley expects a batch (B, ...), got shape {tuple(x.shape)}")
+        raise ValueError(f"{who} expects a batch (B, ...), got shape {tuple(x.shape)}")
     sample_shape = tuple(x.shape[1:])
     if players is None:
         players = torch.arange(sample_shape[0]).view(-1, *([1] * (len(sample_shape) - 1))).expand(sample_shape)
@@ -63,8 +94,9 @@ def exact_shapley(
     if set(players.unique().tolist()) != set(range(n)):
         raise ValueError(f"players must number the players 0..{n - 1} without gaps")
     if n > max_players:
-        raise ValueError(f"{n} players need 2^{n} evaluations per sample; the limit is max_players={max_players}")
-    ref = check_reference(reference, sample_shape, "exact_shapley", x.dtype).to(x.device)
+        raise ValueError(f"{who}: {n} players need 2^{n} evaluations per sample; the limit is "
+                         f"max_players={max_players}")
+    ref = check_reference(reference, sample_shape, who, x.dtype).to(x.device)
 
     bits = 1 << torch.arange(n, device=x.device)
     batch_values = []
@@ -87,13 +119,4 @@ def exact_shapley(
                 )
             chunks.append(out.reshape(rows.shape[0], b, -1))
         batch_values.append(torch.cat(chunks))
-    v = torch.cat(batch_values, dim=1)  # (2^n, B, C_out)
-    return Explanation(
-        attributions=shapley_from_values(v, n),
-        base=v[0],
-        output=v[-1],
-        reference=ref,
-        player_axes=("player",),
-        exact=True,
-        method="exact_shapley",
-    )
+    return torch.cat(batch_values, dim=1), ref
