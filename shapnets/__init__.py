@@ -11,8 +11,11 @@ Core objects:
   (`model.interactions(...)`), and their brute-force oracle.
 * `InterpretableCNN`, `InterpretableConv2d` - Interpretable CNNs (Zhang et al. 2018): peak-masked top filters,
   the filter loss and the location-instability metric.
+* `CapsNet` - capsule networks with dynamic routing (Sabour et al. 2017): `squash`, `dynamic_routing`, the margin
+  and reconstruction losses, and a routing-based attribution map (exact local accuracy, not Shapley values).
 """
 
+from .capsnet import CapsNet, dynamic_routing, margin_loss, reconstruction_loss, squash
 from .conv import ConvShapNet, ShapleyConv2d
 from .deep import DeepShapNet, butterfly_pairs
 from .explanation import Explanation, LocalAccuracyError
@@ -50,6 +53,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MAX_PLAYERS",
+    "CapsNet",
     "ConvShapNet",
     "DecompositionError",
     "DeepShapNet",
@@ -66,6 +70,7 @@ __all__ = [
     "ShapleyModuleBank",
     "butterfly_pairs",
     "coalition_masks",
+    "dynamic_routing",
     "evaluation_stats",
     "exact_interactions",
     "exact_shapley",
@@ -75,11 +80,14 @@ __all__ = [
     "linf_spreading",
     "location_instability",
     "make_groups",
+    "margin_loss",
     "mask_at_peak",
     "moebius_transform",
     "part_templates",
     "pixel_players",
     "prune_players",
+    "reconstruction_loss",
     "shapley_from_values",
     "shapley_interaction_index",
+    "squash",
 ]

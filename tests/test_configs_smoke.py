@@ -37,6 +37,9 @@ def test_config_runs_one_step(path: Path, tmp_path: Path, data_root_or_none: Pat
     if init and not Path(init).exists() and init not in zoo.list_models(pretrained=True):
         pytest.skip(f"model.init_from={init!r} has no weights here (zoo/weights/{init} is not shipped)")
     if cfg.data.name in NEEDS_FILES:
+        if data_root_or_none is None and cfg.model.name.startswith("capsnet"):
+            pytest.skip(f"{cfg.model.name} takes 28x28 images (9x9 kernels) and the synthetic stand-in is 8x8; "
+                        f"the data folder (SHAPNETS_DATA) is absent")
         if data_root_or_none is None:
             cfg.data.name = NEEDS_FILES[cfg.data.name]
             cfg.model.strict_init = False  # the stand-in's classes/features differ from the weights' data set

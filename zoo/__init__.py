@@ -24,7 +24,7 @@ from timm.models import is_model
 from timm.models import list_models as _timm_list_models
 from torch import nn
 
-from . import icnn_models, shapnets_models  # noqa: F401  (imported for their timm registrations)
+from . import capsnet_models, icnn_models, shapnets_models  # noqa: F401  (imported for their timm registrations)
 from ._args import ACT_LAYERS
 from .cards import model_info, write_model_card
 from .hub import load_pretrained, read_config, save_pretrained, sha256_of
@@ -46,6 +46,8 @@ __all__ = [
 
 ARCHITECTURES.update(icnn_models.ICNN_ARCHITECTURES)  # the hub rebuilds icnn_* checkpoints through this table
 VARIANT_DEFAULTS.update(icnn_models.ICNN_VARIANT_DEFAULTS)  # trained icnn_* variants: listed, shipped, rebuilt
+ARCHITECTURES.update(capsnet_models.CAPSNET_ARCHITECTURES)  # capsnet_* rebuilt by the hub like icnn_*
+VARIANT_DEFAULTS.update(capsnet_models.CAPSNET_VARIANT_DEFAULTS)  # capsnet_mnist, capsnet_small_mnist
 _ZOO_NAMES = tuple(sorted([*ARCHITECTURES, *VARIANT_DEFAULTS]))
 
 

@@ -31,6 +31,32 @@ _CITATION = """@inproceedings{wang2021shapley,
   year      = {2021},
   url       = {https://arxiv.org/abs/2104.02297}
 }"""
+# Other families cite their own paper (by registered-name prefix); everything else is a ShapNet.
+_FAMILY_CITATIONS = {
+    "icnn_": """@inproceedings{zhang2018interpretable,
+  title     = {Interpretable Convolutional Neural Networks},
+  author    = {Zhang, Quanshi and Wu, Ying Nian and Zhu, Song-Chun},
+  booktitle = {IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2018},
+  url       = {https://arxiv.org/abs/1710.00935}
+}""",
+    "capsnet": """@inproceedings{sabour2017dynamic,
+  title     = {Dynamic Routing Between Capsules},
+  author    = {Sabour, Sara and Frosst, Nicholas and Hinton, Geoffrey E.},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2017},
+  url       = {https://arxiv.org/abs/1710.09829}
+}""",
+}
+
+
+def _citation(name: str) -> str:
+    return next((c for prefix, c in _FAMILY_CITATIONS.items() if name.startswith(prefix)), _CITATION)
+
+
+def _is_image_model(info: Mapping[str, Any]) -> bool:
+    return info["class"] == "ConvShapNet" or tuple(info["pretrained_cfg"].get("player_axes") or ()) == (
+        "height", "width")
 
 
 def _registry_cfg(name: str) -> dict[str, Any]:
@@ -174,7 +200,7 @@ def _usage(info: Mapping[str, Any]) -> str:
         load = f'model = zoo.create_model("{info["name"]}", pretrained=True)'
     else:
         load = f'model = zoo.create_model("{info["name"]}")  # no shipped weights: trains from scratch'
-    if info["class"] == "ConvShapNet":
+    if _is_image_model(info):
         size = cfg.get("input_size") or [args.get("in_chans", 1), 28, 28]
         example = f"x = torch.rand(4, {', '.join(str(s) for s in size)})"
         shape = f"(4, {size[1]}, {size[2]}, num_classes)"
@@ -200,8 +226,9 @@ def render_model_card(info: Mapping[str, Any]) -> str:
     dataset = _recorded_or_documented(info.get("dataset"), cfg.get("dataset"))
     preprocessing = _recorded_or_documented(info.get("preprocessing"), cfg.get("preprocessing"))
     licence = (info.get("extra") or {}).get("license") or cfg.get("license")
-    tags = ["shapnets", "self-explaining", "shapley-values", "pytorch"]
-    tags.append("image-classification" if info["class"] == "ConvShapNet" else "tabular-classification")
+    shapley = _citation(info["name"]) == _CITATION  # other families' explanations are not Shapley-based
+    tags = ["shapnets", "self-explaining", *(["shapley-values"] if shapley else []), "pytorch"]
+    tags.append("image-classification" if _is_image_model(info) else "tabular-classification")
     time_s = training.get("time_s")
     train_time = f"{time_s:.0f} s ({time_s / 60:.1f} min)" if isinstance(time_s, int | float) else NOT_RECORDED
     other_training = {k: v for k, v in training.items() if k not in ("command", "time_s")}
@@ -217,7 +244,7 @@ def render_model_card(info: Mapping[str, Any]) -> str:
         f"# {info['name']}",
         "",
         f"{cfg.get('description') or info['class']}. A self-explaining network: `model.explain(x)` returns the "
-        "model's own Shapley-based explanation from the forward pass.",
+        f"model's own {'Shapley-based ' if shapley else ''}explanation from the forward pass.",
         "",
         "## Model details",
         "",
@@ -283,7 +310,7 @@ def render_model_card(info: Mapping[str, Any]) -> str:
         _usage(info),
         "## Citation",
         "",
-        f"```bibtex\n{_CITATION}\n```",
+        f"```bibtex\n{_citation(info['name'])}\n```",
         "",
     ]
     return "\n".join(lines)

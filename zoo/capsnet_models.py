@@ -1,0 +1,150 @@
+"""Capsule networks in the timm registry: the paper's MNIST CapsNet and a smaller one for CPU training.
+
+Dynamic Routing Between Capsules (Sabour, Frosst, Hinton), NeurIPS 2017, https://arxiv.org/abs/1710.09829
+
+Entry points (all take the constructor arguments of `shapnets.CapsNet`, e.g. `num_classes`, `in_chans`,
+`image_size`, `conv_channels`, `primary_types`, `routing_iterations`, `decoder_widths`):
+
+* `capsnet`: any image size and classes (the constructor's defaults are the paper's MNIST network);
+* `capsnet_mnist`: the paper's architecture for MNIST: conv1 256 9x9, 32 x 8D primary capsules on 6x6,
+  10 x 16D class capsules, decoder 512 / 1024 (8,215,728 parameters; 6,804,384 without the decoder);
+* `capsnet_small_mnist`: a smaller MNIST variant for CPU training: conv1 64 9x9, 16 x 8D primary capsules
+  (9x9 stride 2), 10 x 16D class capsules, decoder 512 / 1024 (2,817,712 parameters).
+
+Class scores are the capsule lengths (in [0, 1)); `explain` is a normalised routing attribution with exact
+local accuracy, not a Shapley value (see `shapnets.capsnet`). `pretrained=True` loads weights of the whole
+model from `pretrained_cfg_overlay=dict(file=<folder or .safetensors>)` or from the package's
+`zoo/weights/<name>/`, hash-checked by `zoo.hub`; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.models import generate_default_cfgs, register_model
+from torch import nn
+
+from shapnets.capsnet import CapsNet
+
+from ._args import full_model_args
+from ._paths import WEIGHTS_NAME, shipped_dir
+from .shapnets_models import ShapNetCfg, _shipped_file, _weights_location, resolve_cfg
+
+__all__ = ["CAPSNET_ARCHITECTURES", "CAPSNET_VARIANT_DEFAULTS"]
+
+PAPER = "Dynamic Routing Between Capsules (Sabour, Frosst, Hinton, NeurIPS 2017)"
+PAPER_ID = "arXiv:1710.09829"
+_EXPLANATION = ("normalised routing attribution (not Shapley values): each primary capsule's coupling-weighted "
+                "agreement with its class capsule, spread over its receptive field; local accuracy holds exactly "
+                "(base = the DigitCaps bias's share of each capsule length)")
+
+
+def _cfg(description: str, **kwargs: Any) -> ShapNetCfg:
+    defaults = dict(
+        description=description,
+        input_size=None,
+        fixed_input_size=True,
+        interpolation=None,
+        crop_pct=None,
+        crop_mode=None,
+        mean=None,
+        std=None,
+        num_classes=None,
+        license="mit",
+        paper_name=PAPER,
+        paper_ids=PAPER_ID,
+        origin_url="https://github.com/Sarasra/models/tree/master/research/capsules",
+        players="one player per pixel (all its channels)",
+        player_axes=("height", "width"),
+        explanation=_EXPLANATION,
+    )
+    return ShapNetCfg(**{**defaults, **kwargs})
+
+
+def _mnist_cfg(name: str, description: str) -> ShapNetCfg:
+    return _cfg(
+        f"{description}: 1x28x28 images, 10 classes",
+        file=_shipped_file(name),
+        input_size=(1, 28, 28),
+        num_classes=10,
+        mean=(0.1307,),
+        std=(0.3081,),
+        num_players=28 * 28,
+        dataset="MNIST, official train (60,000) / test (10,000) split",
+        preprocessing="pixels scaled to [0, 1] (uint8 / 255), then normalized with mean 0.1307 and std 0.3081",
+        label_names=tuple(str(d) for d in range(10)),
+    )
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "capsnet": _cfg("CapsNet with dynamic routing, any fixed image size (pass in_chans, image_size, num_classes)"),
+        "capsnet_mnist": _mnist_cfg("capsnet_mnist", "CapsNet (the paper's MNIST architecture, 8.2M parameters)"),
+        "capsnet_small_mnist": _mnist_cfg(
+            "capsnet_small_mnist", "Small CapsNet for MNIST (conv1 64, 16 x 8D primary capsules, 2.8M parameters)"
+        ),
+    }
+)
+
+CAPSNET_VARIANT_DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "capsnet_mnist": ("capsnet", dict(in_chans=1, image_size=28, num_classes=10)),
+    "capsnet_small_mnist": ("capsnet", dict(in_chans=1, image_size=28, num_classes=10, conv_channels=64,
+                                            primary_types=16)),
+}
+"""Named variant -> (the entry point it is built like, its documented constructor arguments)."""
+
+CAPSNET_ARCHITECTURES: dict[str, type[nn.Module]] = {"capsnet": CapsNet}
+"""Registered name -> class, in the form of `zoo.shapnets_models.ARCHITECTURES` (for the hub's rebuild)."""
+
+
+def _create_capsnet(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> CapsNet:
+    """Build a CapsNet, record its arguments and cfg as the ShapNet builders do, then load whole-model weights."""
+    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    kwargs.pop("cache_dir", None)  # no download cache: nothing is downloaded
+    kwargs.pop("pretrained_model_args", None)  # timm's `local-dir:` copy of model_args, already in kwargs
+    cfg = resolve_cfg(variant, pretrained_cfg, overlay)
+    if variant in CAPSNET_VARIANT_DEFAULTS:
+        # Documented defaults < the shipped config.json < the caller's kwargs, as for the ShapNet variants.
+        from .hub import read_config  # hub imports the registries: a top-level import would be circular
+
+        _, defaults = CAPSNET_VARIANT_DEFAULTS[variant]
+        shipped = shipped_dir(variant)
+        recorded = read_config(shipped)["model_args"] if (shipped / "config.json").is_file() else {}
+        kwargs = {**defaults, **recorded, **kwargs}
+    model_args = full_model_args(CapsNet, kwargs)
+    model = CapsNet(**model_args)
+    model.model_args = model_args
+    model.pretrained_cfg = cfg.to_dict()
+    model.default_cfg = model.pretrained_cfg  # timm's backwards-compatible alias
+    if pretrained:
+        from .hub import load_weights_into  # hub imports the registries: a top-level import would be circular
+
+        location = _weights_location(variant, cfg)
+        location = location if location is not None else shipped_dir(variant) / WEIGHTS_NAME
+        if not location.exists():
+            raise RuntimeError(
+                f"{variant} has no shipped weights (looked in {location}); use pretrained=False or "
+                "pretrained_cfg_overlay=dict(file=<folder or .safetensors>)"
+            )
+        load_weights_into(model, location)
+        model.pretrained_cfg["file"] = str(location)
+    return model
+
+
+@register_model
+def capsnet(pretrained: bool = False, **kwargs: Any) -> CapsNet:
+    """CapsNet with dynamic routing for any fixed image size; kwargs of `shapnets.CapsNet`."""
+    return _create_capsnet("capsnet", pretrained, kwargs)
+
+
+@register_model
+def capsnet_mnist(pretrained: bool = False, **kwargs: Any) -> CapsNet:
+    """The paper's MNIST CapsNet (conv1 256, 1152 primary capsules, 3 routing iterations); 1x28x28 in, 10 classes."""
+    return _create_capsnet("capsnet_mnist", pretrained, kwargs)
+
+
+@register_model
+def capsnet_small_mnist(pretrained: bool = False, **kwargs: Any) -> CapsNet:
+    """A smaller MNIST CapsNet for CPU training (conv1 64, 16 x 8D primary capsules); 1x28x28 in, 10 classes."""
+    return _create_capsnet("capsnet_small_mnist", pretrained, kwargs)
