@@ -118,6 +118,11 @@ def model_info(name_or_dir: str | os.PathLike) -> dict[str, Any]:
         model_args, num_params = _default_model_args(name)
     card = folder / "README.md" if source == "directory" else card_path(name)
     known = {*RESERVED_KEYS, *_CARD_SECTIONS}
+    recorded_cfg = config.get("pretrained_cfg", {})
+    pretrained_cfg = {**registry, **recorded_cfg}
+    if name in VARIANT_DEFAULTS and registry.get("description"):
+        # Trained as a generic architecture (e.g. shapnet_conv), exported as a named variant: describe the variant.
+        pretrained_cfg["description"] = registry["description"]
     return {
         "name": name,
         "architecture": architecture_of(name),
@@ -131,7 +136,7 @@ def model_info(name_or_dir: str | os.PathLike) -> dict[str, Any]:
         "shapnets_version": config.get("shapnets_version"),
         "num_params": num_params,
         "model_args": model_args,
-        "pretrained_cfg": {**registry, **config.get("pretrained_cfg", {})},
+        "pretrained_cfg": pretrained_cfg,
         "game": config.get("game"),
         **{key: config.get(key) for key in _CARD_SECTIONS},
         "card_path": str(card) if card.is_file() else None,
