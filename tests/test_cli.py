@@ -211,3 +211,31 @@ def test_module_entry_point_exit_code(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "config file not found" in proc.stderr
+
+
+def test_bench_quick_writes_tables_with_every_method_row(tmp_path: Path, capsys) -> None:
+    from training.bench import ORACLE, OWN, Budgets, captum_methods
+
+    out = tmp_path / "bench"
+    assert main(["--quiet", "bench", "fidelity", "accuracy", "--quick", "--samples", "1", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.split() == ["fidelity:", f"{out}/fidelity.md", "accuracy:", f"{out}/accuracy.md"]
+    for kind in ("fidelity", "accuracy"):
+        assert {p.name for p in out.glob(f"{kind}.*")} == {f"{kind}.md", f"{kind}.json", f"{kind}.png"}
+    report = (out / "fidelity.md").read_text()
+    for method in [OWN, ORACLE, *(m.name for m in captum_methods(Budgets.quick()))]:
+        assert f"| {method} |" in report, f"no {method} row"
+    # The date, the hardware and the command that made the table head it.
+    assert f"Command: `shapnets bench fidelity accuracy --out {out} --quick --samples 1`" in report
+    assert "cores)" in report and report.splitlines()[2][:4].isdigit()
+
+
+def test_bench_unknown_kind_exits_2(capsys) -> None:
+    assert main(["bench", "fidelty"]) == 2
+    assert_one_line_error(capsys, "unknown benchmark", "fidelty", "fidelity, speed, scaling, accuracy")
+
+
+@pytest.mark.slow
+def test_bench_all_kinds_quick(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    assert main(["--quiet", "bench", "--quick", "--out", str(out)]) == 0
+    assert {p.name for p in out.glob("*.md")} == {"fidelity.md", "speed.md", "scaling.md", "accuracy.md"}

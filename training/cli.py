@@ -5,6 +5,7 @@
     shapnets explain CHECKPOINT_OR_NAME [--index N]... [--input CSV] [--split test] [--out plot.png]
     shapnets zoo list [PATTERN] [--pretrained]
     shapnets zoo info NAME
+    shapnets bench [fidelity|speed|scaling|accuracy]... [--out DIR] [--quick]
 
 Mistakes in what was asked (bad config key, missing file, unknown model, missing data folder) print one line to
 stderr and exit with status 2; `--debug` shows the traceback instead. A diverged run exits with status 1.
@@ -320,6 +321,30 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import KINDS, run
+
+    unknown = [k for k in args.kinds if k not in KINDS]
+    if unknown:
+        raise UserError(f"unknown benchmark(s) {unknown}; choose from {', '.join(KINDS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.samples is not None and args.samples < 1:
+        raise UserError(f"--samples must be >= 1, got {args.samples}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    # The reports name the command that made them; rebuilt from the arguments (argv may be a test's or a script's).
+    command = " ".join(["shapnets bench", *args.kinds, "--out", str(args.out), *(["--quick"] if args.quick else []),
+                        *(["--models", *args.models] if args.models else []),
+                        *(["--samples", str(args.samples)] if args.samples else []),
+                        *(["--device", args.device] if args.device != "cpu" else [])])
+    results = run(args.kinds, out=args.out, quick=args.quick, device=args.device, data_root=args.data_root,
+                  samples=args.samples, zoo_models=args.models, command=command, verbose=not args.quiet)
+    for kind in results:
+        print(f"{kind}: {Path(args.out) / kind}.md" if args.out else f"{kind}: {len(results[kind])} rows")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser and main
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `shapnets`."""
@@ -377,6 +402,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", action="append", default=None,
                    help="a note for config.json and the model card (repeatable), e.g. how the run deviates")
     p.set_defaults(func=_cmd_export)
+
+    p = commands.add_parser("bench", parents=[common], help="benchmarks: fidelity vs the exact Shapley values, speed, "
+                            "scaling, accuracy (Markdown, JSON and PNG per benchmark)")
+    p.add_argument("kinds", nargs="*", metavar="KIND",
+                   help="fidelity, speed, scaling and/or accuracy (default: all four)")
+    p.add_argument("--out", default="bench_out", help="folder for <kind>.md / .json / .png (default: bench_out)")
+    p.add_argument("--quick", action="store_true", help="tiny settings (seconds to a minute; for CI)")
+    p.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                   help="zoo models for fidelity and speed (default: every shipped one; fidelity: tabular only)")
+    p.add_argument("--samples", type=int, default=None, help="samples per model (default 8, quick 3)")
+    p.add_argument("--data-root", default=None, help="folder holding the raw data (default: $SHAPNETS_DATA)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the scaling benchmark")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (1: stable timings on a shared machine; 0: torch default)")
+    p.set_defaults(func=_cmd_bench)
 
     p = commands.add_parser("zoo", help="list and describe registered models")
     zoo_commands = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")

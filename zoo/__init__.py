@@ -26,6 +26,7 @@ from torch import nn
 
 from . import capsnet_models, icnn_models, shapnets_models  # noqa: F401  (imported for their timm registrations)
 from ._args import ACT_LAYERS
+from .baselines import BASELINE_ARCHITECTURES  # baseline_mlp / baseline_cnn: plain accuracy baselines
 from .cards import model_info, write_model_card
 from .hub import load_pretrained, read_config, save_pretrained, sha256_of
 from .shapnets_models import ARCHITECTURES, VARIANT_DEFAULTS, ShapNetCfg, known_names_hint, weights_available
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 ARCHITECTURES.update(icnn_models.ICNN_ARCHITECTURES)  # the hub rebuilds icnn_* checkpoints through this table
+ARCHITECTURES.update(BASELINE_ARCHITECTURES)  # listed and rebuilt like the others; they have no explain()
 VARIANT_DEFAULTS.update(icnn_models.ICNN_VARIANT_DEFAULTS)  # trained icnn_* variants: listed, shipped, rebuilt
 ARCHITECTURES.update(capsnet_models.CAPSNET_ARCHITECTURES)  # capsnet_* rebuilt by the hub like icnn_*
 VARIANT_DEFAULTS.update(capsnet_models.CAPSNET_VARIANT_DEFAULTS)  # capsnet_mnist, capsnet_small_mnist

@@ -1,0 +1,155 @@
+"""Plain (not self-explaining) baselines in the timm registry, for accuracy comparisons at a matched size.
+
+* `baseline_mlp`: an MLP for tabular data: `in_features -> hidden... -> num_classes`, activation between layers;
+* `baseline_cnn`: a small CNN for images: stages of (3x3 conv, BatchNorm, ReLU), max-pooled between stages, then
+  global average pooling and a linear head.
+
+Both are built by the same trainer as the ShapNets (`model.name: baseline_mlp` in a config), so a baseline
+trained by `configs/baseline_mlp_<dataset>.yaml` or `configs/baseline_cnn_mnist.yaml` sees the same data split,
+preprocessing, optimizer and schedule as the ShapNet it is compared with (`shapnets bench accuracy`). They have
+no `explain()`: the benchmark's fidelity table explains them post hoc only. No weights are shipped; a trained
+baseline lives in its run folder (`runs/<name>/`), and `pretrained_cfg_overlay=dict(file=<folder or
+.safetensors>)` loads saved weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from timm.models import PretrainedCfg, generate_default_cfgs, register_model
+from torch import Tensor, nn
+
+from ._args import ACT_LAYERS, full_model_args
+from .shapnets_models import _weights_location, resolve_cfg
+
+__all__ = ["BASELINE_ARCHITECTURES", "BaselineCNN", "BaselineMLP"]
+
+
+def _activation(act_layer: str | type[nn.Module], who: str) -> type[nn.Module]:
+    if isinstance(act_layer, type) and issubclass(act_layer, nn.Module):
+        return act_layer  # the hub decodes saved activation names into classes
+    key = str(act_layer).lower().replace("-", "_")
+    if key not in ACT_LAYERS:
+        raise ValueError(f"{who}: unknown act_layer {act_layer!r}; known: {sorted(ACT_LAYERS)}")
+    return ACT_LAYERS[key]
+
+
+class BaselineMLP(nn.Module):
+    """A plain MLP classifier for tabular inputs `(B, D)`.
+
+    Args:
+        in_features: `D`.
+        num_classes: outputs (logits).
+        hidden: widths of the hidden layers.
+        act_layer: activation name (`"relu"`, `"gelu"`, ...: see `zoo.ACT_LAYERS`) or class.
+        dropout: dropout after every hidden activation.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (64, 64),
+                 act_layer: str | type[nn.Module] = "relu", dropout: float = 0.0) -> None:
+        super().__init__()
+        if in_features < 1 or num_classes < 1 or any(int(h) < 1 for h in hidden):
+            raise ValueError(f"BaselineMLP: in_features, num_classes and hidden widths must be >= 1, got "
+                             f"{in_features}, {num_classes}, {list(hidden)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"BaselineMLP: dropout must lie in [0, 1), got {dropout}")
+        act = _activation(act_layer, "BaselineMLP")
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            # One activation module per layer (not a shared one): DeepLift / LRP hooks need each called once.
+            layers += [nn.Linear(width, int(h)), act()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            width = int(h)
+        layers.append(nn.Linear(width, num_classes))
+        self.layers = nn.Sequential(*layers)
+        self.in_features, self.num_classes = in_features, num_classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"BaselineMLP: expected input (B, {self.in_features}), got {tuple(x.shape)}")
+        return self.layers(x)
+
+
+class BaselineCNN(nn.Module):
+    """A small plain CNN for images `(B, C, H, W)`: conv stages, global average pooling, a linear head.
+
+    Args:
+        in_chans: image channels.
+        num_classes: outputs (logits).
+        channels: width of each stage (one 3x3 conv-BN-ReLU per stage, 2x2 max pooling between stages).
+    """
+
+    def __init__(self, in_chans: int, num_classes: int, channels: Sequence[int] = (16, 24, 32)) -> None:
+        super().__init__()
+        if in_chans < 1 or num_classes < 1 or not channels or any(int(c) < 1 for c in channels):
+            raise ValueError(f"BaselineCNN: in_chans, num_classes and the stage widths must be >= 1 (at least one "
+                             f"stage), got {in_chans}, {num_classes}, {list(channels)}")
+        layers: list[nn.Module] = []
+        width = in_chans
+        for stage, c in enumerate(channels):
+            if stage:
+                layers.append(nn.MaxPool2d(2))
+            layers += [nn.Conv2d(width, int(c), 3, padding=1, bias=False), nn.BatchNorm2d(int(c)), nn.ReLU()]
+            width = int(c)
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(width, num_classes)
+        self.in_chans, self.num_classes = in_chans, num_classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"BaselineCNN: expected input (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+BASELINE_ARCHITECTURES: dict[str, type[nn.Module]] = {"baseline_mlp": BaselineMLP, "baseline_cnn": BaselineCNN}
+"""Registered name -> class, in the form of `zoo.shapnets_models.ARCHITECTURES`."""
+
+default_cfgs = generate_default_cfgs({
+    name: PretrainedCfg(description=description, input_size=None, fixed_input_size=False, interpolation=None,
+                        crop_pct=None, crop_mode=None, mean=None, std=None, num_classes=None, license="mit")
+    for name, description in [
+        ("baseline_mlp", "Plain MLP for tabular data (pass in_features, num_classes, hidden): an accuracy baseline"),
+        ("baseline_cnn", "Plain small CNN for images (pass in_chans, num_classes, channels): an accuracy baseline"),
+    ]
+})
+
+
+def _create_baseline(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """Build a baseline, record its arguments and cfg as the ShapNet builders do, then load weights if asked."""
+    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    kwargs.pop("cache_dir", None)  # nothing is downloaded
+    kwargs.pop("pretrained_model_args", None)  # timm's `local-dir:` copy of model_args, already in kwargs
+    cfg = resolve_cfg(variant, pretrained_cfg, overlay)
+    cls = BASELINE_ARCHITECTURES[variant]
+    model_args = full_model_args(cls, kwargs)
+    model = cls(**model_args)
+    model.model_args = model_args
+    model.pretrained_cfg = cfg.to_dict()
+    model.default_cfg = model.pretrained_cfg  # timm's backwards-compatible alias
+    if pretrained:
+        from .hub import load_weights_into  # hub imports the registries: a top-level import would be circular
+
+        location = _weights_location(variant, cfg)
+        if location is None:
+            raise RuntimeError(f"{variant} ships no weights; train one (configs/baseline_*.yaml) and pass "
+                               "pretrained_cfg_overlay=dict(file=<folder or .safetensors>)")
+        load_weights_into(model, location)
+        model.pretrained_cfg["file"] = str(location)
+    return model
+
+
+@register_model
+def baseline_mlp(pretrained: bool = False, **kwargs: Any) -> BaselineMLP:
+    """Plain MLP baseline; kwargs of `BaselineMLP` (`in_features`, `num_classes`, `hidden`, ...)."""
+    return _create_baseline("baseline_mlp", pretrained, kwargs)
+
+
+@register_model
+def baseline_cnn(pretrained: bool = False, **kwargs: Any) -> BaselineCNN:
+    """Plain small CNN baseline; kwargs of `BaselineCNN` (`in_chans`, `num_classes`, `channels`)."""
+    return _create_baseline("baseline_cnn", pretrained, kwargs)
