@@ -21,7 +21,7 @@ from timm.models import PretrainedCfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ._args import ACT_LAYERS, full_model_args
-from .shapnets_models import _weights_location, resolve_cfg
+from ._build import finish_model, pop_timm_kwargs
 
 __all__ = ["BASELINE_ARCHITECTURES", "BaselineCNN", "BaselineMLP"]
 
@@ -120,27 +120,12 @@ default_cfgs = generate_default_cfgs({
 
 def _create_baseline(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     """Build a baseline, record its arguments and cfg as the ShapNet builders do, then load weights if asked."""
-    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
-    overlay = kwargs.pop("pretrained_cfg_overlay", None)
-    kwargs.pop("cache_dir", None)  # nothing is downloaded
-    kwargs.pop("pretrained_model_args", None)  # timm's `local-dir:` copy of model_args, already in kwargs
-    cfg = resolve_cfg(variant, pretrained_cfg, overlay)
+    cfg = pop_timm_kwargs(variant, kwargs)
     cls = BASELINE_ARCHITECTURES[variant]
     model_args = full_model_args(cls, kwargs)
-    model = cls(**model_args)
-    model.model_args = model_args
-    model.pretrained_cfg = cfg.to_dict()
-    model.default_cfg = model.pretrained_cfg  # timm's backwards-compatible alias
-    if pretrained:
-        from .hub import load_weights_into  # hub imports the registries: a top-level import would be circular
-
-        location = _weights_location(variant, cfg)
-        if location is None:
-            raise RuntimeError(f"{variant} ships no weights; train one (configs/baseline_*.yaml) and pass "
-                               "pretrained_cfg_overlay=dict(file=<folder or .safetensors>)")
-        load_weights_into(model, location)
-        model.pretrained_cfg["file"] = str(location)
-    return model
+    return finish_model(cls(**model_args), variant, model_args, cfg, pretrained,
+                        "none ship: train one (configs/baseline_*.yaml) and pass "
+                        "pretrained_cfg_overlay=dict(file=<folder or .safetensors>)")
 
 
 @register_model

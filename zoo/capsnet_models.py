@@ -27,8 +27,8 @@ from torch import nn
 from shapnets.capsnet import CapsNet
 
 from ._args import full_model_args
-from ._paths import WEIGHTS_NAME, shipped_dir
-from .shapnets_models import ShapNetCfg, _shipped_file, _weights_location, resolve_cfg
+from ._build import finish_model, pop_timm_kwargs, variant_kwargs
+from .shapnets_models import ShapNetCfg, _shipped_file
 
 __all__ = ["CAPSNET_ARCHITECTURES", "CAPSNET_VARIANT_DEFAULTS"]
 
@@ -99,37 +99,12 @@ CAPSNET_ARCHITECTURES: dict[str, type[nn.Module]] = {"capsnet": CapsNet}
 
 def _create_capsnet(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> CapsNet:
     """Build a CapsNet, record its arguments and cfg as the ShapNet builders do, then load whole-model weights."""
-    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
-    overlay = kwargs.pop("pretrained_cfg_overlay", None)
-    kwargs.pop("cache_dir", None)  # no download cache: nothing is downloaded
-    kwargs.pop("pretrained_model_args", None)  # timm's `local-dir:` copy of model_args, already in kwargs
-    cfg = resolve_cfg(variant, pretrained_cfg, overlay)
+    cfg = pop_timm_kwargs(variant, kwargs)
     if variant in CAPSNET_VARIANT_DEFAULTS:
-        # Documented defaults < the shipped config.json < the caller's kwargs, as for the ShapNet variants.
-        from .hub import read_config  # hub imports the registries: a top-level import would be circular
-
-        _, defaults = CAPSNET_VARIANT_DEFAULTS[variant]
-        shipped = shipped_dir(variant)
-        recorded = read_config(shipped)["model_args"] if (shipped / "config.json").is_file() else {}
-        kwargs = {**defaults, **recorded, **kwargs}
+        kwargs = variant_kwargs(variant, CAPSNET_VARIANT_DEFAULTS[variant][1], kwargs)
     model_args = full_model_args(CapsNet, kwargs)
-    model = CapsNet(**model_args)
-    model.model_args = model_args
-    model.pretrained_cfg = cfg.to_dict()
-    model.default_cfg = model.pretrained_cfg  # timm's backwards-compatible alias
-    if pretrained:
-        from .hub import load_weights_into  # hub imports the registries: a top-level import would be circular
-
-        location = _weights_location(variant, cfg)
-        location = location if location is not None else shipped_dir(variant) / WEIGHTS_NAME
-        if not location.exists():
-            raise RuntimeError(
-                f"{variant} has no shipped weights (looked in {location}); use pretrained=False or "
-                "pretrained_cfg_overlay=dict(file=<folder or .safetensors>)"
-            )
-        load_weights_into(model, location)
-        model.pretrained_cfg["file"] = str(location)
-    return model
+    return finish_model(CapsNet(**model_args), variant, model_args, cfg, pretrained,
+                        "use pretrained=False or pretrained_cfg_overlay=dict(file=<folder or .safetensors>)")
 
 
 @register_model

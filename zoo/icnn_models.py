@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from shapnets.icnn import InterpretableCNN
 
 from ._args import full_model_args
-from ._paths import WEIGHTS_NAME, shipped_dir
-from .shapnets_models import ShapNetCfg, _shipped_file, _weights_location, resolve_cfg
+from ._build import finish_model, pop_timm_kwargs, variant_kwargs
+from .shapnets_models import ShapNetCfg, _shipped_file
 
 __all__ = [
     "ICNN_ARCHITECTURES",
@@ -280,20 +280,11 @@ ICNN_ARCHITECTURES: dict[str, type[nn.Module]] = {name: TimmInterpretableCNN for
 
 def _create_icnn(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> TimmInterpretableCNN:
     """Build an ICNN, record its arguments and cfg as the ShapNet builders do, then load whole-model weights."""
-    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
-    overlay = kwargs.pop("pretrained_cfg_overlay", None)
-    kwargs.pop("cache_dir", None)  # no download cache: nothing is downloaded
-    kwargs.pop("pretrained_model_args", None)  # timm's `local-dir:` copy of model_args, already in kwargs
-    cfg = resolve_cfg(variant, pretrained_cfg, overlay)
+    cfg = pop_timm_kwargs(variant, kwargs)
     base = variant
     if variant in ICNN_VARIANT_DEFAULTS:
-        # Documented defaults < the shipped config.json < the caller's kwargs, as for the ShapNet variants.
-        from .hub import read_config  # hub imports the registries: a top-level import would be circular
-
         base, defaults = ICNN_VARIANT_DEFAULTS[variant]
-        shipped = shipped_dir(variant)
-        recorded = read_config(shipped)["model_args"] if (shipped / "config.json").is_file() else {}
-        kwargs = {**defaults, **recorded, **kwargs}
+        kwargs = variant_kwargs(variant, defaults, kwargs)
     if base in _DEFAULT_BACKBONES:
         given = kwargs.setdefault("backbone", _DEFAULT_BACKBONES[base])
         if given != _DEFAULT_BACKBONES[base]:
@@ -304,23 +295,9 @@ def _create_icnn(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> Timm
     model_args = full_model_args(TimmInterpretableCNN, kwargs)
     model = TimmInterpretableCNN(**model_args)
     # The backbone checkpoint only seeds the weights: a rebuild from config.json must not need the file.
-    model.model_args = {**model_args, "backbone_checkpoint_path": None}
-    model.pretrained_cfg = cfg.to_dict()
-    model.default_cfg = model.pretrained_cfg  # timm's backwards-compatible alias
-    if pretrained:
-        from .hub import load_weights_into  # hub imports the registries: a top-level import would be circular
-
-        location = _weights_location(variant, cfg)
-        location = location if location is not None else shipped_dir(variant) / WEIGHTS_NAME
-        if not location.exists():
-            raise RuntimeError(
-                f"{variant} has no shipped weights (looked in {location}); use pretrained=False, "
-                "pretrained_cfg_overlay=dict(file=<folder or .safetensors>), or backbone_checkpoint_path=<file> "
-                "to start only the backbone from a checkpoint"
-            )
-        load_weights_into(model, location)
-        model.pretrained_cfg["file"] = str(location)
-    return model
+    return finish_model(model, variant, {**model_args, "backbone_checkpoint_path": None}, cfg, pretrained,
+                        "use pretrained=False, pretrained_cfg_overlay=dict(file=<folder or .safetensors>), or "
+                        "backbone_checkpoint_path=<file> to start only the backbone from a checkpoint")
 
 
 @register_model
