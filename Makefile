@@ -32,7 +32,7 @@ lint: install
 	$(PY) -m ruff check shapnets zoo training tests benchmarks
 
 bench: install
-	$(PY) benchmarks/explain_cost.py
+	$(PY) -m training bench --out bench_out
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache .hypothesis
