@@ -25,49 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from shapnets import DeepShapNet, ShallowShapNet, butterfly_pairs, exact_shapley
+from training.bench import interleaved_medians, markdown_table
 
 Row = dict[str, object]
-
-
-# ---------------------------------------------------------------------------------------------
-# Measurement helpers
-# ---------------------------------------------------------------------------------------------
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median wall time of each function (after `warmup` untimed runs), timed in turn within every repeat.
-
-    Interleaving makes ratios between the functions robust to load that comes and goes (other jobs
-    on a shared machine): each repeat sees the same conditions for all of them.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def markdown_table(rows: Sequence[Row], columns: Sequence[str]) -> str:
-    def cell(value: object) -> str:
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
-        return str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def chunk_groups(in_features: int, size: int) -> list[tuple[int, ...]]:
@@ -92,7 +60,7 @@ def shallow_cost(args: argparse.Namespace) -> list[Row]:
     for label, groups in specs:
         net = ShallowShapNet(D, args.classes, groups, hidden=(args.hidden,)).eval()
         timed = {"forward": lambda net=net: net(x), "explain": lambda net=net: net.explain(x)}
-        t = interleaved_medians(timed, args.repeats)
+        t = interleaved_medians(timed, args.repeats, warmup=2)
         forward, explain = t["forward"], t["explain"]
         arities = [len(g) for g in net.groups]
         rows.append(
@@ -130,6 +98,7 @@ def deep_cost(args: argparse.Namespace) -> list[Row]:
         t = interleaved_medians(
             {"forward": lambda net=net, x=x: net(x), "explain": lambda net=net, x=x: net.explain(x), "once": once},
             args.repeats,
+            warmup=2,
         )
         forward, explain, plain = t["forward"], t["explain"], t["once"]
         rows.append(
@@ -173,7 +142,7 @@ def kernel_shap_comparison(args: argparse.Namespace) -> list[Row]:
                 "batch": lambda net=net, many=many: net.explain(many),
                 "one": lambda net=net, x=x: net.explain(x[:1]),
             }
-            t = interleaved_medians(timed, args.repeats)
+            t = interleaved_medians(timed, args.repeats, warmup=2)
             batched, single = t["batch"] / args.batch, t["one"]
 
         explainer = KernelShap(net)

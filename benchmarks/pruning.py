@@ -49,11 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from shapnets.pruning import stage_fractions
-
-# benchmarks/ is a folder of scripts, not a package: share the timing and table helpers of its sibling.
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from explain_cost import interleaved_medians, markdown_table
+from training.bench import interleaved_medians, markdown_table
 
 Row = dict[str, Any]
 

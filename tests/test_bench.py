@@ -170,6 +170,51 @@ def test_accuracy_reads_runs_and_marks_untrained_baselines(tmp_path: Path) -> No
     assert "95.12" in report and "not trained" in report
 
 
+# ------------------------------------------------------------------------------------------------ interactions
+def test_interactions_rows_match_the_oracle_and_write_their_files(tmp_path: Path) -> None:
+    from training.interactions_bench import interactions
+
+    torch.manual_seed(0)
+    cases = [tabular_case(ShallowShapNet(5, 3, "pairs", hidden=(8,)).eval(), 5, samples=4, name="shallow"),
+             tabular_case(DeepShapNet(4, 2, channels=4, hidden=(8,)).eval(), 4, samples=4, name="deep")]
+    rows = interactions(cases, out=tmp_path, oracle_samples=2)
+    by = {(r["model"], r["game"]): r for r in rows}
+    assert set(by) == {("shallow", "network (exact)"), ("deep", "last layer (per-layer game)"),
+                       ("deep", "network (oracle)")}
+    # A Shallow ShapNet's listed dividends are the whole network's: the float64 oracle agrees on every subset.
+    assert by["shallow", "network (exact)"]["oracle diff"] < 1e-5
+    assert by["shallow", "network (exact)"]["subsets"] == 5 + 10  # singletons and pairs
+    assert by["deep", "network (oracle)"]["subsets"] == 2**4 - 1 and by["deep", "network (oracle)"]["samples"] == 2
+    for row in rows:
+        assert 0 < row["mass in top"] <= 1 and row["decomposition error"] < 1e-4
+        assert row["order 1"] + row["order 2"] + row["order >= 3"] == pytest.approx(1.0)
+    assert by["shallow", "network (exact)"]["order >= 3"] == 0  # pairs: nothing above order 2 by construction
+    assert {p.name for p in tmp_path.glob("interactions.*")} == {"interactions.md", "interactions.json",
+                                                                 "interactions.png"}
+    assert all((tmp_path / row["chart"]).stat().st_size > 0 for row in rows)
+    assert len(json.loads((tmp_path / "interactions.json").read_text())["rows"]) == len(rows)
+
+
+def test_interactions_refuses_a_model_without_exact_interactions() -> None:
+    from training.config import UserError
+    from training.interactions_bench import interactions
+
+    with pytest.raises(UserError, match="mlp is a BaselineMLP, not a tabular Shallow or Deep ShapNet"):
+        interactions([tabular_case(BaselineMLP(4, 2, hidden=(8,)), 4, name="mlp")])
+    with pytest.raises(UserError, match=r"share must lie in \(0, 1\], got 1.5"):
+        interactions([], share=1.5)
+
+
+def test_run_interactions_quick_has_a_row_per_shipped_model(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")  # breast cancer ships with scikit-learn: no data folder needed
+    names = ["shapnet_shallow_breast_cancer", "shapnet_deep_breast_cancer"]
+    rows = bench.run(["interactions"], quick=True, out=tmp_path, zoo_models=names, verbose=False)["interactions"]
+    assert [r["model"] for r in rows] == names  # 30 features: no Deep oracle row (2^30 subsets)
+    assert all(r["inputs"].startswith("first 8 test samples") for r in rows)
+    report = (tmp_path / "interactions.md").read_text()
+    assert all(f"| {name} |" in report for name in names)
+
+
 def test_run_rejects_unknown_kinds() -> None:
     with pytest.raises(ValueError, match="unknown benchmark"):
         bench.run(["fidelty"])

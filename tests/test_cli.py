@@ -192,6 +192,49 @@ def test_explain_writes_a_plot(trained_run: Path, tmp_path: Path, capsys) -> Non
     assert written and all(p.stat().st_size > 0 for p in written)
 
 
+def test_interactions_prints_the_top_subsets_with_feature_names(trained_run: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "pairs.png"
+    argv = ["interactions", str(trained_run / "best.pt"), "--index", "2", "--top", "4", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "test[2]: predicted class_" in printed and "the network's exact game" in printed
+    ranked = [line for line in printed.splitlines() if " order " in line]
+    assert len(ranked) == 4 and all(line.split()[0].startswith("x") for line in ranked), printed
+    assert out.is_file() and out.stat().st_size > 0
+    assert main(["interactions", str(trained_run / "best.pt"), "--top", "20", "--max-order", "1"]) == 0
+    assert all(" order 1 " in line for line in capsys.readouterr().out.splitlines() if " order " in line)
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        (["--index", "100000"], ["--index 100000 out of range", "samples"]),
+        (["--layer", "0"], ["--layer", "Shallow ShapNet has one layer"]),
+        (["--target", "7"], ["--target 7 out of range for 3 classes"]),
+        (["--max-order", "0"], ["--max-order must be >= 1"]),
+    ],
+)
+def test_interactions_bad_arguments_exit_2(trained_run: Path, capsys, extra: list[str], fragments: list[str]) -> None:
+    assert main(["interactions", str(trained_run / "best.pt"), *extra]) == 2
+    assert_one_line_error(capsys, *fragments)
+
+
+def test_interactions_of_a_deep_layer_says_which_game(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "deep"
+    config = tmp_path / "tiny.yaml"
+    config.write_text("{}\n")
+    deep = [*TINY[:3], "model.name=shapnet_deep", "model.args.channels=4", "model.args.hidden=[8]", "train.epochs=1"]
+    assert main(["--quiet", "train", str(config), "--output", str(out), *sets(*deep)]) == 0
+    capsys.readouterr()
+    assert main(["interactions", str(out), "--layer", "0", "--top", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "per-layer game of layer 0" in printed and "channel " in printed  # a hidden layer: channels, not classes
+    assert main(["interactions", str(out), "--top", "3"]) == 0
+    assert "per-layer game of layer 2 of 0..2" in capsys.readouterr().out  # 8 features: 3 stages, the last shown
+    assert main(["interactions", str(out), "--layer", "5"]) == 2
+    assert_one_line_error(capsys, "--layer", "layer 5 out of range", "3 stages")
+
+
 def test_zoo_list_and_info(capsys) -> None:
     zoo = pytest.importorskip("zoo")
     if not hasattr(zoo, "list_models") or not hasattr(zoo, "model_info"):
@@ -238,4 +281,5 @@ def test_bench_unknown_kind_exits_2(capsys) -> None:
 def test_bench_all_kinds_quick(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     assert main(["--quiet", "bench", "--quick", "--out", str(out)]) == 0
-    assert {p.name for p in out.glob("*.md")} == {"fidelity.md", "speed.md", "scaling.md", "accuracy.md"}
+    assert {p.name for p in out.glob("*.md")} == {"fidelity.md", "speed.md", "scaling.md", "accuracy.md",
+                                                  "interactions.md"}

@@ -1,6 +1,7 @@
-"""`shapnets bench`: fidelity against the exact Shapley oracle, post-hoc baselines, speed, scaling and accuracy.
+"""`shapnets bench`: fidelity against the exact Shapley oracle, post-hoc baselines, speed, scaling, accuracy and
+the sparsity of exact interactions.
 
-Four benchmarks. Each is a function that returns its rows and, given `out`, writes `<out>/<kind>.md` (the tables,
+Five benchmarks. Each is a function that returns its rows and, given `out`, writes `<out>/<kind>.md` (the tables,
 headed by the date, the hardware and the command), `<out>/<kind>.json` (settings, environment, rows) and
 `<out>/<kind>.png` (a figure; skipped without matplotlib). `shapnets bench KIND... [--quick]` runs them.
 
@@ -56,6 +57,10 @@ headed by the date, the hardware and the command), `<out>/<kind>.json` (settings
     similar size trained by the same trainer on the same split (`configs/baseline_*.yaml`, read from the run's
     `summary.json`; "not trained" with the command otherwise).
 
+**interactions** - how sparse the exact interactions (Harsanyi dividends) of the tabular ShapNets are: the share
+    of |dividend| mass in the top 5% of the listed subsets, for the predicted class, mean over test samples, with
+    the float64 `exact_interactions` oracle alongside (D <= 16). See `training/interactions_bench.py`.
+
 Timings are wall clock on whatever else the machine runs; use `threads=1` (the CLI default) for stable numbers.
 """
 
@@ -108,7 +113,7 @@ __all__ = [
 
 Row = dict[str, Any]
 
-KINDS = ("fidelity", "speed", "scaling", "accuracy")
+KINDS = ("fidelity", "speed", "scaling", "accuracy", "interactions")
 KERNEL_SHAP_SAMPLES = (64, 256, 1024, 4096)
 CAPTUM_MISSING = "captum is not installed: pip install 'shapnets[baselines]' (or pip install captum)"
 OWN = "own explain()"
@@ -1296,8 +1301,9 @@ def run(kinds: Sequence[str], *, out: str | Path | None = None, quick: bool = Fa
         quick: CI settings.
         device: the scaling benchmark's device.
         data_root: where the zoo models' data sets are.
-        samples: samples per model (fidelity; speed's error columns).
-        zoo_models: the zoo models of fidelity and speed (default: every shipped one).
+        samples: samples per model (fidelity; speed's error columns; interactions).
+        zoo_models: the zoo models of fidelity, speed and interactions (default: every shipped one; interactions:
+            every shipped tabular ShapNet).
         command: the command line printed in the reports (default `sys.argv`).
         verbose: progress lines on stderr.
 
@@ -1320,8 +1326,13 @@ def run(kinds: Sequence[str], *, out: str | Path | None = None, quick: bool = Fa
                                   command=command, verbose=verbose)
         elif kind == "scaling":
             results[kind] = scaling(out=out, quick=quick, device=device, command=command, verbose=verbose)
-        else:
+        elif kind == "accuracy":
             results[kind] = accuracy(out=out, command=command)
+        else:
+            from .interactions_bench import interactions  # it builds on this module's cases and reports
+
+            results[kind] = interactions(out=out, quick=quick, samples=samples, zoo_models=zoo_models,
+                                         data_root=data_root, command=command, verbose=verbose)
         _progress(f"{kind}: {len(results[kind])} rows in {time.perf_counter() - start:.0f} s"
                   + (f" -> {Path(out) / kind}.md" if out is not None else ""), verbose)
     return results

@@ -5,7 +5,8 @@
     shapnets explain CHECKPOINT_OR_NAME [--index N]... [--input CSV] [--split test] [--out plot.png]
     shapnets zoo list [PATTERN] [--pretrained]
     shapnets zoo info NAME
-    shapnets bench [fidelity|speed|scaling|accuracy]... [--out DIR] [--quick]
+    shapnets interactions CHECKPOINT_OR_NAME [--index I] [--layer L] [--top K] [--max-order M] [--target C] [--out PNG]
+    shapnets bench [fidelity|speed|scaling|accuracy|interactions]... [--out DIR] [--quick]
 
 Mistakes in what was asked (bad config key, missing file, unknown model, missing data folder) print one line to
 stderr and exit with status 2; `--debug` shows the traceback instead. A diverged run exits with status 1.
@@ -290,6 +291,69 @@ def _plot(expl: Any, index: int, out: Path, feature_names: Any, class_names: Any
                             target=target)
 
 
+def _cmd_interactions(args: argparse.Namespace) -> int:
+    from shapnets import ConvShapNet, DeepShapNet, ShallowShapNet
+    from shapnets.interactions import check_layer
+
+    from .distributed import resolve_device
+
+    device = resolve_device(args.device)
+    loaded = load_source(args.source, device)
+    model, info = loaded.model, loaded.info
+    if not isinstance(model, ShallowShapNet | DeepShapNet | ConvShapNet):
+        raise UserError(f"{type(model).__name__} has no exact interactions: a Shallow, Deep or Conv ShapNet is needed")
+    if args.max_order is not None and args.max_order < 1:
+        raise UserError(f"--max-order must be >= 1 (the largest subset size listed), got {args.max_order}")
+    if args.top < 1:
+        raise UserError(f"--top must be >= 1, got {args.top}")
+    dataset = load_split(loaded, args.split, args.data_root)
+    if not -len(dataset) <= args.index < len(dataset):
+        raise UserError(f"--index {args.index} out of range: the {args.split} split has {len(dataset)} samples")
+    sample, label = dataset[args.index]
+    x = torch.as_tensor(sample)[None].to(device)
+    class_names = list(info.class_names)
+    with torch.no_grad():
+        predicted = int(model(x).argmax(1))
+        if isinstance(model, ShallowShapNet):
+            if args.layer is not None:
+                raise UserError("--layer: a Shallow ShapNet has one layer; its interactions are the network's own")
+            found, game, channels_are_classes = model.interactions(x, args.max_order), "the network's exact game", True
+        else:
+            try:
+                stage = check_layer(-1 if args.layer is None else args.layer, model.num_stages, type(model).__name__)
+            except IndexError as e:
+                raise UserError(f"--layer: {e}") from None
+            found = model.interactions(x, stage, args.max_order)
+            channels_are_classes = stage == model.num_stages - 1
+            game = (f"the per-layer game of layer {stage} of 0..{model.num_stages - 1} (with respect to that layer's "
+                    "own inputs; not the network's end-to-end interactions)")
+    found = found.detach().cpu()
+    # A hidden layer's outputs are channels, not classes: its default is the channel the sample moves most.
+    found.class_names = class_names if channels_are_classes else [f"channel {c}" for c in range(found.num_outputs)]
+    if found.player_names is None and info.feature_names and not isinstance(model, ConvShapNet):
+        found.player_names = list(info.feature_names)
+    target = args.target
+    if target is None:
+        target = predicted if channels_are_classes else int((found.output - found.base)[0].abs().argmax())
+    if not 0 <= target < found.num_outputs:
+        what = "classes" if channels_are_classes else f"channels in layer {stage}"
+        raise UserError(f"--target {target} out of range for {found.num_outputs} {what}")
+    from .plots import interactions_table
+
+    print(f"{args.split}[{args.index}]: predicted {class_names[predicted]}, true {class_names[int(label)]}; "
+          f"{type(model).__name__}: top {args.top} Harsanyi dividends of {game}")
+    print(interactions_table(found, 0, target, k=args.top))
+    if args.out:
+        from .plots import plot_interactions, plot_pixel_interactions
+
+        if isinstance(model, ConvShapNet):  # pixels: the strongest pairs drawn over the image
+            written = plot_pixel_interactions(found, args.out, image=x[0].cpu(), k=max(args.top, 2), target=target)
+        else:
+            written = plot_interactions(found, args.out, k=args.top, target=target)
+        print(f"  plot: {written}")
+    return 0
+
+
 def _cmd_zoo_list(args: argparse.Namespace) -> int:
     zoo = _zoo()
     for name in zoo.list_models(args.pattern or "", pretrained=args.pretrained):
@@ -393,6 +457,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write a plot here (PNG; one file per sample)")
     p.set_defaults(func=_cmd_explain)
 
+    p = commands.add_parser("interactions", parents=[common], help="the largest exact interactions (Harsanyi "
+                            "dividends) of one prediction of a Shallow, Deep or Conv ShapNet")
+    add_source(p)
+    p.add_argument("--index", type=int, default=0, help="sample index in --split (default 0)")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--layer", type=int, default=None,
+                   help="Deep/Conv ShapNets: the layer whose own game is shown (default: the last; negative counts "
+                   "from the end); Shallow ShapNets: the network's exact interactions, no --layer")
+    p.add_argument("--top", type=int, default=10, help="how many subsets to print (and plot)")
+    p.add_argument("--max-order", type=int, default=None, help="list only subsets of at most this many players")
+    p.add_argument("--target", type=int, default=None,
+                   help="the class (or the hidden layer's channel) to show (default: the predicted class, or the "
+                   "channel the sample moves most)")
+    p.add_argument("--out", default=None, help="write a PNG here (tabular: bar chart; Conv: pixel pairs)")
+    p.set_defaults(func=_cmd_interactions)
+
     p = commands.add_parser("export", parents=[common], help="export a trained run into the zoo (weights + card)")
     p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a run folder or a .pt checkpoint")
     p.add_argument("--name", required=True, help="the zoo name to export as, e.g. shapnet_deep_yeast")
@@ -404,14 +484,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = commands.add_parser("bench", parents=[common], help="benchmarks: fidelity vs the exact Shapley values, speed, "
-                            "scaling, accuracy (Markdown, JSON and PNG per benchmark)")
+                            "scaling, accuracy, interactions sparsity (Markdown, JSON and PNG per benchmark)")
     p.add_argument("kinds", nargs="*", metavar="KIND",
-                   help="fidelity, speed, scaling and/or accuracy (default: all four)")
+                   help="fidelity, speed, scaling, accuracy and/or interactions (default: all five)")
     p.add_argument("--out", default="bench_out", help="folder for <kind>.md / .json / .png (default: bench_out)")
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds to a minute; for CI)")
     p.add_argument("--models", nargs="+", default=None, metavar="NAME",
-                   help="zoo models for fidelity and speed (default: every shipped one; fidelity: tabular only)")
-    p.add_argument("--samples", type=int, default=None, help="samples per model (default 8, quick 3)")
+                   help="zoo models for fidelity, speed and interactions (default: every shipped one; fidelity: "
+                   "tabular only; interactions: tabular ShapNets only)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples per model (default 8, quick 3; interactions: 200, quick 8)")
     p.add_argument("--data-root", default=None, help="folder holding the raw data (default: $SHAPNETS_DATA)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the scaling benchmark")
     p.add_argument("--threads", type=int, default=1,
