@@ -554,7 +554,10 @@ class CapsNet(nn.Module):
         capsule_attributions = routing.coupling * agreement / scale
         base = torch.einsum("jd,bjd->bj", self.digits.bias, poses) / scale[:, 0]
         cells = reduce(capsule_attributions, "b (n g) j -> b g j", "sum", g=self.grid_size[0] * self.grid_size[1])
-        pixels = torch.einsum("bgj,gp->bpj", cells, self.pixel_shares.to(cells.dtype))
+        # Renormalised in the working dtype: the buffer was rounded in float32, and in float64 those rows would
+        # sum to 1 +- 6e-9, an error local accuracy would show.
+        shares = self.pixel_shares.to(cells.dtype)
+        pixels = torch.einsum("bgj,gp->bpj", cells, shares / shares.sum(dim=1, keepdim=True))
         extras = {"poses": poses, "coupling": routing.coupling, "capsule_attributions": capsule_attributions}
         if self.decoder is not None:
             extras["reconstruction"] = self.decode(poses, lengths.argmax(dim=1))
