@@ -32,8 +32,8 @@ def shipped(names: list[str], what: str = "") -> list:
 
 
 @functools.cache
-def _bundle(name: str, root: str | None, seed: int, val_fraction: float) -> DataBundle:
-    return load_dataset(name, root, seed=seed, val_fraction=val_fraction)
+def _bundle(name: str, root: str | None, seed: int, val_fraction: float, limit: int | None) -> DataBundle:
+    return load_dataset(name, root, seed=seed, val_fraction=val_fraction, limit=limit)
 
 
 def recorded_split(name: str, request: pytest.FixtureRequest) -> tuple[dict, DataBundle]:
@@ -41,10 +41,11 @@ def recorded_split(name: str, request: pytest.FixtureRequest) -> tuple[dict, Dat
     config = zoo.read_config(shipped_dir(name))
     info = config["data_info"]
     seed, val_fraction = int(info["split"]["seed"]), float(info["split"]["val_fraction"])
+    limit = info["split"].get("limit")  # a fine-tune on a subset of the training split (the test split is whole)
     try:
-        bundle = _bundle(info["name"], None, seed, val_fraction)
+        bundle = _bundle(info["name"], None, seed, val_fraction, limit)
     except FileNotFoundError:  # the data set needs files: the fixture skips with a message when they are absent
-        bundle = _bundle(info["name"], str(request.getfixturevalue("data_root")), seed, val_fraction)
+        bundle = _bundle(info["name"], str(request.getfixturevalue("data_root")), seed, val_fraction, limit)
     # The rebuilt data must be what the model was trained and tested on: same split, same preprocessing statistics.
     if "fingerprint" in info["split"]:
         assert bundle.info.split["fingerprint"] == info["split"]["fingerprint"], f"{name}: the split differs"
