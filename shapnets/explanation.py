@@ -15,19 +15,65 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["Explanation", "LocalAccuracyError"]
+__all__ = ["Explanation", "LocalAccuracyError", "TensorFields", "class_indices"]
+
+_T = TypeVar("_T", bound="TensorFields")
 
 
 class LocalAccuracyError(AssertionError):
     """Raised by `Explanation.check_local_accuracy` when attributions + base != output."""
 
 
+def class_indices(output: Tensor, target: int | Sequence[int] | Tensor) -> Tensor:
+    """`(B,)` class indices of `target` (one class for all samples, or one per sample) for outputs `(B, C)`.
+
+    Raises:
+        TypeError: a bool.
+        IndexError: a class outside `[-C, C)` (one class) or `[0, C)` (per sample).
+        ValueError: per-sample targets whose count is not `B`.
+    """
+    B, C = output.shape
+    if isinstance(target, bool):
+        raise TypeError("target must be a class index, got a bool")
+    if isinstance(target, Tensor) and target.dim() == 0:
+        target = int(target.item())
+    elif isinstance(target, numbers.Integral):  # numpy integers too
+        target = int(target)
+    if isinstance(target, int):
+        if not -C <= target < C:
+            raise IndexError(f"class {target} out of range for {C} outputs")
+        return torch.full((B,), target % C, dtype=torch.long, device=output.device)
+    index = torch.as_tensor(target, dtype=torch.long, device=output.device).reshape(-1)
+    if index.numel() != B:
+        raise ValueError(f"need one target per sample ({B}), got {index.numel()}")
+    if index.numel() and (index.min() < 0 or index.max() >= C):
+        raise IndexError(f"targets must lie in [0, {C}), got range [{index.min()}, {index.max()}]")
+    return index
+
+
+class TensorFields:
+    """`detach` / `to` / `cpu` for a dataclass of tensors, through its `_map(fn)` (fn applied to every tensor)."""
+
+    def _map(self: _T, fn) -> _T:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def detach(self: _T) -> _T:
+        return self._map(lambda t: t.detach())
+
+    def to(self: _T, *args, **kwargs) -> _T:
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def cpu(self: _T) -> _T:
+        return self._map(lambda t: t.cpu())
+
+
 @dataclass
-class Explanation:
+class Explanation(TensorFields):
     """Attributions of a batch of outputs to the players of a game.
 
     Attributes:
@@ -158,23 +204,7 @@ class Explanation:
         return self.output.argmax(dim=1)
 
     def _target_index(self, target: int | Sequence[int] | Tensor) -> Tensor:
-        B, C = self.output.shape
-        if isinstance(target, bool):
-            raise TypeError("target must be a class index, got a bool")
-        if isinstance(target, Tensor) and target.dim() == 0:
-            target = int(target.item())
-        elif isinstance(target, numbers.Integral):  # numpy integers too
-            target = int(target)
-        if isinstance(target, int):
-            if not -C <= target < C:
-                raise IndexError(f"class {target} out of range for {C} outputs")
-            return torch.full((B,), target % C, dtype=torch.long, device=self.output.device)
-        index = torch.as_tensor(target, dtype=torch.long, device=self.output.device).reshape(-1)
-        if index.numel() != B:
-            raise ValueError(f"need one target per sample ({B}), got {index.numel()}")
-        if index.numel() and (index.min() < 0 or index.max() >= C):
-            raise IndexError(f"targets must lie in [0, {C}), got range [{index.min()}, {index.max()}]")
-        return index
+        return class_indices(self.output, target)
 
     # ------------------------------------------------------------------ conversion
     def _map(self, fn) -> Explanation:
@@ -187,15 +217,6 @@ class Explanation:
             layers=None if self.layers is None else [fn(z) for z in self.layers],
             extras={k: fn(v) for k, v in self.extras.items()},
         )
-
-    def detach(self) -> Explanation:
-        return self._map(lambda t: t.detach())
-
-    def to(self, *args, **kwargs) -> Explanation:
-        return self._map(lambda t: t.to(*args, **kwargs))
-
-    def cpu(self) -> Explanation:
-        return self._map(lambda t: t.cpu())
 
     def __getitem__(self, index: int | slice) -> Explanation:
         """Samples of the batch: `expl[0]` keeps a batch of one, `expl[2:5]` a slice."""

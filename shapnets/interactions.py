@@ -37,7 +37,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .explanation import Explanation, LocalAccuracyError
+from .explanation import LocalAccuracyError, TensorFields, class_indices
 from .modules import _coalition_table
 from .oracle import coalition_values
 
@@ -166,7 +166,7 @@ def check_layer(layer: int, num_layers: int, who: str) -> int:
 # The record
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class Interactions:
+class Interactions(TensorFields):
     """Harsanyi dividends and pairwise Shapley interaction indices of a batch of games.
 
     Every sample of the batch is a game over the same `P` players with the same listed subsets; the values
@@ -402,8 +402,7 @@ class Interactions:
     def _target_index(self, target: int | Sequence[int] | Tensor | None) -> Tensor:
         if target is None:
             return self.output.argmax(1)
-        # The same rules (and messages) as Explanation's: it reads only `output`.
-        return Explanation._target_index(self, target)  # type: ignore[arg-type]
+        return class_indices(self.output, target)
 
     def top(
         self,
@@ -476,15 +475,6 @@ class Interactions:
     def _map(self, fn) -> Interactions:
         return replace(self, dividends=fn(self.dividends), sii=fn(self.sii), base=fn(self.base),
                        output=fn(self.output))
-
-    def detach(self) -> Interactions:
-        return self._map(lambda t: t.detach())
-
-    def to(self, *args, **kwargs) -> Interactions:
-        return self._map(lambda t: t.to(*args, **kwargs))
-
-    def cpu(self) -> Interactions:
-        return self._map(lambda t: t.cpu())
 
     def __getitem__(self, index: int | slice) -> Interactions:
         """Samples of the batch: `inter[0]` keeps a batch of one, `inter[2:5]` a slice."""
