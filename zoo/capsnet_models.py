@@ -29,6 +29,7 @@ from shapnets.capsnet import CapsNet
 from ._args import full_model_args
 from ._build import finish_model, pop_timm_kwargs, variant_kwargs
 from .shapnets_models import ShapNetCfg, _shipped_file
+from .shapnets_models import _cfg as zoo_cfg
 
 __all__ = ["CAPSNET_ARCHITECTURES", "CAPSNET_VARIANT_DEFAULTS"]
 
@@ -40,17 +41,11 @@ _EXPLANATION = ("normalised routing attribution (not Shapley values): each prima
 
 
 def _cfg(description: str, **kwargs: Any) -> ShapNetCfg:
-    defaults = dict(
+    """The zoo's cfg (`zoo.shapnets_models._cfg`) with this family's paper, pixel players and explanation."""
+    family = dict(
         description=description,
-        input_size=None,
         fixed_input_size=True,
-        interpolation=None,
-        crop_pct=None,
-        crop_mode=None,
-        mean=None,
-        std=None,
         num_classes=None,
-        license="mit",
         paper_name=PAPER,
         paper_ids=PAPER_ID,
         origin_url="https://github.com/Sarasra/models/tree/master/research/capsules",
@@ -58,7 +53,7 @@ def _cfg(description: str, **kwargs: Any) -> ShapNetCfg:
         player_axes=("height", "width"),
         explanation=_EXPLANATION,
     )
-    return ShapNetCfg(**{**defaults, **kwargs})
+    return zoo_cfg(**{**family, **kwargs})
 
 
 def _mnist_cfg(name: str, description: str) -> ShapNetCfg:

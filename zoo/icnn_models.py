@@ -42,6 +42,7 @@ from shapnets.icnn import InterpretableCNN
 from ._args import full_model_args
 from ._build import finish_model, pop_timm_kwargs, variant_kwargs
 from .shapnets_models import ShapNetCfg, _shipped_file
+from .shapnets_models import _cfg as zoo_cfg
 
 __all__ = [
     "ICNN_ARCHITECTURES",
@@ -200,17 +201,11 @@ class TimmInterpretableCNN(InterpretableCNN):
 
 
 def _cfg(description: str, **kwargs: Any) -> ShapNetCfg:
-    defaults = dict(
+    """The zoo's cfg (`zoo.shapnets_models._cfg`) with this family's paper, pixel players and explanation."""
+    family = dict(
         description=description,
-        input_size=None,
         fixed_input_size=False,
-        interpolation=None,
-        crop_pct=None,
-        crop_mode=None,
-        mean=None,
-        std=None,
         num_classes=None,
-        license="mit",
         paper_name=PAPER,
         paper_ids=PAPER_ID,
         origin_url="https://github.com/zqs1022/interpretableCNN",
@@ -219,7 +214,7 @@ def _cfg(description: str, **kwargs: Any) -> ShapNetCfg:
         explanation=("local accuracy holds exactly: each logit is split over the interpretable filters (linear "
                      "head on pooled masked maps) and each filter's share over the pixels of its masked map"),
     )
-    return ShapNetCfg(**{**defaults, **kwargs})
+    return zoo_cfg(**{**family, **kwargs})
 
 
 default_cfgs = generate_default_cfgs(
