@@ -17,8 +17,18 @@ __all__ = ["check_input", "check_reference", "format_shape"]
 
 
 def format_shape(spec: Sequence[int | str | None]) -> str:
-    """`(None, 30, 1)` -> `(B, 30, 1)`; strings are kept as labels."""
-    return "(" + ", ".join("B" if s is None else str(s) for s in spec) + ")"
+    """`(None, 30, 1)` -> `(B, 30, 1)`, `(None, 3, None, None)` -> `(B, 3, H, W)`; strings are kept as labels.
+
+    `None` is any size: the batch `B` first, `H` and `W` for the spatial axes of an image, `*` elsewhere.
+    """
+    def label(i: int) -> str:
+        if i == 0:
+            return "B"
+        if len(spec) == 4 and i >= 2:
+            return "HW"[i - 2]
+        return "*"
+
+    return "(" + ", ".join(label(i) if s is None else str(s) for i, s in enumerate(spec)) + ")"
 
 
 def check_input(

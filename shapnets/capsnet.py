@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import Tensor, nn
 
+from ._streaming import StreamedBatches, streamed
 from ._validation import check_input
 from .explanation import Explanation
 
@@ -333,7 +334,7 @@ class ReconstructionLossTerm:
 
 
 # ---------------------------------------------------------------------------------------------------- model
-class CapsNet(nn.Module):
+class CapsNet(StreamedBatches, nn.Module):
     """The CapsNet of Sabour et al. (2017): conv1, PrimaryCaps, DigitCaps with dynamic routing, and a decoder.
 
     Defaults give the paper's MNIST network (8,215,728 parameters: 6,804,384 without the decoder). See the
@@ -436,6 +437,12 @@ class CapsNet(nn.Module):
         votes = self.digits.votes(self.primary(F.relu(self.conv1(x))))
         return votes, self.digits.route(votes)
 
+    def working_elements(self, x: Tensor) -> int:
+        conv = self.conv1.out_channels * x.shape[-2] * x.shape[-1]
+        votes = self.digits.weight[..., 0].numel()  # (N, J, D): one vote per primary capsule and class
+        return max(conv, votes)
+
+    @streamed
     def forward(self, x: Tensor) -> Tensor:
         """`(B, in_chans, H, W) -> (B, num_classes)` class scores: the class capsules' lengths, in [0, 1)."""
         _, routing = self.route(self._check(x))
@@ -528,6 +535,7 @@ class CapsNet(nn.Module):
         return self.decoder
 
     # ------------------------------------------------------------------ explanation
+    @streamed
     def explain(self, x: Tensor) -> Explanation:
         """Class scores split over input pixels through the routing (a normalised routing attribution).
 

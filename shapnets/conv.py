@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ._streaming import StreamedBatches, streamed
 from ._validation import check_input, check_reference
 from .explanation import Explanation
 from .interactions import Interactions, check_layer
@@ -145,7 +146,7 @@ class ShapleyConv2d(nn.Module):
                                               player_shape=(height, width), method=type(self).__name__)
 
 
-class ConvShapNet(nn.Module):
+class ConvShapNet(StreamedBatches, nn.Module):
     """Deep convolutional ShapNet for images.
 
     Args:
@@ -256,10 +257,16 @@ class ConvShapNet(nn.Module):
             layers.append(z)
         return layers
 
+    def working_elements(self, x: Tensor) -> int:
+        pixels = x.shape[-2] * x.shape[-1]
+        return pixels * max(stage.bank.coalition_elements() for stage in self.stages)
+
+    @streamed
     def forward(self, x: Tensor) -> Tensor:
         """Logits `(B, num_classes)`: the spatial sum of the last Shapley map."""
         return self.representations(self._check(x))[-1].sum((1, 2))
 
+    @streamed
     def explain(self, x: Tensor, layers: bool = False) -> Explanation:
         """Full-resolution explanation from the forward pass.
 

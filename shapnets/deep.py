@@ -30,6 +30,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ._streaming import StreamedBatches, streamed
 from ._tabular import TabularGame
 from .explanation import Explanation
 from .interactions import Interactions, check_layer
@@ -104,7 +105,7 @@ def _from_pairs(z: Tensor, stride: int) -> Tensor:
     return rearrange(z, "... (hi lo) two c -> ... (hi two lo) c", two=2, lo=stride)
 
 
-class DeepShapNet(TabularGame):
+class DeepShapNet(StreamedBatches, TabularGame):
     """Deep ShapNet with butterfly wiring: local accuracy and missingness at every layer.
 
     Args:
@@ -208,10 +209,15 @@ class DeepShapNet(TabularGame):
             layers.append(z)
         return layers
 
+    def working_elements(self, x: Tensor) -> int:
+        return max(stage.coalition_elements() for stage in self.stages)
+
+    @streamed
     def forward(self, x: Tensor) -> Tensor:
         """Logits: the sum over features of the last Shapley representation."""
         return self.representations(x)[-1].index_select(1, self.live_rows).sum(1)
 
+    @streamed
     def explain(self, x: Tensor, layers: bool = False) -> Explanation:
         """The network's own explanation (one forward pass; training pays the same cost).
 

@@ -234,6 +234,31 @@ class Explanation(TensorFields):
             extras={k: v[sl] for k, v in self.extras.items()},
         )
 
+    @classmethod
+    def concat(cls, parts: Sequence[Explanation]) -> Explanation:
+        """Join explanations of consecutive batches of the same game along the batch axis.
+
+        Raises:
+            ValueError: no parts, or parts that explain different games (players, outputs, layers, extras).
+        """
+        if not parts:
+            raise ValueError("Explanation.concat needs at least one explanation")
+        first = parts[0]
+        for p in parts[1:]:
+            if (p.player_shape, p.num_outputs, p.player_axes, p.exact) != (
+                first.player_shape, first.num_outputs, first.player_axes, first.exact
+            ) or (p.layers is None) != (first.layers is None) or p.extras.keys() != first.extras.keys():
+                raise ValueError("Explanation.concat: the parts explain different games (players, outputs, "
+                                 "layers or extras differ)")
+        return replace(
+            first,
+            attributions=torch.cat([p.attributions for p in parts]),
+            base=torch.cat([p.base for p in parts]),
+            output=torch.cat([p.output for p in parts]),
+            layers=None if first.layers is None else [torch.cat(z) for z in zip(*(p.layers for p in parts))],
+            extras={k: torch.cat([p.extras[k] for p in parts]) for k in first.extras},
+        )
+
     def __repr__(self) -> str:
         kind = "exact Shapley" if self.exact else "Shapley representation"
         return (

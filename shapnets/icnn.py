@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ._streaming import StreamedBatches, streamed
 from ._validation import check_input
 from .explanation import Explanation
 
@@ -447,7 +448,7 @@ class FilterLossTerm:
 
 
 # ---------------------------------------------------------------------------------------------------- model
-class InterpretableCNN(nn.Module):
+class InterpretableCNN(StreamedBatches, nn.Module):
     """A backbone, an interpretable conv layer on its top feature map, and a linear head on pooled filters.
 
     `logits = W pool(x_masked) + b`, with `pool` the spatial mean (or max) of each masked filter map. The
@@ -535,6 +536,12 @@ class InterpretableCNN(nn.Module):
     def _pooled(self, masked: Tensor) -> Tensor:
         return masked.mean(dim=(2, 3)) if self.pool == "avg" else masked.amax(dim=(2, 3))
 
+    def working_elements(self, x: Tensor) -> int:
+        # A backbone's widest activation is not known in advance: budget 256 values per input pixel (a VGG's
+        # 64-channel full-resolution maps, a few alive at once).
+        return 256 * x.shape[-2] * x.shape[-1]
+
+    @streamed
     def forward(self, x: Tensor) -> Tensor:
         """`(B, in_chans, H_in, W_in) -> (B, num_classes)` logits."""
         x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
@@ -558,6 +565,7 @@ class InterpretableCNN(nn.Module):
         return self.interpretable_layer.filter_classes
 
     # ------------------------------------------------------------------ explanation
+    @streamed
     def explain(self, x: Tensor) -> Explanation:
         """Logits split exactly over input pixels through the interpretable filters.
 

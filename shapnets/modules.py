@@ -374,6 +374,11 @@ class ShapleyModuleBank(nn.Module):
         widths = [self.weights[0].shape[1]] + [w.shape[2] for w in self.weights]
         return f"groups={self.num_groups}, players={self.num_players}, mlp={'-'.join(map(str, widths))}"
 
+    def coalition_elements(self) -> int:
+        """Elements of the widest activation over all coalitions of all groups, per sample (memory estimates)."""
+        widest = max([self.weights[0].shape[1]] + [w.shape[2] for w in self.weights])
+        return self.num_groups * (1 << self.num_players) * widest
+
     def bias(self, layer: int) -> Tensor | None:
         """Layer `layer`'s bias `(G, width)`, or None (the output layer without `output_bias`)."""
         return self.biases[layer] if layer < len(self.biases) else None
@@ -536,9 +541,9 @@ class ShapleyModuleBank(nn.Module):
         modules_done = int((pattern != 0).sum())
         self._count(total, total * 2**k, total - modules_done, total * 2**k - coalitions)
         return (
-            phi.reshape(*batch, G, k, -1),
-            base.reshape(*batch, G, -1),
-            output.reshape(*batch, G, -1),
+            phi.reshape(*batch, G, k, out_channels),  # explicit sizes: -1 is ambiguous for an empty batch
+            base.reshape(*batch, G, out_channels),
+            output.reshape(*batch, G, out_channels),
         )
 
     def module(self, g: int) -> ShapleyModule:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._streaming import StreamedBatches, streamed
 from ._tabular import TabularGame
 from .explanation import Explanation
 from .interactions import Interactions
@@ -63,7 +64,7 @@ def make_groups(groups: GroupSpec, in_features: int) -> list[tuple[int, ...]]:
     return resolved
 
 
-class ShallowShapNet(TabularGame):
+class ShallowShapNet(StreamedBatches, TabularGame):
     """A Shallow ShapNet: exact Shapley values of the whole network in one forward pass.
 
     Args:
@@ -118,6 +119,10 @@ class ShallowShapNet(TabularGame):
     def _index(self, k: int) -> Tensor:
         return getattr(self, f"index_{k}")
 
+    def working_elements(self, x: Tensor) -> int:
+        return sum(bank.coalition_elements() for bank in self.banks)
+
+    @streamed
     def forward(self, x: Tensor) -> Tensor:
         """Logits `sum_j f_j(x_{A_j})` with one inner evaluation per module."""
         x = self._check(x)
@@ -126,6 +131,7 @@ class ShallowShapNet(TabularGame):
             out = out + bank(x[:, self._index(k)]).sum(1)  # (B, G, k, C) -> (B, G, O) -> (B, O)
         return out
 
+    @streamed
     def explain(self, x: Tensor) -> Explanation:
         """Exact Shapley values of every output w.r.t. every feature.
 

@@ -511,7 +511,7 @@ def test_parts_data_rejects_bad_arguments() -> None:
 # ------------------------------------------------------------------------------------------------ bad input
 def test_bad_inputs_raise_clear_errors() -> None:
     model = small_model()
-    with pytest.raises(ValueError, match=r"expects input of shape \(B, 3, B, B\), got \(2, 1, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"expects input of shape \(B, 3, H, W\), got \(2, 1, 16, 16\)"):
         model(torch.randn(2, 1, 16, 16))
     with pytest.raises(ValueError, match="expects input of shape"):
         model.explain(torch.randn(3, 16, 16))

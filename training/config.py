@@ -78,6 +78,8 @@ class DataConfig:
         seed: seed of the train/val split (separate from the training seed so that the split is stable).
         num_workers: DataLoader worker processes.
         limit: keep at most this many samples per split (smoke runs).
+        shift_pixels: translate each training image by a random offset of up to this many pixels per axis
+            (edges replicated; the CapsNet paper's 2-pixel shifts); 0 = no augmentation. Images only.
     """
 
     name: str = "breast_cancer"
@@ -88,6 +90,7 @@ class DataConfig:
     seed: int = 0
     num_workers: int = 0
     limit: int | None = None
+    shift_pixels: int = 0
 
 
 @dataclass
@@ -282,6 +285,7 @@ def _validate(cfg: ExperimentConfig) -> None:
         (0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must lie in [0, 1)"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.data.limit is None or cfg.data.limit >= 1, "data.limit must be >= 1 or null"),
+        (cfg.data.shift_pixels >= 0, "data.shift_pixels must be >= 0"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),

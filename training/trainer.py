@@ -38,6 +38,7 @@ from shapnets import ConvShapNet, DeepShapNet, ShallowShapNet
 
 from . import checkpoint as ckpt
 from .config import ExperimentConfig, ModelConfig, OptimConfig, UserError, config_to_dict, save_config
+from .data.augment import random_shift
 from .distributed import (
     DistInfo,
     ResumableDistributedSampler,
@@ -445,6 +446,9 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
         seed_everything(tc.seed)
         bundle = data if data is not None else load_data(cfg)
         info = bundle.info
+        if dc.shift_pixels and len(info.input_shape) != 3:
+            raise UserError(f"data.shift_pixels={dc.shift_pixels} needs images, but {info.name} has inputs of shape "
+                            f"{tuple(info.input_shape)}; set it to 0")
         model = build_model(cfg.model, info)
         if cfg.model.init_from:
             initialize_from(model, cfg.model.init_from, cfg.model.strict_init)
@@ -581,6 +585,8 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
             epoch_samples = 0
             for x, y in _progress(train_loader, steps_per_epoch - batch_in_epoch, show_progress, f"epoch {epoch + 1}"):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if dc.shift_pixels:
+                    x = random_shift(x, dc.shift_pixels)
                 with autocast():
                     out_step = objective.forward(step_module, x, y)
                     loss, values = objective(out_step, y)

@@ -20,6 +20,8 @@ from typing import Any
 from timm.models import PretrainedCfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
+from shapnets._validation import check_input
+
 from ._args import ACT_LAYERS, full_model_args
 from ._build import finish_model, pop_timm_kwargs
 
@@ -68,9 +70,7 @@ class BaselineMLP(nn.Module):
         self.in_features, self.num_classes = in_features, num_classes
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 2 or x.shape[1] != self.in_features:
-            raise ValueError(f"BaselineMLP: expected input (B, {self.in_features}), got {tuple(x.shape)}")
-        return self.layers(x)
+        return self.layers(check_input(x, [(None, self.in_features)], type(self).__name__, self))
 
 
 class BaselineCNN(nn.Module):
@@ -100,8 +100,7 @@ class BaselineCNN(nn.Module):
         self.in_chans, self.num_classes = in_chans, num_classes
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"BaselineCNN: expected input (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
         return self.head(self.pool(self.features(x)).flatten(1))
 
 
