@@ -7,13 +7,16 @@ names the expected and the given value, never a silent wrong answer.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_input", "check_reference", "format_shape"]
+__all__ = ["check_input", "check_reference", "finite_output", "format_shape", "image_size_errors"]
 
 
 def format_shape(spec: Sequence[int | str | None]) -> str:
@@ -74,6 +77,9 @@ def check_input(
                     f"{who}: input dtype {x.dtype} does not match the model's {param.dtype}; "
                     f"cast the input (x.to({param.dtype})) or the model (model.to({x.dtype}))"
                 )
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        # Made under torch.inference_mode() but used outside it: autograd cannot save it, a copy can be.
+        x = x.clone()
     if check_finite and x.numel() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{who}: input contains {bad} non-finite value(s) (NaN or inf)")
@@ -105,3 +111,54 @@ def check_reference(
     if not bool(torch.isfinite(ref).all()):
         raise ValueError(f"{who}: reference contains NaN or inf")
     return ref
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def finite_output(method: _F) -> _F:
+    """Decorate `forward` / `explain(self, x, ...)`: a non-finite result from a finite input is an error.
+
+    Inputs are checked for NaN / inf on the way in; a finite input can still overflow inside a model (e.g. values
+    of 1e20 where normalised pixels are expected: a capsule's squared length overflows float32), and weights can be
+    broken. Such a result is refused, naming the input's magnitude or the broken weights, instead of being returned
+    as NaN logits or attributions. Not in training mode: there the trainer stops on a non-finite loss.
+    """
+
+    @functools.wraps(method)
+    def run(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+        result = method(self, x, *args, **kwargs)
+        if self.training:  # the trainer stops on a non-finite loss and keeps its last good checkpoint
+            return result
+        tensors = [result] if isinstance(result, Tensor) else [result.output, result.attributions, result.base]
+        bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.numel())
+        if bad:
+            broken = [n for n, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
+            if broken:
+                raise ValueError(f"{type(self).__name__}.{method.__name__}: non-finite result: the model's weights "
+                                 f"contain NaN or inf ({', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''})")
+            magnitude = float(x.detach().abs().max()) if isinstance(x, Tensor) and x.numel() else 0.0
+            raise ValueError(
+                f"{type(self).__name__}.{method.__name__}: {bad} non-finite value(s) in the result of a finite "
+                f"input (max |x| = {magnitude:.3g}): the input overflows {x.dtype} inside the model; check its "
+                "scaling (the model expects its training preprocessing) or run the model in float64"
+            )
+        return result
+
+    return run  # type: ignore[return-value]
+
+
+# What torch says when a pooling or convolution window does not fit: the image is too small for the network.
+_TOO_SMALL = ("output size is too small", "can't be greater than actual input size", "input size must be at least")
+
+
+@contextlib.contextmanager
+def image_size_errors(x: Tensor, who: str) -> Iterator[None]:
+    """Turn torch's "output size is too small" errors inside a CNN into an error naming the image size."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not any(s in str(e).lower() for s in _TOO_SMALL):
+            raise
+        raise ValueError(f"{who}: a {x.shape[-2]}x{x.shape[-1]} image is too small for this network "
+                         f"(its convolutions and poolings shrink it below one cell: {e})") from None

@@ -64,7 +64,7 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 
 from ._streaming import StreamedBatches, streamed
-from ._validation import check_input
+from ._validation import check_input, finite_output
 from .explanation import Explanation
 
 __all__ = [
@@ -443,6 +443,7 @@ class CapsNet(StreamedBatches, nn.Module):
         return max(conv, votes)
 
     @streamed
+    @finite_output
     def forward(self, x: Tensor) -> Tensor:
         """`(B, in_chans, H, W) -> (B, num_classes)` class scores: the class capsules' lengths, in [0, 1)."""
         _, routing = self.route(self._check(x))
@@ -536,6 +537,7 @@ class CapsNet(StreamedBatches, nn.Module):
 
     # ------------------------------------------------------------------ explanation
     @streamed
+    @finite_output
     def explain(self, x: Tensor) -> Explanation:
         """Class scores split over input pixels through the routing (a normalised routing attribution).
 

@@ -29,7 +29,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ._streaming import StreamedBatches, streamed
-from ._validation import check_input, check_reference
+from ._validation import check_input, check_reference, finite_output
 from .explanation import Explanation
 from .interactions import Interactions, check_layer
 from .modules import ShapleyModuleBank, evaluation_stats
@@ -262,11 +262,13 @@ class ConvShapNet(StreamedBatches, nn.Module):
         return pixels * max(stage.bank.coalition_elements() for stage in self.stages)
 
     @streamed
+    @finite_output
     def forward(self, x: Tensor) -> Tensor:
         """Logits `(B, num_classes)`: the spatial sum of the last Shapley map."""
         return self.representations(self._check(x))[-1].sum((1, 2))
 
     @streamed
+    @finite_output
     def explain(self, x: Tensor, layers: bool = False) -> Explanation:
         """Full-resolution explanation from the forward pass.
 

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ._streaming import StreamedBatches, streamed
 from ._tabular import TabularGame
+from ._validation import finite_output
 from .explanation import Explanation
 from .interactions import Interactions, check_layer
 from .modules import ShapleyModuleBank, evaluation_stats
@@ -213,11 +214,13 @@ class DeepShapNet(StreamedBatches, TabularGame):
         return max(stage.coalition_elements() for stage in self.stages)
 
     @streamed
+    @finite_output
     def forward(self, x: Tensor) -> Tensor:
         """Logits: the sum over features of the last Shapley representation."""
         return self.representations(x)[-1].index_select(1, self.live_rows).sum(1)
 
     @streamed
+    @finite_output
     def explain(self, x: Tensor, layers: bool = False) -> Explanation:
         """The network's own explanation (one forward pass; training pays the same cost).
 

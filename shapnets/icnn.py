@@ -74,7 +74,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ._streaming import StreamedBatches, streamed
-from ._validation import check_input
+from ._validation import check_input, finite_output, image_size_errors
 from .explanation import Explanation
 
 __all__ = [
@@ -523,7 +523,8 @@ class InterpretableCNN(StreamedBatches, nn.Module):
     # ------------------------------------------------------------------ forward
     def top_features(self, x: Tensor) -> Tensor:
         """The backbone's top feature map `(B, C, H, W)`."""
-        out = self.backbone(x)
+        with image_size_errors(x, type(self).__name__):
+            out = self.backbone(x)
         if isinstance(out, dict):
             out = list(out.values())
         if isinstance(out, list | tuple):
@@ -542,6 +543,7 @@ class InterpretableCNN(StreamedBatches, nn.Module):
         return 256 * x.shape[-2] * x.shape[-1]
 
     @streamed
+    @finite_output
     def forward(self, x: Tensor) -> Tensor:
         """`(B, in_chans, H_in, W_in) -> (B, num_classes)` logits."""
         x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
@@ -566,6 +568,7 @@ class InterpretableCNN(StreamedBatches, nn.Module):
 
     # ------------------------------------------------------------------ explanation
     @streamed
+    @finite_output
     def explain(self, x: Tensor) -> Explanation:
         """Logits split exactly over input pixels through the interpretable filters.
 

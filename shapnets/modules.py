@@ -31,7 +31,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ._validation import check_input, check_reference
+from ._validation import check_input, check_reference, finite_output
 from .explanation import Explanation
 
 if TYPE_CHECKING:
@@ -227,6 +227,7 @@ class ShapleyModule(nn.Module):
     def _check(self, x: Tensor) -> Tensor:
         return check_input(x, [(None, self.num_players, self.in_channels)], "ShapleyModule", self)
 
+    @finite_output
     def forward(self, x: Tensor) -> Tensor:
         """`f(x)`: one evaluation of the inner network. `x`: `(B, k, C_in)` -> `(B, C_out)`."""
         x = self._check(x)
@@ -253,6 +254,7 @@ class ShapleyModule(nn.Module):
             values = self.inner(rearrange(hybrids, "t b k c -> (t b) (k c)"))
         return rearrange(values, "(t b) o -> t b o", t=2**k)
 
+    @finite_output
     def explain(self, x: Tensor) -> Explanation:
         """Exact Shapley values of the inner network at `x`.
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ._streaming import StreamedBatches, streamed
 from ._tabular import TabularGame
+from ._validation import finite_output
 from .explanation import Explanation
 from .interactions import Interactions
 from .modules import MAX_PLAYERS, ShapleyModuleBank
@@ -123,6 +124,7 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         return sum(bank.coalition_elements() for bank in self.banks)
 
     @streamed
+    @finite_output
     def forward(self, x: Tensor) -> Tensor:
         """Logits `sum_j f_j(x_{A_j})` with one inner evaluation per module."""
         x = self._check(x)
@@ -132,6 +134,7 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         return out
 
     @streamed
+    @finite_output
     def explain(self, x: Tensor) -> Explanation:
         """Exact Shapley values of every output w.r.t. every feature.
 

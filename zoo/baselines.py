@@ -20,7 +20,7 @@ from typing import Any
 from timm.models import PretrainedCfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from shapnets._validation import check_input
+from shapnets._validation import check_input, finite_output, image_size_errors
 
 from ._args import ACT_LAYERS, full_model_args
 from ._build import finish_model, pop_timm_kwargs
@@ -69,6 +69,7 @@ class BaselineMLP(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.in_features, self.num_classes = in_features, num_classes
 
+    @finite_output
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(check_input(x, [(None, self.in_features)], type(self).__name__, self))
 
@@ -99,9 +100,12 @@ class BaselineCNN(nn.Module):
         self.head = nn.Linear(width, num_classes)
         self.in_chans, self.num_classes = in_chans, num_classes
 
+    @finite_output
     def forward(self, x: Tensor) -> Tensor:
         x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
-        return self.head(self.pool(self.features(x)).flatten(1))
+        with image_size_errors(x, type(self).__name__):
+            features = self.features(x)
+        return self.head(self.pool(features).flatten(1))
 
 
 BASELINE_ARCHITECTURES: dict[str, type[nn.Module]] = {"baseline_mlp": BaselineMLP, "baseline_cnn": BaselineCNN}
