@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,6 +13,8 @@ from torch import nn
 
 from shapnets import ConvShapNet, DeepShapNet, ShallowShapNet, ShapleyModule, exact_shapley
 from shapnets.deep import butterfly_stages_needed
+
+pytestmark = pytest.mark.reliability("fuzz")
 
 DT = torch.float64
 ATOL = 1e-10
