@@ -90,6 +90,20 @@ def _signed_weights(k: int) -> Tensor:
     return signed
 
 
+def _null_players_exactly_zero(phi: Tensor, delta: Tensor) -> Tensor:
+    """Zero the Shapley values of players at the reference (offset exactly 0), keeping their gradients.
+
+    Such a player is null in its module's game (adding it changes no coalition), so its value is 0 in exact
+    arithmetic; in floating point, a matrix product may round two equal columns differently (by position in the
+    kernel's blocking) and leave ~1e-18. Missingness is a guarantee, so it is enforced: the forward value is exactly
+    `phi - phi = 0`, and the gradient (its value moves once the player leaves the reference) is phi's own.
+    """
+    present = delta.ne(0).any(-1, keepdim=True)  # (..., G, k, 1)
+    if phi.requires_grad:
+        return torch.where(present, phi, phi - phi.detach())
+    return phi.masked_fill(~present, 0.0)
+
+
 class _ShapleyCombine(torch.autograd.Function):
     """The linear map from coalition values to Shapley values, exact zeros forward, one matmul backward.
 
@@ -402,10 +416,20 @@ class ShapleyModuleBank(nn.Module):
 
     def _rest(self, h: Tensor) -> Tensor:
         """Layers after the first one, on `(..., G, h_1)` pre-activations."""
+        lead = h.shape[:-2]
+        grouped = self._rest_grouped(rearrange(h.reshape(-1, *h.shape[-2:]), "n g h -> g h n"))
+        return rearrange(grouped, "g o n -> n g o").reshape(*lead, self.num_groups, grouped.shape[1])
+
+    def _rest_grouped(self, h: Tensor) -> Tensor:
+        """Layers after the first one on group-major, feature-major pre-activations `(G, h_1, M)` -> `(G, C_out, M)`.
+
+        In this layout every layer is one batched matrix product `W^T a` over the groups whose long side is the
+        `M` samples x coalitions, with no copies between layers (a `(..., G, h)` layout makes each product permute
+        its operand to `(G, ..., h)` and back, and with `C_out` = 2 outputs `a W` is a needle-thin product).
+        """
         for i in range(1, len(self.weights)):
-            h = torch.einsum("...gi,gio->...go", self.act(h), self.weights[i])
-            if (b := self.bias(i)) is not None:
-                h += b
+            a, w_t, b = self.act(h), self.weights[i].transpose(1, 2), self.bias(i)
+            h = torch.baddbmm(b[:, :, None], w_t, a) if b is not None else torch.bmm(w_t, a)
         return h
 
     def forward(self, x: Tensor) -> Tensor:
@@ -424,12 +448,50 @@ class ShapleyModuleBank(nn.Module):
             reference: the reference, `(G, k, C)` or with leading axes broadcastable to `delta`;
                 `None` means zero.
         """
-        k = self.num_players
-        at_reference = self._at_reference(delta, reference)
-        projected = torch.einsum("...gkc,gkch->...gkh", delta, self._first_layer_weight())
-        pre = torch.einsum("tk,...gkh->t...gh", coalition_masks(k, delta.device, delta.dtype), projected)
-        pre += at_reference  # in place: this is the largest tensor of the computation
-        return self._rest(pre)
+        k, groups = self.num_players, self.num_groups
+        batch = delta.shape[:-3]
+        n = batch.numel()
+        at_reference = self._at_reference(delta, reference)  # (G, h_1), or (..., G, h_1) per instance
+        shared_base = at_reference.dim() == 2
+        flat = delta.reshape(n, groups, k, delta.shape[-1])
+        weight = rearrange(self._first_layer_weight(), "g k c h -> k g h c")
+        projected = torch.matmul(weight, rearrange(flat, "n g k c -> k g c n"))  # (k, G, h_1, n)
+        if shared_base:
+            start = at_reference[:, :, None]  # (G, h_1, 1): broadcast, never materialised per sample
+        else:
+            start = rearrange(at_reference.expand(*batch, groups, -1).reshape(n, groups, -1), "n g h -> g h n")
+        # Pre-activations of every coalition in the layout of _rest_grouped: coalition t (members = set bits of t)
+        # is coalition t without its highest player plus that player's projection, one add per coalition.
+        # With a shared reference the empty coalition is the same for every sample: it is evaluated once, as one
+        # extra leading column of the same products (the same arithmetic as every other coalition, so that a player
+        # at the reference gets exactly 0).
+        lead = 1 if shared_base else 0
+        hidden = projected.shape[2]
+        if torch.is_grad_enabled() and (projected.requires_grad or start.requires_grad):
+            coalitions = [start.expand(groups, -1, n)]
+            for t in range(1, 2**k):
+                top = t.bit_length() - 1
+                coalitions.append(coalitions[t ^ (1 << top)] + projected[top])
+            if shared_base:
+                coalitions[0] = start
+            pre = torch.cat([c.reshape(groups, hidden, -1) for c in coalitions], dim=2)
+        else:  # written in place: the largest tensor of the computation is allocated once
+            pre = projected.new_empty(groups, hidden, lead + (2**k - lead) * n)
+            grid = pre[:, :, lead:].view(groups, hidden, 2**k - lead, n)  # grid[:, :, t - lead] = coalition t
+            if shared_base:
+                pre[:, :, 0] = start[:, :, 0]
+            else:
+                grid[:, :, 0] = start
+            for t in range(1, 2**k):
+                top = t.bit_length() - 1
+                rest = t ^ (1 << top)
+                torch.add(grid[:, :, rest - lead] if rest else start, projected[top], out=grid[:, :, t - lead])
+        out = self._rest_grouped(pre)  # (G, C_out, lead + coalitions x samples)
+        values = rearrange(out[:, :, lead:], "g o (t n) -> t n g o", t=2**k - lead, n=n)
+        if shared_base:
+            base = rearrange(out[:, :, :1], "g o 1 -> 1 1 g o")
+            values = torch.cat([base.expand(1, n, groups, -1), values])
+        return values.reshape(2**k, *batch, groups, values.shape[-1])
 
     def shapley(
         self, delta: Tensor, reference: Tensor | None = None, skip_inactive: bool = False
@@ -452,7 +514,7 @@ class ShapleyModuleBank(nn.Module):
             return self._shapley_skipping(delta, reference)
         values = self.coalition_values(delta, reference)
         self._count(delta.shape[:-2].numel(), delta.shape[:-2].numel() * 2**self.num_players, 0, 0)
-        return shapley_from_values(values, self.num_players), values[0], values[-1]
+        return _null_players_exactly_zero(shapley_from_values(values, self.num_players), delta), values[0], values[-1]
 
     # ------------------------------------------------------------------ skipping inactive players
     stats: dict[str, int]
