@@ -18,6 +18,7 @@ from training import checkpoint as ckpt
 from training.config import UserError
 
 
+@pytest.mark.reliability("runs")
 def test_atomic_save_survives_a_crash_before_the_rename(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "last.pt"
     ckpt.save_checkpoint({"model": {"w": torch.ones(3)}, "step": 1}, path)
@@ -34,6 +35,7 @@ def test_atomic_save_survives_a_crash_before_the_rename(tmp_path: Path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"], "no temp files left behind"
 
 
+@pytest.mark.reliability("runs")
 def test_atomic_save_survives_a_failing_serialiser(tmp_path: Path) -> None:
     path = tmp_path / "best.pt"
     ckpt.save_checkpoint({"model": {}, "step": 1}, path)
@@ -43,6 +45,7 @@ def test_atomic_save_survives_a_failing_serialiser(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
 
 
+@pytest.mark.reliability("weights")
 def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
     path = tmp_path / "c.pt"
     state = {"model": {"w": torch.randn(2)}, "rng": ckpt.capture_rng_state(torch.Generator().manual_seed(3)),
@@ -53,6 +56,7 @@ def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
     assert loaded["config"] == state["config"]
 
 
+@pytest.mark.reliability("weights")
 def test_unreadable_files_are_user_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="checkpoint not found"):
         ckpt.load_checkpoint(tmp_path / "missing.pt")
@@ -113,6 +117,15 @@ WORKER = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)  # dies with the newer state unsaved
             return save(state, path)
         ckpt.save_checkpoint = save_or_die
+    if mode == "killstep":  # SIGKILL inside optimizer step number kill_at_step, after backward, before the update
+        step = torch.optim.AdamW.step
+        calls = [0]
+        def step_or_die(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == kill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(self, *args, **kwargs)
+        torch.optim.AdamW.step = step_or_die
     train(cfg, data=bundle, output_dir=out, resume=mode == "resume")
 """)
 
@@ -123,6 +136,7 @@ def _run(script: Path, *args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.reliability("runs")
 def test_sigkilled_run_resumes_to_identical_parameters(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
@@ -148,6 +162,45 @@ def test_sigkilled_run_resumes_to_identical_parameters(tmp_path: Path) -> None:
         unequal = [k for k in flat_a if not torch.equal(flat_a[k], flat_b[k])]
         assert not unequal, f"{key}: {unequal}"
     assert a["scheduler"] == b["scheduler"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The reference: the same run, never killed (36 steps)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    script = root / "worker.py"
+    script.write_text(WORKER)
+    proc = _run(script, "full", str(root / "full"), "-1")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return ckpt.load_checkpoint(root / "full" / "last.pt")
+
+
+@pytest.mark.reliability("runs", per="function")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(seed: int, tmp_path: Path,
+                                                                   uninterrupted_run: dict) -> None:
+    """SIGKILL at a random step (drawn from the seed), resume: parameters, EMA, optimizer identical (torch.equal)."""
+    kill_at = random.Random(seed).randint(2, 35)  # any of the 36 steps but the first (no checkpoint before it)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    killed = _run(script, "killstep", str(tmp_path / "run"), str(kill_at))
+    _, err = killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL, err
+    if (tmp_path / "run" / "last.pt").is_file():  # a checkpoint every 4 steps and at each epoch's end
+        assert ckpt.load_checkpoint(tmp_path / "run" / "last.pt")["step"] < kill_at
+        resumed = _run(script, "resume", str(tmp_path / "run"), "-1")
+    else:  # killed before the first checkpoint: nothing to resume, the run starts over
+        resumed = _run(script, "full", str(tmp_path / "run"), "-1")
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    b = ckpt.load_checkpoint(tmp_path / "run" / "last.pt")
+    assert b["step"] == uninterrupted_run["step"] == 36
+    for key in ("model", "ema", "optimizer"):
+        flat_a, flat_b = _tensors(uninterrupted_run[key]), _tensors(b[key])
+        assert flat_a.keys() == flat_b.keys()
+        unequal = [k for k in flat_a if not torch.equal(flat_a[k], flat_b[k])]
+        assert not unequal, f"killed at step {kill_at}: {key} differs: {unequal}"
 
 
 def _tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -48,6 +48,7 @@ def test_train_writes_a_run_and_prints_the_summary(trained_run: Path, capsys) ->
     assert summary["steps"] == 6 and 0 <= summary["test"]["acc"] <= 1
 
 
+@pytest.mark.reliability("cli")
 def test_bad_config_key_exits_2_with_a_suggestion(tmp_path: Path, capsys) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"train": {"epoch": 3}}))
@@ -55,6 +56,7 @@ def test_bad_config_key_exits_2_with_a_suggestion(tmp_path: Path, capsys) -> Non
     assert_one_line_error(capsys, "unknown key 'epoch'", "did you mean 'epochs'", "c.yaml")
 
 
+@pytest.mark.reliability("cli")
 @pytest.mark.parametrize(
     ("argv", "fragments"),
     [
@@ -72,6 +74,7 @@ def test_user_errors_exit_2_without_traceback(tmp_path: Path, capsys, argv: list
     assert_one_line_error(capsys, *fragments)
 
 
+@pytest.mark.reliability("cli")
 def test_unknown_model_and_missing_data_folder_exit_2(tmp_path: Path, capsys, monkeypatch) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("{}\n")
@@ -85,6 +88,7 @@ def test_unknown_model_and_missing_data_folder_exit_2(tmp_path: Path, capsys, mo
     assert_one_line_error(capsys, "mnist", str(missing))
 
 
+@pytest.mark.reliability("cli")
 def test_existing_output_needs_overwrite(trained_run: Path, capsys) -> None:
     assert main(["train", str(trained_run / "config.yaml"), "--output", str(trained_run)]) == 2
     assert_one_line_error(capsys, "already holds a run", "--overwrite")
@@ -99,6 +103,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
         main(["train", str(tmp_path / "nope.yaml"), "--debug"])
 
 
+@pytest.mark.reliability("cli")
 def test_argparse_errors_exit_2(capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(["train"])
@@ -179,6 +184,7 @@ def test_explain_raw_rows_round_trip_to_the_printed_values(trained_run: Path, tm
     assert "x0 = 3.5 " in out and "x1 = -2 " in out, out
 
 
+@pytest.mark.reliability("cli")
 def test_explain_index_out_of_range(trained_run: Path, capsys) -> None:
     assert main(["explain", str(trained_run / "best.pt"), "--index", "100000"]) == 2
     assert_one_line_error(capsys, "out of range", "samples")
@@ -205,6 +211,7 @@ def test_interactions_prints_the_top_subsets_with_feature_names(trained_run: Pat
     assert all(" order 1 " in line for line in capsys.readouterr().out.splitlines() if " order " in line)
 
 
+@pytest.mark.reliability("cli")
 @pytest.mark.parametrize(
     ("extra", "fragments"),
     [
@@ -248,6 +255,7 @@ def test_zoo_list_and_info(capsys) -> None:
     assert_one_line_error(capsys, "shapnet_dep")
 
 
+@pytest.mark.reliability("cli")
 def test_module_entry_point_exit_code(tmp_path: Path) -> None:
     """`python -m training` (what the `shapnets` script and torchrun run) turns user errors into status 2."""
     proc = subprocess.run([sys.executable, "-m", "training", "train", str(tmp_path / "missing.yaml")],
@@ -272,6 +280,7 @@ def test_bench_quick_writes_tables_with_every_method_row(tmp_path: Path, capsys)
     assert "cores)" in report and report.splitlines()[2][:4].isdigit()
 
 
+@pytest.mark.reliability("cli")
 def test_bench_unknown_kind_exits_2(capsys) -> None:
     assert main(["bench", "fidelty"]) == 2
     assert_one_line_error(capsys, "unknown benchmark", "fidelty", "fidelity, speed, scaling, accuracy")

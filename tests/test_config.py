@@ -54,6 +54,7 @@ def test_saved_config_reloads_equal_after_overrides(tmp_path: Path) -> None:
     assert again == cfg and again.model.args["hidden"] == [64, 64]
 
 
+@pytest.mark.reliability("cli")
 @pytest.mark.parametrize(
     ("values", "expected"),
     [
@@ -70,6 +71,7 @@ def test_unknown_key_names_key_section_and_suggestion(tmp_path: Path, values: di
         assert fragment in message, message
 
 
+@pytest.mark.reliability("cli")
 @pytest.mark.parametrize(
     ("values", "expected"),
     [
@@ -91,6 +93,7 @@ def test_wrong_type_names_key_expected_and_given(tmp_path: Path, values: dict, e
         assert fragment in str(info.value), str(info.value)
 
 
+@pytest.mark.reliability("cli")
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [
@@ -117,6 +120,7 @@ def test_override_values_are_parsed_as_yaml() -> None:
     assert cfg.data.root == "some/dir" and cfg.optim.lr == pytest.approx(1e-4) and cfg.train.ema_decay == 0.999
 
 
+@pytest.mark.reliability("cli")
 def test_scalar_where_a_section_is_expected_in_an_override(tmp_path: Path) -> None:
     path = write(tmp_path, {"train": {"epochs": 3}})
     with pytest.raises(ConfigError, match=r"train\.epochs is the value 3, not a section"):
@@ -129,6 +133,7 @@ def test_overrides_do_not_touch_other_keys() -> None:
     assert values == {"train": {"epochs": 9, "seed": 3}}
 
 
+@pytest.mark.reliability("cli")
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [
@@ -146,6 +151,7 @@ def test_invalid_values_are_rejected(override: str, fragment: str) -> None:
     assert fragment in str(info.value)
 
 
+@pytest.mark.reliability("cli")
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
@@ -159,6 +165,7 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
         load_config(scalar)
 
 
+@pytest.mark.reliability("cli")
 def test_error_names_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, {"train": {"epochz": 1}}, "named.yaml")
     with pytest.raises(ConfigError, match=r"named\.yaml"):

@@ -265,6 +265,7 @@ def test_layer_terms_need_an_explain_with_layers(tmp_path: Path, monkeypatch) ->
 
 
 # ------------------------------------------------------------------------------------------------ robustness
+@pytest.mark.reliability("runs")
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch) -> None:
     steps_per_epoch = 6  # 48 samples / batch 8
 
@@ -285,6 +286,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, monke
     assert len(read_csv(tmp_path / "run" / "metrics.csv")) == 2
 
 
+@pytest.mark.reliability("runs")
 def test_existing_output_folder_needs_overwrite(tmp_path: Path) -> None:
     cfg = toy_config(tmp_path, "train.max_steps=1")
     train(cfg, data=toy_bundle())
@@ -340,6 +342,7 @@ def test_ema_weights_are_evaluated_and_checkpointed(tmp_path: Path) -> None:
         assert torch.equal(best["banks.0.weights.0"], ema_weights["banks.0.weights.0"])
 
 
+@pytest.mark.reliability("runs")
 def test_resume_after_max_steps_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     """In-process version of the kill-and-resume test (the subprocess one is in test_checkpoint.py)."""
     full = train(toy_config(tmp_path / "a", "train.ema_decay=0.9"), data=toy_bundle())

@@ -116,11 +116,13 @@ def test_variant_defaults_are_documented_and_overridable() -> None:
     assert sum(p.numel() for p in smaller.parameters()) < sum(p.numel() for p in default.parameters())
 
 
+@pytest.mark.reliability("weights")
 def test_unknown_name_lists_close_matches() -> None:
     with pytest.raises(ValueError, match=r"unknown model 'shapnet_deap'.*shapnet_deep"):
         zoo.create_model("shapnet_deap")
 
 
+@pytest.mark.reliability("weights")
 def test_hub_names_are_refused_offline() -> None:
     with pytest.raises(ValueError, match="never downloads"):
         zoo.create_model("hf-hub:someone/shapnet")
@@ -207,6 +209,7 @@ def test_training_wrappers_are_unwrapped(tmp_path: Path) -> None:
     assert loaded.state_dict().keys() == model.state_dict().keys()  # no "module." prefix
 
 
+@pytest.mark.reliability("weights")
 def test_model_args_that_do_not_describe_the_model_are_refused(tmp_path: Path) -> None:
     model = DeepShapNet(in_features=4, num_classes=2, channels=4, hidden=(8,))
     with pytest.raises(
@@ -236,6 +239,7 @@ def test_unsaveable_arguments_and_metadata_are_refused(tmp_path: Path) -> None:
 # --- refusing bad checkpoints -----------------------------------------------------------------
 
 
+@pytest.mark.reliability("weights")
 def test_tampered_bytes_are_a_hash_mismatch(checkpoint: Path) -> None:
     path = checkpoint / "model.safetensors"
     data = bytearray(path.read_bytes())
@@ -245,6 +249,7 @@ def test_tampered_bytes_are_a_hash_mismatch(checkpoint: Path) -> None:
         zoo.load_pretrained(checkpoint)
 
 
+@pytest.mark.reliability("weights")
 def test_truncated_file_is_refused(checkpoint: Path) -> None:
     path = checkpoint / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-16])
@@ -259,6 +264,7 @@ def test_truncated_file_is_refused(checkpoint: Path) -> None:
         zoo.load_pretrained(checkpoint)
 
 
+@pytest.mark.reliability("weights")
 def test_pickle_renamed_to_safetensors_is_refused(checkpoint: Path) -> None:
     state = load((checkpoint / "model.safetensors").read_bytes())
     torch.save(state, checkpoint / "model.safetensors")
@@ -267,6 +273,7 @@ def test_pickle_renamed_to_safetensors_is_refused(checkpoint: Path) -> None:
         zoo.load_pretrained(checkpoint)
 
 
+@pytest.mark.reliability("weights")
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -285,6 +292,7 @@ def test_state_dict_that_does_not_fit_is_refused(checkpoint: Path, edit, message
         zoo.load_pretrained(checkpoint)
 
 
+@pytest.mark.reliability("weights")
 def test_architecture_args_that_do_not_fit_the_weights_are_listed(checkpoint: Path) -> None:
     config = json.loads((checkpoint / "config.json").read_text())
     _edit_config(checkpoint, model_args={**config["model_args"], "hidden": [6]})
@@ -292,6 +300,7 @@ def test_architecture_args_that_do_not_fit_the_weights_are_listed(checkpoint: Pa
         zoo.load_pretrained(checkpoint)
 
 
+@pytest.mark.reliability("weights")
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -311,6 +320,7 @@ def test_invalid_config_is_refused(checkpoint: Path, changes: dict, message: str
         zoo.load_pretrained(checkpoint)
 
 
+@pytest.mark.reliability("weights")
 def test_config_missing_keys_or_not_json_is_refused(checkpoint: Path) -> None:
     config = json.loads((checkpoint / "config.json").read_text())
     del config["model_args"]
@@ -322,6 +332,7 @@ def test_config_missing_keys_or_not_json_is_refused(checkpoint: Path) -> None:
         zoo.load_pretrained(checkpoint)
 
 
+@pytest.mark.reliability("weights")
 def test_game_metadata_must_match_the_reference_buffer(checkpoint: Path) -> None:
     game = json.loads((checkpoint / "config.json").read_text())["game"]
     _edit_config(checkpoint, game={**game, "reference": [[0.0]] * 5})
@@ -332,6 +343,7 @@ def test_game_metadata_must_match_the_reference_buffer(checkpoint: Path) -> None
         zoo.load_pretrained(checkpoint)
 
 
+@pytest.mark.reliability("weights")
 def test_missing_checkpoint_is_reported(tmp_path: Path, no_shipped_weights: Path) -> None:
     with pytest.raises(FileNotFoundError, match="shapnet_conv_mnist has no shipped weights"):
         zoo.load_pretrained("shapnet_conv_mnist")

@@ -244,11 +244,16 @@ def _state_differences(
 
 
 def _check_game(model: nn.Module, config: Mapping[str, Any], where: str) -> None:
-    """The reference recorded in config.json must be the model's reference buffer (shape and values)."""
+    """The game recorded in config.json must be the model's: player count and reference buffer (shape, values)."""
     game = config.get("game") or {}
     reference = getattr(model, "reference", None)
     if reference is None:
         return
+    num_players = getattr(model, "num_players", None)
+    if game.get("num_players") is not None and num_players is not None and game["num_players"] != num_players:
+        raise ValueError(
+            f"{where}: game.num_players {game['num_players']!r} does not match the model's {num_players} players"
+        )
     if "reference_shape" in game and list(game["reference_shape"]) != list(reference.shape):
         raise ValueError(
             f"{where}: game.reference_shape {game['reference_shape']} does not match the model's reference buffer "
@@ -304,6 +309,11 @@ def load_weights_into(
     problems = _state_differences(model.state_dict(), state)
     if problems:
         raise ValueError(f"{path} does not fit {type(model).__name__}: " + "; ".join(problems))
+    # A hash only proves the file is the one config.json names; NaN / inf weights would give NaN logits silently.
+    broken = sorted(k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if broken:
+        raise ValueError(f"{path}: tensor(s) {broken[:5]}{' ...' if len(broken) > 5 else ''} contain NaN or inf "
+                         "values; refusing weights that cannot give finite outputs")
     model.load_state_dict(state, strict=True)
     if config is not None:
         _check_game(model, config, str(path.parent / CONFIG_NAME))
