@@ -545,7 +545,7 @@ class ShapleyModuleBank(nn.Module):
         if needed > (1 - self.skip_threshold) * n * G * 2**k:
             values = self.coalition_values(delta, reference)
             self._count(n * G, n * G * 2**k, 0, 0)
-            return shapley_from_values(values, k), values[0], values[-1]
+            return _null_players_exactly_zero(shapley_from_values(values, k), delta), values[0], values[-1]
 
         w1 = self._first_layer_weight()
         # Pre-activation at the reference: per group when the reference has no batch axes (every use here), else

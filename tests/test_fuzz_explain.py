@@ -24,8 +24,10 @@ from shapnets.deep import butterfly_stages_needed
 pytestmark = pytest.mark.reliability("fuzz")
 
 DT = torch.float64
-FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                        HealthCheck.too_slow])
+# Derandomized so that CI sees the same 25 cases per test every run; to explore, set derandomize=False and raise
+# max_examples (a randomized exploration found the dense-fallback missingness bug fixed in modules.py).
+FUZZ = settings(max_examples=25, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 seeds = st.integers(0, 2**31 - 1)
 # Exact zeros, tiny and large magnitudes; no NaN / inf (those are refused, see test_reliability_inputs.py).
 values = st.one_of(st.just(0.0), st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False),
