@@ -27,7 +27,8 @@ CATEGORIES = {
     "weights": "Weight files: broken, tampered or hostile checkpoints and configs",
     "runs": "Runs: killed, crashed, diverged or overwritten training runs",
     "cli": "Configs and CLI: user errors exit non-zero with a message, never a traceback",
-    "fuzz": "Fuzzing: hypothesis over every model's explain (20-25 generated cases per test; local accuracy, missingness)",
+    "fuzz": "Fuzzing: hypothesis over every model's explain (20-25 generated cases per test; local accuracy, "
+            "missingness)",
 }
 
 
