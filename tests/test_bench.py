@@ -231,7 +231,7 @@ def test_baselines_build_by_name_round_trip_and_reject_bad_input(tmp_path: Path)
         zoo.save_pretrained(model, tmp_path / type(model).__name__)
         loaded = zoo.load_pretrained(tmp_path / type(model).__name__).eval()
         assert torch.equal(loaded(x), model(x))
-    with pytest.raises(ValueError, match=r"expected input \(B, 5\), got \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"BaselineMLP expects input of shape \(B, 5\), got \(2, 4\)"):
         mlp(torch.randn(2, 4))
     with pytest.raises(ValueError, match="unknown act_layer 'swishy'"):
         zoo.create_model("baseline_mlp", in_features=5, num_classes=3, act_layer="swishy")

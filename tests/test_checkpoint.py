@@ -156,12 +156,7 @@ def test_sigkilled_run_resumes_to_identical_parameters(tmp_path: Path) -> None:
     a = ckpt.load_checkpoint(tmp_path / "full" / "last.pt")
     b = ckpt.load_checkpoint(tmp_path / "killed" / "last.pt")
     assert a["step"] == b["step"] == 36
-    for key in ("model", "ema", "optimizer"):
-        flat_a, flat_b = _tensors(a[key]), _tensors(b[key])
-        assert flat_a.keys() == flat_b.keys()
-        unequal = [k for k in flat_a if not torch.equal(flat_a[k], flat_b[k])]
-        assert not unequal, f"{key}: {unequal}"
-    assert a["scheduler"] == b["scheduler"]
+    _assert_same_training_state(a, b, "killed while writing step 20")
 
 
 @pytest.fixture(scope="module")
@@ -196,11 +191,17 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(seed: int, tm
     assert resumed.returncode == 0, err
     b = ckpt.load_checkpoint(tmp_path / "run" / "last.pt")
     assert b["step"] == uninterrupted_run["step"] == 36
+    _assert_same_training_state(uninterrupted_run, b, f"killed at step {kill_at}")
+
+
+def _assert_same_training_state(a: dict, b: dict, label: str) -> None:
+    """Parameters, EMA and optimizer state bitwise equal (torch.equal), the same scheduler state."""
     for key in ("model", "ema", "optimizer"):
-        flat_a, flat_b = _tensors(uninterrupted_run[key]), _tensors(b[key])
+        flat_a, flat_b = _tensors(a[key]), _tensors(b[key])
         assert flat_a.keys() == flat_b.keys()
         unequal = [k for k in flat_a if not torch.equal(flat_a[k], flat_b[k])]
-        assert not unequal, f"killed at step {kill_at}: {key} differs: {unequal}"
+        assert not unequal, f"{label}: {key} differs: {unequal}"
+    assert a["scheduler"] == b["scheduler"]
 
 
 def _tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:
