@@ -332,6 +332,9 @@ def _init_linear_(weight: Tensor, bias: Tensor, fan_in: int) -> None:
     nn.init.uniform_(bias, -bound, bound)
 
 
+WORKSPACE_LIMIT = 32 << 20  # bytes: the largest coalition buffer a bank keeps between no-grad calls
+
+
 class ShapleyModuleBank(nn.Module):
     """`G` independent Shapley modules of arity `k`, each with its own MLP inner, run as one.
 
@@ -420,15 +423,41 @@ class ShapleyModuleBank(nn.Module):
         grouped = self._rest_grouped(rearrange(h.reshape(-1, *h.shape[-2:]), "n g h -> g h n"))
         return rearrange(grouped, "g o n -> n g o").reshape(*lead, self.num_groups, grouped.shape[1])
 
-    def _rest_grouped(self, h: Tensor) -> Tensor:
+    def _workspace(self, like: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """An uninitialised `shape` tensor carved from a buffer kept between no-grad calls.
+
+        The coalition tensor is the largest of the computation; allocated fresh each call, the CPU allocator hands
+        back untouched pages and every 4 KB costs a page fault (about as much as the GELU on it). Kept, it is
+        reused: the buffer grows to the largest chunk seen, up to `WORKSPACE_LIMIT` bytes (larger tensors are
+        allocated per call, so that a big image does not leave hundreds of MB held per stage). Not shared across
+        threads: one model instance should not run inference from several threads at once.
+        """
+        size = math.prod(shape)
+        if size * like.element_size() > WORKSPACE_LIMIT:
+            return like.new_empty(shape)
+        buffer = getattr(self, "_workspace_buffer", None)
+        if buffer is None or buffer.numel() < size or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = like.new_empty(size)
+            self._workspace_buffer = buffer
+        return buffer[:size].view(shape)
+
+    def _rest_grouped(self, h: Tensor, overwrite: bool = False) -> Tensor:
         """Layers after the first one on group-major, feature-major pre-activations `(G, h_1, M)` -> `(G, C_out, M)`.
 
         In this layout every layer is one batched matrix product `W^T a` over the groups whose long side is the
         `M` samples x coalitions, with no copies between layers (a `(..., G, h)` layout makes each product permute
         its operand to `(G, ..., h)` and back, and with `C_out` = 2 outputs `a W` is a needle-thin product).
         """
+        # Without autograd, a GELU may overwrite its input (`overwrite`: the caller's buffer, or a layer output of
+        # ours): the coalition tensor is the largest of the computation, and a fresh one of its size costs a page
+        # fault per 4 KB on the CPU.
+        in_place = not torch.is_grad_enabled() and type(self.act) is nn.GELU
         for i in range(1, len(self.weights)):
-            a, w_t, b = self.act(h), self.weights[i].transpose(1, 2), self.bias(i)
+            if in_place and (overwrite or i > 1):
+                a = torch.ops.aten.gelu_(h, approximate=self.act.approximate)
+            else:
+                a = self.act(h)
+            w_t, b = self.weights[i].transpose(1, 2), self.bias(i)
             h = torch.baddbmm(b[:, :, None], w_t, a) if b is not None else torch.bmm(w_t, a)
         return h
 
@@ -476,7 +505,7 @@ class ShapleyModuleBank(nn.Module):
                 coalitions[0] = start
             pre = torch.cat([c.reshape(groups, hidden, -1) for c in coalitions], dim=2)
         else:  # written in place: the largest tensor of the computation is allocated once
-            pre = projected.new_empty(groups, hidden, lead + (2**k - lead) * n)
+            pre = self._workspace(projected, (groups, hidden, lead + (2**k - lead) * n))
             grid = pre[:, :, lead:].view(groups, hidden, 2**k - lead, n)  # grid[:, :, t - lead] = coalition t
             if shared_base:
                 pre[:, :, 0] = start[:, :, 0]
@@ -486,7 +515,7 @@ class ShapleyModuleBank(nn.Module):
                 top = t.bit_length() - 1
                 rest = t ^ (1 << top)
                 torch.add(grid[:, :, rest - lead] if rest else start, projected[top], out=grid[:, :, t - lead])
-        out = self._rest_grouped(pre)  # (G, C_out, lead + coalitions x samples)
+        out = self._rest_grouped(pre, overwrite=True)  # (G, C_out, lead + coalitions x samples)
         values = rearrange(out[:, :, lead:], "g o (t n) -> t n g o", t=2**k - lead, n=n)
         if shared_base:
             base = rearrange(out[:, :, :1], "g o 1 -> 1 1 g o")

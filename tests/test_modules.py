@@ -9,7 +9,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from shapnets import MAX_PLAYERS, ShapleyModule, ShapleyModuleBank, coalition_masks, exact_shapley, shapley_from_values
+from shapnets import (
+    MAX_PLAYERS,
+    ShallowShapNet,
+    ShapleyModule,
+    ShapleyModuleBank,
+    coalition_masks,
+    exact_shapley,
+    shapley_from_values,
+)
 
 DT = torch.float64
 ATOL = 1e-10
@@ -340,3 +348,18 @@ def test_bank_gradients_reach_every_parameter() -> None:
     phi.square().sum().backward()
     for name, p in bank.named_parameters():
         assert p.grad is not None and bool((p.grad.flatten(1).abs().sum(1) > 0).all()), name  # every group
+
+
+def test_reused_coalition_workspace_never_changes_earlier_results() -> None:
+    """No-grad calls reuse a bank's coalition buffer: earlier results stay intact and equal a fresh computation."""
+    net = ShallowShapNet(6, 3, reference=torch.randn(6)).eval()
+    x1, x2 = torch.randn(8, 6), torch.randn(5, 6)
+    with torch.no_grad():
+        first = net.explain(x1)
+        kept = first.attributions.clone()
+        net.explain(x2)  # another batch size through the same buffer
+        again = net.explain(x1)
+    assert torch.equal(first.attributions, kept), "a result must not alias the reused buffer"
+    torch.testing.assert_close(again.attributions, kept, rtol=0, atol=0)
+    fresh = net.explain(x1)  # with autograd: no reuse
+    torch.testing.assert_close(fresh.attributions, kept, rtol=1e-6, atol=1e-6)
