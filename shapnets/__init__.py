@@ -45,7 +45,7 @@ from .modules import (
     shapley_from_values,
 )
 from .oracle import exact_shapley, pixel_players
-from .pruning import prune_players
+from .pruning import configure_pruning, prune_players
 from .regularizers import explanation_penalty, l1_sparsity, linf_spreading
 from .shallow import ShallowShapNet, make_groups
 
@@ -70,6 +70,7 @@ __all__ = [
     "ShapleyModuleBank",
     "butterfly_pairs",
     "coalition_masks",
+    "configure_pruning",
     "dynamic_routing",
     "evaluation_stats",
     "exact_interactions",

@@ -66,6 +66,10 @@ __all__ = [
 
 log = logging.getLogger("training")
 
+BUDGET_PROBE_STEPS = (5, 35)
+"""With `train.time_budget_s`, the step time is measured from the first to the second of these steps (the steps
+before it pay for warm-ups: cuDNN autotuning, lazy allocation)."""
+
 RUN_FILES = ("last.pt", "best.pt", "config.yaml", "data_info.json", "metrics.csv", "train.log", "summary.json")
 """Files a run writes into its output folder (the ones `--overwrite` replaces)."""
 
@@ -499,6 +503,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
 
         # ---- state that a resume restores
         epoch, step, batch_in_epoch = 0, 0, 0
+        planned_epochs = tc.epochs  # lowered once by train.time_budget_s
         best = {"acc": -math.inf, "epoch": 0, "evals_since": 0}
         best_weights: dict[str, Tensor] | None = None
         sums: dict[str, float] = {}
@@ -513,6 +518,10 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
             if ema is not None and state.get("ema") is not None:
                 ema.load_state_dict(state["ema"])
             epoch, step, batch_in_epoch = int(state["epoch"]), int(state["step"]), int(state["batch_in_epoch"])
+            planned_epochs = int(state.get("planned_epochs", tc.epochs))
+            if planned_epochs != tc.epochs:
+                scheduler.lr_lambdas[0] = warmup_cosine(warmup_steps, planned_epochs * steps_per_epoch,
+                                                        cfg.optim.min_lr_ratio)
             best = dict(state["best"])
             per_rank = state["per_rank"]
             if len(per_rank) == world:
@@ -559,6 +568,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                     "step": step,
                     "batch_in_epoch": at_batch,
                     "per_rank": per_rank,
+                    "planned_epochs": planned_epochs,
                     "config": config_to_dict(cfg),
                     "data_info": info.to_dict(),
                     "metrics": metrics,
@@ -573,8 +583,9 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
         samples_seen, train_time = 0, 0.0
         stop_reason = None
         last_row: dict[str, Any] = {}
+        probe_start: float | None = None
         model.train()
-        while epoch < tc.epochs and stop_reason is None:
+        while epoch < planned_epochs and stop_reason is None:
             sampler.set_epoch(epoch)
             loader_generator.manual_seed(tc.seed * 1_000_003 + epoch)  # worker seeds: a function of (seed, epoch)
             if batch_in_epoch:
@@ -611,6 +622,21 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                 sums["_count"] = sums.get("_count", 0.0) + n
                 if tc.log_every and step % tc.log_every == 0:
                     log.info("step %d  loss %.4f  lr %.3g", step, float(values["loss"]), scheduler.get_last_lr()[0])
+                if tc.time_budget_s is not None and not resume and step in BUDGET_PROBE_STEPS:
+                    if step == BUDGET_PROBE_STEPS[0]:
+                        probe_start = time.perf_counter()
+                    elif probe_start is not None:
+                        now = time.perf_counter()
+                        step_time = (now - probe_start) / (BUDGET_PROBE_STEPS[1] - BUDGET_PROBE_STEPS[0])
+                        fitted = _epochs_within_budget(
+                            tc.time_budget_s - (now - t_start), step_time, steps_per_epoch, epoch, batch_in_epoch,
+                            _eval_steps(bundle, dc.eval_batch_size, per_rank_batch), tc.epochs)
+                        if fitted != planned_epochs:
+                            planned_epochs = fitted
+                            scheduler.lr_lambdas[0] = warmup_cosine(warmup_steps, planned_epochs * steps_per_epoch,
+                                                                    cfg.optim.min_lr_ratio)
+                        log.info("time budget %.0fs: %.3fs per step -> %d of %d epochs", tc.time_budget_s,
+                                 step_time, planned_epochs, tc.epochs)
                 if tc.max_steps is not None and step >= tc.max_steps:
                     stop_reason = f"reached train.max_steps={tc.max_steps}"
                     break
@@ -632,7 +658,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
             row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0]}
             row.update({f"train_{p}": float(totals[i]) / count for i, p in enumerate(parts)})
             row.update(epoch_time_s=epoch_time, samples_per_s=global_samples / max(epoch_time, 1e-9))
-            is_last = epoch + 1 >= tc.epochs or stop_reason is not None
+            is_last = epoch + 1 >= planned_epochs or stop_reason is not None
             improved = False
             if val_loader is not None and ((epoch + 1) % tc.eval_every == 0 or is_last):
                 val = evaluate(eval_model, val_loader, info.num_classes, device, autocast)
@@ -648,7 +674,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                 best.update(epoch=epoch + 1)
             if improved:
                 best_weights = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
-            log.info("epoch %d/%d  %s", epoch + 1, tc.epochs, "  ".join(
+            log.info("epoch %d/%d  %s", epoch + 1, planned_epochs, "  ".join(
                 f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_", "val_")) and v == v))
             last_row = row
             if tc.early_stopping_patience is not None and best["evals_since"] >= tc.early_stopping_patience:
@@ -698,6 +724,31 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
         if file_handler is not None:
             log.removeHandler(file_handler)
             file_handler.close()
+
+
+def _eval_steps(bundle: Any, eval_batch_size: int, batch_size: int) -> tuple[float, float]:
+    """One validation pass and the final test pass, in training steps: an evaluation batch is costed as
+    `eval_batch_size / batch_size / 2` steps (forward only, ~1/3 of a step per sample; rounded up to 1/2)."""
+    per_batch = max(1.0, eval_batch_size / batch_size / 2)
+
+    def steps(dataset: Any) -> float:
+        return math.ceil(len(dataset) / eval_batch_size) * per_batch if dataset is not None else 0.0
+    return steps(bundle.val), steps(bundle.test)
+
+
+def _epochs_within_budget(remaining_s: float, step_time: float, steps_per_epoch: int, epoch: int,
+                          batch_in_epoch: int, eval_batches: tuple[float, float], max_epochs: int) -> int:
+    """How many epochs (at least the current one, at most `max_epochs`) fit into `remaining_s` seconds.
+
+    `eval_batches` are the validation and test passes in training steps (`_eval_steps`); 10% of the budget is
+    held back for checkpoints and start-up noise.
+    """
+    val_batches, test_batches = eval_batches
+    epoch_s = (steps_per_epoch + val_batches) * step_time
+    left_in_epoch = (steps_per_epoch - batch_in_epoch + val_batches) * step_time
+    usable = 0.9 * remaining_s - test_batches * step_time - left_in_epoch
+    more = math.floor(usable / epoch_s) if usable > 0 else 0
+    return max(epoch + 1, min(max_epochs, epoch + 1 + more))
 
 
 def _diverged(what: str, epoch: int, step: int, out: Path) -> TrainingDiverged:
