@@ -145,7 +145,7 @@ def _pack(work: Path, pack: Path | None) -> None:
     tmp = pack / "results.tar.gz.tmp"
     with tarfile.open(tmp, "w:gz") as tar:
         for path in sorted(work.rglob("*")):
-            if not path.is_file() or path.name == "last.pt" or path.suffix == ".part":
+            if not path.is_file() or path.name == "last.pt" or path.suffix == ".safetensors":
                 continue
             if path.name == "best.pt" and path.stat().st_size > (4 << 20):
                 continue  # large weights travel as safetensors parts
