@@ -70,7 +70,8 @@ BUDGET_PROBE_STEPS = (5, 35)
 """With `train.time_budget_s`, the step time is measured from the first to the second of these steps (the steps
 before it pay for warm-ups: cuDNN autotuning, lazy allocation)."""
 
-RUN_FILES = ("last.pt", "best.pt", "config.yaml", "data_info.json", "metrics.csv", "train.log", "summary.json")
+RUN_FILES = ("last.pt", "best.pt", "config.yaml", "data_info.json", "metrics.csv", "train.log", "summary.json",
+             "explanation_effect.json")
 """Files a run writes into its output folder (the ones `--overwrite` replaces)."""
 
 # Generic architectures built directly when the zoo registry is not importable (see `build_model`).
@@ -320,6 +321,47 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
             "ece": float(ece.compute())}
 
 
+EXPLANATION_EFFECT_SAMPLES = 1000
+"""Validation samples on which a fine-tune with an explanation term measures its explanations before and after."""
+
+
+@torch.no_grad()
+def explanation_effect(model: nn.Module, loader: DataLoader, device: torch.device,
+                       autocast: Any = contextlib.nullcontext,
+                       max_samples: int = EXPLANATION_EFFECT_SAMPLES) -> dict[str, float]:
+    """Accuracy and mean sparsity (n90, peak share, Gini of the predicted class's map, `shapnets.sparsity`) of the
+    model's own explanations on the first `max_samples` samples of `loader` (this process's shard)."""
+    from shapnets.sparsity import explanation_sparsity
+
+    was_training = model.training
+    model.eval()
+    correct, seen, sums = 0, 0, {"n90": 0.0, "peak_share": 0.0, "gini": 0.0}
+    counts = dict.fromkeys(sums, 0)
+    for x, y in loader:
+        x, y = x[: max_samples - seen].to(device), y[: max_samples - seen].to(device)
+        with autocast():
+            expl = model.explain(x)
+        correct += int((expl.output.argmax(1) == y).sum())
+        seen += len(y)
+        for name, values in explanation_sparsity(expl).items():
+            kept = values[~values.isnan()]
+            sums[name] += float(kept.sum())
+            counts[name] += kept.numel()
+        if seen >= max_samples:
+            break
+    model.train(was_training)
+    return {"samples": seen, "acc": correct / max(seen, 1),
+            **{name: sums[name] / counts[name] if counts[name] else math.nan for name in sums}}
+
+
+def _effect_line(before: dict[str, float], after: dict[str, float]) -> str:
+    changes = [f"accuracy {_pct(before['acc'])} -> {_pct(after['acc'])}",
+               f"n90 {before['n90']:.1f} -> {after['n90']:.1f} players",
+               f"peak share {before['peak_share']:.4f} -> {after['peak_share']:.4f}",
+               f"Gini {before['gini']:.3f} -> {after['gini']:.3f}"]
+    return f"explanations on {after['samples']} validation samples, before -> after: " + ", ".join(changes)
+
+
 # ------------------------------------------------------------------------------------------------ run-folder helpers
 def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to start over an existing run unless asked to, before anything expensive happens."""
@@ -493,6 +535,13 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                               generator=torch.Generator().manual_seed(0))
 
         val_loader, test_loader = eval_loader(bundle.val), eval_loader(bundle.test)
+        # A fine-tune with an explanation term reports what the term did to the explanations (before vs after).
+        effect_file = out / "explanation_effect.json"
+        track_effect = bool(cfg.model.init_from and objective.needs_explanation and val_loader is not None
+                            and dist_info.is_main)
+        if track_effect and not (resume and effect_file.is_file()):
+            before = explanation_effect(model, val_loader, device, autocast)
+            ckpt.atomic_write_bytes(json.dumps({"before": before}, indent=2).encode(), effect_file)
         steps_per_epoch = math.ceil(sampler.num_samples / per_rank_batch)
         total_steps = tc.epochs * steps_per_epoch
         warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
@@ -695,6 +744,12 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
         if best_weights is not None:
             eval_model.load_state_dict(best_weights)
         test = evaluate(eval_model, test_loader, info.num_classes, device, autocast) if test_loader else {}
+        effect = None
+        if track_effect:
+            effect = {"before": json.loads(effect_file.read_text())["before"],
+                      "after": explanation_effect(eval_model, val_loader, device, autocast)}
+            ckpt.atomic_write_bytes(json.dumps(effect, indent=2).encode(), effect_file)
+            log.info("%s", _effect_line(effect["before"], effect["after"]))
         wall = time.perf_counter() - t_start
         result = {
             "name": cfg.name,
@@ -710,6 +765,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
             "trainable_params": n_trainable,
             "total_params": n_total,
             "output_dir": str(out),
+            "explanation_effect": effect,
         }
         summary = (f"{cfg.name}: best val acc {_pct(result['best_val_acc'])} (epoch {best['epoch']}), "
                    f"test acc {_pct(test.get('acc'))}, macro {_pct(test.get('acc_macro'))}, "
