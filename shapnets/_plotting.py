@@ -13,20 +13,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .explanation import optional_import
+from .explanation import optional_import, signed_sum
 
 if TYPE_CHECKING:
     from .explanation import Explanation
 
-__all__ = ["plot_explanation_figure", "signed_sum"]
+__all__ = ["plot_explanation_figure"]
 
 _UP, _DOWN = "#c0392b", "#2e86c1"  # red raises the output, blue lowers it (as in shap)
-
-
-def signed_sum(base: float, total: float, digits: int = 3) -> str:
-    """`"base 1.037 + 10.908"` / `"base 1.037 - 2.100"`: one sign between the terms, never `+ +` or `+ -`."""
-    sign = "-" if total < 0 else "+"
-    return f"base {base:.{digits}f} {sign} {abs(total):.{digits}f}"
 
 
 def _name(names: Sequence[str] | None, c: int) -> str:
@@ -179,7 +173,7 @@ def _pixels(expl: Explanation, index: int, c: int, top: int, background: Any, sa
         if k == c:  # the strongest pixels of the explained class, ringed
             ax.scatter([r.player[1] for r in ranked], [r.player[0] for r in ranked], s=22, facecolors="none",
                        edgecolors="black", linewidths=0.8)
-        ax.set_title(f"{_name(expl.class_names, k)} {expl.output[index, k].item():.2f}", fontsize=8)
+        ax.set_title(f"{_name(expl.class_names, k)}: output {expl.output[index, k].item():.2f}", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
     fig.colorbar(shown, ax=list(axes.flat), shrink=0.8, label="attribution")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # optional extras: imported inside the methods that need them
     import pandas
     import shap
 
-__all__ = ["Explanation", "LocalAccuracyError", "RankedAttribution", "TensorFields", "class_indices"]
+__all__ = ["Explanation", "LocalAccuracyError", "RankedAttribution", "TensorFields", "class_indices", "signed_sum"]
 
 _T = TypeVar("_T", bound="TensorFields")
 
@@ -79,6 +79,12 @@ def optional_import(module: str, extra: str, what: str) -> Any:
     except ImportError as e:
         raise ImportError(f"{what} needs {module.split('.')[0]}, which is not installed: "
                           f'pip install "shapnets[{extra}]" (or pip install {module.split(".")[0]})') from e
+
+
+def signed_sum(base: float, total: float, digits: int = 3) -> str:
+    """`"base 1.037 + 10.908"` / `"base 1.037 - 2.100"`: one sign between the terms, never `+ +` or `+ -`."""
+    sign = "-" if total < 0 else "+"
+    return f"base {base:.{digits}f} {sign} {abs(total):.{digits}f}"
 
 
 class TensorFields:

@@ -224,6 +224,8 @@ def _display_values(info: Any, x: Tensor) -> list[str]:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from .distributed import resolve_device
 
+    if args.top < 1:
+        raise UserError(f"--top must be >= 1, got {args.top}")
     device = resolve_device(args.device)
     loaded = load_source(args.source, device)
     info = loaded.info
@@ -273,22 +275,29 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                 coords = [int(c) for c in torch.unravel_index(torch.tensor(i), phi.shape)]
                 label = "pixel (" + ", ".join(str(c) for c in coords) + ")"
             print(f"  {rank_:>2}. {label:<40} {float(flat[i]):+.4f}")
+        if len(order) < flat.numel():
+            rest = float(flat.sum() - flat[order].sum())
+            print(f"      ({flat.numel() - len(order)} more not shown, their sum {rest:+.4f})")
         if args.out:
             out = Path(args.out)
             if len(names) > 1:
                 out = out.with_name(f"{out.stem}_{b}{out.suffix}")
-            written = _plot(expl, b, out, feature_names, class_names, x[b] if feature_names is None else None, target)
+            written = _plot(expl, b, out, feature_names, class_names, x[b] if feature_names is None else None, target,
+                            top=args.top, feature_values=shown or None, sample_id=sample_name,
+                            label=class_names[labels[b]] if labels[b] is not None else None)
             print(f"  plot: {written}")
     return 0
 
 
-def _plot(expl: Any, index: int, out: Path, feature_names: Any, class_names: Any, image: Any, target: int) -> Path:
+def _plot(expl: Any, index: int, out: Path, feature_names: Any, class_names: Any, image: Any, target: int,
+          **shown: Any) -> Path:
+    """`plot_explanation` of one sample; `shown`: its `top`, `feature_values`, `sample_id` and `label`."""
     try:
         from .plots import plot_explanation
     except ImportError as e:
         raise UserError(f"--out needs training/plots.py: {e}") from e
     return plot_explanation(expl, index, out, feature_names=feature_names, class_names=class_names, image=image,
-                            target=target)
+                            target=target, **shown)
 
 
 def _cmd_interactions(args: argparse.Namespace) -> int:
@@ -453,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "standardized here with the training statistics")
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
     p.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted class)")
-    p.add_argument("--top", type=int, default=10, help="how many attributions to print")
+    p.add_argument("--top", type=int, default=10, help="how many attributions to print and plot (the rest are "
+                   "summed in the plot)")
     p.add_argument("--out", default=None, help="write a plot here (PNG; one file per sample)")
     p.set_defaults(func=_cmd_explain)
 
