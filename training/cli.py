@@ -500,8 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_out", help="folder for <kind>.md / .json / .png (default: bench_out)")
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds to a minute; for CI)")
     p.add_argument("--models", nargs="+", default=None, metavar="NAME",
-                   help="zoo models for fidelity, speed and interactions (default: every shipped one; fidelity: "
-                   "tabular only; interactions: tabular ShapNets only)")
+                   help="run fidelity, speed, interactions and the accuracy table's zoo rows on these zoo models "
+                   "only, no synthetic ones (default: every shipped one; fidelity: tabular only, plus synthetic "
+                   "models; interactions: tabular ShapNets only)")
     p.add_argument("--samples", type=int, default=None,
                    help="samples per model (default 8, quick 3; interactions: 200, quick 8)")
     p.add_argument("--data-root", default=None, help="folder holding the raw data (default: $SHAPNETS_DATA)")
