@@ -4,7 +4,7 @@
     shapnets eval CHECKPOINT_OR_NAME [--split test|val] [--data-root DIR]
     shapnets explain CHECKPOINT_OR_NAME [--index N]... [--input CSV] [--split test] [--out plot.png]
     shapnets zoo list [PATTERN] [--pretrained]
-    shapnets zoo info NAME
+    shapnets zoo info NAME [--json]
     shapnets interactions CHECKPOINT_OR_NAME [--index I] [--layer L] [--top K] [--max-order M] [--target C] [--out PNG]
     shapnets bench [fidelity|speed|scaling|accuracy|interactions]... [--out DIR] [--quick]
 
@@ -377,7 +377,10 @@ def _cmd_zoo_info(args: argparse.Namespace) -> int:
     except (KeyError, ValueError, RuntimeError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise UserError(f"zoo info {args.name!r}: {message}") from e
-    print(json.dumps(info, indent=2, default=str))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print(zoo.model_summary(info))
     return 0
 
 
@@ -517,8 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("pattern", nargs="?", default=None, help="fnmatch pattern, e.g. 'shapnet_*'")
     q.add_argument("--pretrained", action="store_true", help="only models with weights")
     q.set_defaults(func=_cmd_zoo_list)
-    q = zoo_commands.add_parser("info", parents=[common], help="describe one model")
-    q.add_argument("name")
+    q = zoo_commands.add_parser("info", parents=[common], help="describe one model: a short summary (architecture, "
+                                "data, accuracy, fidelity, size, card)")
+    q.add_argument("name", help="a zoo name or a checkpoint folder")
+    q.add_argument("--json", action="store_true", help="print the full record (model_info) as JSON instead")
     q.set_defaults(func=_cmd_zoo_info)
 
     from .figures import add_figure_commands
