@@ -89,8 +89,8 @@ def _value_strings(expl: Explanation, data: Any, feature_values: Sequence[str] |
     if data is None:
         return None
     values = torch.as_tensor(data).detach().cpu().double()
-    if values.dim() == 2:  # a batch: the plotted sample's row
-        values = values[index]
+    if values.numel() != expl.num_players and values.dim() >= 2 and values.shape[0] == expl.batch_size:
+        values = values[index]  # a batch: the plotted sample (`(D,)`, or `(D, 1)` measurements)
     if values.numel() != expl.num_players:
         raise ValueError(f"data has {values.numel()} values for {expl.num_players} features")
     return [f"{float(v):.4g}" for v in values.flatten()]

@@ -337,6 +337,8 @@ class Explanation(TensorFields):
         if data is None:
             return None
         values = torch.as_tensor(data).detach().cpu().double()
+        if values.dim() == len(self.player_shape) + 2 and values.shape[-1] == 1 and len(self.player_shape) == 1:
+            values = values[..., 0]  # tabular inputs with one measurement channel, `(B, D, 1)`
         if values.shape == self.player_shape and self.batch_size == 1:
             values = values[None]
         if tuple(values.shape) != (self.batch_size, *self.player_shape):

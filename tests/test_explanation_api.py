@@ -193,6 +193,14 @@ def test_shap_plots_render_our_explanations(tabular, tmp_path: Path) -> None:
         assert path.stat().st_size > 1000, name
 
 
+def test_measurement_channels_count_as_one_value_per_feature(tabular) -> None:
+    pytest.importorskip("shap", reason="shap is an optional extra")
+    expl, x = tabular
+    assert (expl.to_shap(data=x[..., None]).data == x.numpy()).all()  # `(B, D, 1)` inputs, as the demo feeds
+    fig = expl.plot(3, top=2, data=x[..., None])
+    assert f"= {float(x[3, expl.top(1, 3)[0].player[0]]):.4g}" in _texts(fig)
+
+
 def test_to_shap_rejects_mismatched_data(tabular) -> None:
     pytest.importorskip("shap", reason="shap is an optional extra")
     expl, x = tabular
