@@ -2,7 +2,8 @@
 
 Core objects:
 
-* `Explanation` - attributions, base value and output, with a local-accuracy check.
+* `Explanation` - attributions, base value and output, with a local-accuracy check, `top(k)`, `plot()`,
+  `to_shap()` and `to_pandas()` (matplotlib, shap and pandas imported only by those methods).
 * `ShapleyModule`, `ShapleyModuleBank` - exact Shapley values of small inner networks.
 * `ShallowShapNet` (exact Shapley), `DeepShapNet` and `ConvShapNet` (local accuracy + missingness,
   layer-wise explanations).
@@ -18,7 +19,7 @@ Core objects:
 from .capsnet import CapsNet, dynamic_routing, margin_loss, reconstruction_loss, squash
 from .conv import ConvShapNet, ShapleyConv2d
 from .deep import DeepShapNet, butterfly_pairs
-from .explanation import Explanation, LocalAccuracyError
+from .explanation import Explanation, LocalAccuracyError, RankedAttribution
 from .icnn import (
     FilterLossTerm,
     InterpretableCNN,
@@ -63,6 +64,7 @@ __all__ = [
     "InterpretableCNN",
     "InterpretableConv2d",
     "LocalAccuracyError",
+    "RankedAttribution",
     "RankedInteraction",
     "ShallowShapNet",
     "ShapleyConv2d",

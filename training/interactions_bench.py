@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from shapnets import DeepShapNet, Interactions, ShallowShapNet, exact_interactions
 
-from .bench import Case, Row, _header, _progress, _write, environment, markdown_table, zoo_cases
+from .bench import Case, Progress, Row, _header, _write, environment, markdown_table, zoo_cases
 from .config import UserError
 
 __all__ = ["COLUMNS", "ORACLE_LIMIT", "benchmark_model", "conv_pictures", "default_models", "interactions",
@@ -175,8 +175,9 @@ def interactions(
     env = environment(command=command)
     rows: list[Row] = []
     found_by_row: list[Interactions] = []
+    progress = Progress("interactions", len(cases), verbose)
     for case in cases:
-        _progress(f"interactions: {case.name}", verbose)
+        progress(case.name)
         label = Path(case.name).name
         for row, found in benchmark_model(label, case.model, case.x, share, oracle_samples):
             row["inputs"] = case.inputs

@@ -4,9 +4,11 @@ nanoGPT in spirit, timm in its checkpoint conventions: AdamW (no decay on biases
 warm-up then cosine per step, gradient clipping, bf16 autocast on CUDA (fp32 on CPU), optional torch.compile and
 EMA, DDP via torchrun, evaluation every epoch with torchmetrics, early stopping on validation accuracy, a final
 test evaluation with the best weights, `metrics.csv` and atomic `last.pt` / `best.pt` checkpoints from which a
-killed run resumes bit for bit (on CPU).
+killed run resumes bit for bit (on CPU). Progress: a tqdm bar with the epoch's ETA on a terminal, and always one
+log line per epoch with its metrics, its time and the run's ETA (what a piped or logged run shows).
 
-Run folder (`output_dir`): config.yaml, data_info.json, last.pt, best.pt, metrics.csv, train.log, summary.json.
+Run folder (`output_dir`): config.yaml, data_info.json, last.pt, best.pt, metrics.csv, train.log, summary.json,
+curves.png (the learning curves, drawn from metrics.csv at the end of the run).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from shapnets import ConvShapNet, DeepShapNet, ShallowShapNet
 
 from . import checkpoint as ckpt
 from .config import ExperimentConfig, ModelConfig, OptimConfig, UserError, config_to_dict, save_config
+from .curves import format_duration, plot_curves
 from .data.augment import random_shift
 from .distributed import (
     DistInfo,
@@ -71,7 +74,7 @@ BUDGET_PROBE_STEPS = (5, 35)
 before it pay for warm-ups: cuDNN autotuning, lazy allocation)."""
 
 RUN_FILES = ("last.pt", "best.pt", "config.yaml", "data_info.json", "metrics.csv", "train.log", "summary.json",
-             "explanation_effect.json")
+             "explanation_effect.json", "curves.png")
 """Files a run writes into its output folder (the ones `--overwrite` replaces)."""
 
 # Generic architectures built directly when the zoo registry is not importable (see `build_model`).
@@ -478,6 +481,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
 
     _check_output_dir(out, resume, overwrite)
     file_handler = None
+    curves_due = False  # set once this run owns metrics.csv: from then on curves.png is drawn however it ends
     try:
         if tc.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -602,6 +606,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                    "val_ece", "epoch_time_s", "samples_per_s"]
         csv_log = _CsvLog(out / "metrics.csv", columns, keep_epochs=epoch if resume else 0) if dist_info.is_main \
             else None
+        curves_due = dist_info.is_main
 
         def save_last(at_epoch: int, at_batch: int, metrics: dict[str, Any]) -> None:
             # Collective (every rank's RNG goes into the checkpoint), so every rank calls it at the same steps.
@@ -629,6 +634,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                  cfg.name, info.name, tc.epochs, steps_per_epoch, dc.batch_size, per_rank_batch, world, device,
                  f", {amp_dtype}" if amp_dtype is not None else "")
         show_progress = dist_info.is_main and sys.stderr.isatty()
+        epoch_walls: list[float] = []  # wall time of each epoch run by this process (train, eval, checkpoints)
         samples_seen, train_time = 0, 0.0
         stop_reason = None
         last_row: dict[str, Any] = {}
@@ -643,7 +649,8 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                 sums = {}
             t_epoch = time.perf_counter()
             epoch_samples = 0
-            for x, y in _progress(train_loader, steps_per_epoch - batch_in_epoch, show_progress, f"epoch {epoch + 1}"):
+            for x, y in _progress(train_loader, steps_per_epoch - batch_in_epoch, show_progress,
+                                  f"epoch {epoch + 1}/{planned_epochs}"):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if dc.shift_pixels:
                     x = random_shift(x, dc.shift_pixels)
@@ -723,8 +730,16 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                 best.update(epoch=epoch + 1)
             if improved:
                 best_weights = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
-            log.info("epoch %d/%d  %s", epoch + 1, planned_epochs, "  ".join(
-                f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_", "val_")) and v == v))
+            # Time and ETA: the mean wall time of this process's epochs (eval included) times the epochs left
+            # (an upper bound when early stopping may end the run sooner; train.time_budget_s may lower the plan).
+            wall = time.perf_counter() - t_epoch
+            per_epoch = (sum(epoch_walls) + wall) / (len(epoch_walls) + 1)
+            epochs_to_run = planned_epochs if tc.max_steps is None else min(
+                planned_epochs, math.ceil(tc.max_steps / steps_per_epoch))
+            left = 0 if stop_reason is not None else max(0, epochs_to_run - (epoch + 1))
+            log.info("epoch %d/%d  %s  time %s  ETA %s", epoch + 1, planned_epochs, "  ".join(
+                f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_", "val_")) and v == v),
+                format_duration(wall), format_duration(per_epoch * left))
             last_row = row
             if tc.early_stopping_patience is not None and best["evals_since"] >= tc.early_stopping_patience:
                 stop_reason = f"early stopping: no better val accuracy for {best['evals_since']} evaluations"
@@ -737,6 +752,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
             if epoch_finished:
                 epoch, batch_in_epoch = epoch + 1, 0
             save_last(epoch, batch_in_epoch, row)
+            epoch_walls.append(time.perf_counter() - t_epoch)
 
         if stop_reason:
             log.info("stopped: %s", stop_reason)
@@ -777,6 +793,8 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
             ckpt.atomic_write_bytes(json.dumps(result, indent=2).encode(), out / "summary.json")
         return result
     finally:
+        if curves_due:
+            _write_curves(out, cfg.name)
         if file_handler is not None:
             log.removeHandler(file_handler)
             file_handler.close()
@@ -805,6 +823,24 @@ def _epochs_within_budget(remaining_s: float, step_time: float, steps_per_epoch:
     usable = 0.9 * remaining_s - test_batches * step_time - left_in_epoch
     more = math.floor(usable / epoch_s) if usable > 0 else 0
     return max(epoch + 1, min(max_epochs, epoch + 1 + more))
+
+
+def _write_curves(out: Path, name: str) -> None:
+    """`curves.png` from the run's metrics.csv; a failure to draw is a warning, never the run's error."""
+    try:
+        written = plot_curves(out / "metrics.csv", out / "curves.png", title=f"{name} ({out})")
+    except Exception as e:  # the run itself is done: a figure must not turn it into a failure
+        log.warning("could not draw %s: %s", out / "curves.png", e)
+        return
+    if written is None and (out / "metrics.csv").is_file():
+        log.info("no curves.png: %s", "matplotlib is not installed (the viz extra)" if _no_matplotlib()
+                 else "no epoch finished")
+
+
+def _no_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is None
 
 
 def _diverged(what: str, epoch: int, step: int, out: Path) -> TrainingDiverged:
