@@ -134,6 +134,8 @@ def test_export_keeps_the_preprocessing(fruit_run, tmp_path: Path, capsys) -> No
     torch.testing.assert_close(model(x_export), trained.model(x_run))
     assert main(["explain", str(export), "--input", str(table), "--top", "1"]) == 0
     assert "row 160: predicted" in capsys.readouterr().out
+    assert main(["explain", str(export), "--index", "0"]) == 2  # the export does not carry the user's file
+    assert "own csv data" in one_line_error(capsys)
 
 
 def test_out_of_range_inputs_warn_once_naming_the_features(fruit_run, tmp_path: Path) -> None:
@@ -141,6 +143,10 @@ def test_out_of_range_inputs_warn_once_naming_the_features(fruit_run, tmp_path: 
     loaded = load_source(str(folder / "run"), torch.device("cpu"))
     pre = loaded.model.preprocess
     raw = torch.tensor([[150.0, 1.0, 7.0, 2015.0, 0.0]] * 3)  # raw numbers given where z-scores are expected
+    row = {"weight_g": 150, "colour": "red", "diameter_cm": 7, "year": 2015, "origin": "ES"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded.model(pre.transform([row]))  # in range: silent
     with pytest.warns(OutOfRangeWarning, match="were raw values given") as caught:
         loaded.model(raw)
     message = str(caught[0].message)
@@ -148,8 +154,6 @@ def test_out_of_range_inputs_warn_once_naming_the_features(fruit_run, tmp_path: 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loaded.model(raw)  # once per model
-        row = {"weight_g": 150, "colour": "red", "diameter_cm": 7, "year": 2015, "origin": "ES"}
-        loaded.model(pre.transform([row]))
     # The reverse: standardised values given as raw rows; the year column (mean ~2015, std ~3) gives it away.
     with pytest.warns(OutOfRangeWarning, match="already standardised") as caught:
         pre.transform([{"weight_g": 0.1, "colour": "red", "diameter_cm": -0.3, "year": 0.5, "origin": "ES"}])

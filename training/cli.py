@@ -112,6 +112,10 @@ def _zoo() -> Any:
 def load_split(loaded: _Loaded, split: str, data_root: str | None) -> Any:
     from .trainer import load_data
 
+    if loaded.cfg is None and loaded.info.name in ("csv", "image_folder"):
+        hint = " (explain raw rows with --input rows.csv)" if loaded.info.name == "csv" else ""
+        raise UserError(f"{loaded.source} was trained on the user's own {loaded.info.name} data, which an exported "
+                        f"model does not carry: use the training run folder{hint}")
     # A copy: the caller's config must keep describing the run (export records it).
     cfg = copy.deepcopy(loaded.cfg) if loaded.cfg is not None else ExperimentConfig()
     cfg.data.name = loaded.info.name

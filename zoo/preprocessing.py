@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "GUARD_CALLS",
     "MISSING_TOKENS",
     "Z_LIMIT",
     "OutOfRangeWarning",
@@ -55,6 +56,9 @@ MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
 
 Z_LIMIT = 10.0
 """|standardised value| above which an input is reported as out of the training range."""
+
+GUARD_CALLS = 16
+"""Forward calls of a loaded model checked by the out-of-range guard (the guard then removes itself)."""
 
 
 class PreprocessingError(ValueError):
@@ -163,6 +167,7 @@ class TabularPreprocessor:
         self.feature_names = [str(f) for f in feature_names]
         d = len(self.feature_names)
         self.categories = {str(k): [str(c) for c in v] for k, v in (categories or {}).items()}
+        self._codes = {k: {c: i for i, c in enumerate(v)} for k, v in self.categories.items()}
         if unknown := sorted(set(self.categories) - set(self.feature_names)):
             raise ValueError(f"TabularPreprocessor: categories for unknown columns {unknown}")
         self.mean = np.zeros(d) if mean is None else np.asarray(mean, dtype=np.float64)
@@ -218,14 +223,15 @@ class TabularPreprocessor:
                 raise PreprocessingError(f"{where}, column {column!r}: the value is missing and this model has no "
                                          "fill value for it (its training data had none missing)")
             value = self.fill[column]
-        cats = self.categories.get(column)
-        if cats is not None:
+        codes = self._codes.get(column)
+        if codes is not None:
             text = _cell_text(value)
-            if text not in cats:
+            if text not in codes:
+                cats = self.categories[column]
                 shown = ", ".join(repr(c) for c in cats[:12]) + (" ..." if len(cats) > 12 else "")
                 raise PreprocessingError(f"{where}, column {column!r}: {text!r} is not a category seen in training "
                                          f"({shown})")
-            return float(cats.index(text))
+            return float(codes[text])
         number = parse_number(value)
         if number is None:
             raise PreprocessingError(f"{where}, column {column!r}: {value!r} is not a number (a numeric column)")
@@ -379,7 +385,8 @@ def attach_preprocessing(model: nn.Module, info: Any) -> TabularPreprocessor | N
 
     `model.preprocess(rows)` turns raw rows into model input; a forward pre-hook warns once (per model) when
     `model(x)` receives inputs beyond `Z_LIMIT` training standard deviations - raw values where standardised
-    ones were expected. Models of non-tabular data are left unchanged.
+    ones were expected. The hook checks the first `GUARD_CALLS` calls, then removes itself. Models of
+    non-tabular data are left unchanged.
 
     Returns:
         The preprocessor, or `None` for a non-tabular data set.
@@ -389,13 +396,18 @@ def attach_preprocessing(model: nn.Module, info: Any) -> TabularPreprocessor | N
     except (ValueError, TypeError):
         return None
     model.preprocess = pre
-    state = {"warned": False}
+    state = {"calls": 0, "done": False}
 
     def guard(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if state["warned"] or not args or not isinstance(args[0], Tensor):
+        if state["done"] or not args or not isinstance(args[0], Tensor):
             return
-        if pre.check_range(args[0], source=f"{type(module).__name__} input", given="standardised"):
-            state["warned"] = True
+        state["calls"] += 1
+        # Only the first GUARD_CALLS calls are checked (a mix-up shows at once), so that later batches, on a GPU
+        # especially, never pay the host-device sync the check needs.
+        found = pre.check_range(args[0], source=f"{type(module).__name__} input", given="standardised")
+        if found or state["calls"] >= GUARD_CALLS:
+            state["done"] = True
+            handle.remove()
 
-    model.register_forward_pre_hook(guard)
+    handle = model.register_forward_pre_hook(guard)
     return pre

@@ -239,7 +239,8 @@ def load_csv(
         if kinds[name] == "categorical":
             texts = [text.strip() for _, _, text in present]
             categories[name] = sorted(set(texts))
-            raw[rows_present, j] = [categories[name].index(t) for t in texts]
+            code = {c: i for i, c in enumerate(categories[name])}
+            raw[rows_present, j] = [code[t] for t in texts]
         else:
             raw[rows_present, j] = [parse_number(text) for _, _, text in present]
         if gaps:
