@@ -17,10 +17,14 @@ Encoding: each categorical column becomes one ordinal input (code = position in 
 categories), then every column is z-scored. One input per original column keeps one Shapley player per column,
 so an explanation reads "colour = red: +0.8" rather than splitting a column over one-hot players.
 
-The out-of-range guard: after standardisation, training data lie within a few units of 0. A value more than
-`Z_LIMIT` training standard deviations away almost always means the wrong kind of input - raw values where
-standardised ones were expected (model called directly), or standardised / rescaled values where raw ones were
-expected (rows given to `preprocess`). Both paths warn once, naming the features.
+The out-of-range guard: after standardisation, training data lie within a few units of 0. A value far beyond
+the training range almost always means the wrong kind of input - raw values where standardised ones were
+expected (model called directly), or standardised / rescaled values where raw ones were expected (rows given to
+`preprocess`). Both paths warn once, naming the features. "Far beyond" is, per feature, |z| above the larger of
+`Z_LIMIT` and twice the largest |z| of the train split. That maximum is recorded for own CSV data
+(`standardize["z_max"]`); where it is not recorded (the built-in data sets), it is bounded by sqrt(n_train), since
+the squared z-scores of n training values sum to n. A fixed |z| > 10 alone would flag real rows: the test splits of
+Breast Cancer, Adult and Digits reach |z| = 13.6, 13.1 and 50.9.
 
 Plain Python + numpy + torch: no pandas needed (a DataFrame is accepted through its `to_dict("records")`).
 """
@@ -55,7 +59,7 @@ MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
 """Cell texts read as a missing value (compared after stripping spaces, case-insensitively)."""
 
 Z_LIMIT = 10.0
-"""|standardised value| above which an input is reported as out of the training range."""
+"""Smallest |standardised value| reported as out of the training range (the per-feature limit may be larger)."""
 
 GUARD_CALLS = 16
 """Forward calls of a loaded model checked by the out-of-range guard (the guard then removes itself)."""
@@ -66,7 +70,7 @@ class PreprocessingError(ValueError):
 
 
 class OutOfRangeWarning(UserWarning):
-    """Inputs far outside the training range (|z| > `Z_LIMIT`): probably raw vs standardised values mixed up."""
+    """Inputs far outside the training range (see `TabularPreprocessor.limits`): raw vs standardised values mixed up."""
 
 
 def is_missing(value: Any) -> bool:
@@ -147,6 +151,7 @@ class TabularPreprocessor:
         mean, std: per-column standardisation (0 / 1 when the data set was not standardised).
         fill: raw value (number or category) that replaces a missing cell, per column; columns without one
             refuse missing cells.
+        limits: per column, the |z| above which an input counts as far outside the training range.
         target: the target column's name (optional in input rows; read as labels when present).
         class_names: class names in label order.
         ignored: column names allowed in input rows and ignored (the columns dropped in training).
@@ -163,6 +168,7 @@ class TabularPreprocessor:
         target: str | None = None,
         class_names: Sequence[str] | None = None,
         ignored: Sequence[str] = (),
+        train_z_max: Sequence[float] | float | None = None,
     ) -> None:
         self.feature_names = [str(f) for f in feature_names]
         d = len(self.feature_names)
@@ -178,6 +184,9 @@ class TabularPreprocessor:
         self.target = target
         self.class_names = [str(c) for c in class_names] if class_names is not None else None
         self.ignored = [str(c) for c in ignored]
+        # Far outside = beyond twice the training range, and never below Z_LIMIT.
+        z_max = np.zeros(d) if train_z_max is None else np.broadcast_to(np.asarray(train_z_max, np.float64), (d,))
+        self.limits = torch.from_numpy(np.maximum(Z_LIMIT, 2.0 * z_max)).float()
 
     # ---------------------------------------------------------------------------------------------- building
     @classmethod
@@ -194,6 +203,10 @@ class TabularPreprocessor:
         record = d.get("preprocessing") or {}
         standardize = record.get("standardize") or {}
         missing = record.get("missing") or {}
+        z_max = standardize.get("z_max")
+        if z_max is None:  # not recorded: the largest |z| n training values can have is sqrt(n)
+            n_train = (d.get("split") or {}).get("sizes", {}).get("train")
+            z_max = math.sqrt(n_train) if n_train else None
         return cls(
             names,
             categories=record.get("categories"),
@@ -203,6 +216,7 @@ class TabularPreprocessor:
             target=record.get("target"),
             class_names=d.get("class_names"),
             ignored=record.get("dropped_columns", ()),
+            train_z_max=z_max,
         )
 
     # ---------------------------------------------------------------------------------------------- encoding
@@ -248,7 +262,7 @@ class TabularPreprocessor:
             PreprocessingError: columns that differ from the training ones, or a bad cell (file, row, column).
 
         Warns:
-            OutOfRangeWarning: once, when standardised values exceed `Z_LIMIT` (see `check_range`).
+            OutOfRangeWarning: once, when standardised values exceed `limits` (see `check_range`).
         """
         columns, records, source = self._records(rows, source)
         self._check_columns(columns, source)
@@ -285,15 +299,15 @@ class TabularPreprocessor:
 
     # ---------------------------------------------------------------------------------------------- the guard
     def out_of_range(self, x: Tensor) -> dict[str, float]:
-        """Columns whose standardised values exceed `Z_LIMIT` in `x` (`(N, D)` model input) -> largest |z|."""
-        if x.dim() != 2 or x.shape[1] != len(self.feature_names):
+        """Columns whose standardised values exceed their `limits` in `x` (`(N, D)` model input) -> largest |z|."""
+        if x.dim() != 2 or x.shape[1] != len(self.feature_names) or not len(x):
             return {}
         worst = x.detach().abs().amax(0).float().cpu()
-        return {self.feature_names[j]: float(worst[j]) for j in torch.nonzero(worst > Z_LIMIT).flatten().tolist()}
+        return {self.feature_names[j]: float(worst[j]) for j in torch.nonzero(worst > self.limits).flatten().tolist()}
 
     def _first_rows(self, x: Tensor, names: Iterable[str]) -> dict[str, int]:
         """1-based index of the first row exceeding the limit, per named column."""
-        far = x.detach().abs().float().cpu() > Z_LIMIT
+        far = x.detach().abs().float().cpu() > self.limits
         return {n: int(far[:, self.feature_names.index(n)].nonzero()[0, 0]) + 1 for n in names}
 
     def check_range(self, x: Tensor, *, source: str = "inputs", given: str = "standardised") -> dict[str, float]:
@@ -312,7 +326,8 @@ class TabularPreprocessor:
         found = self.out_of_range(x)
         if found:
             first = self._first_rows(x, found)
-            listed = ", ".join(f"{name} (|z| up to {z:.3g}, first in row {first[name]})"
+            limit = {name: float(self.limits[self.feature_names.index(name)]) for name in found}
+            listed = ", ".join(f"{name} (|z| up to {z:.3g} > {limit[name]:.3g}, first in row {first[name]})"
                                for name, z in sorted(found.items(), key=lambda t: -t[1]))
             if given == "raw":
                 cause = ("the rows were read as raw values; were they already standardised, or in other units than "
@@ -321,8 +336,9 @@ class TabularPreprocessor:
                 cause = ("the model expects standardised input; were raw values given? Pass raw rows through "
                          "model.preprocess(rows) (or `shapnets explain RUN --input rows.csv`)")
             warnings.warn(
-                f"{source}: {len(found)} feature(s) lie more than {Z_LIMIT:g} training standard deviations from the "
-                f"training mean: {listed}. Likely cause: {cause}",
+                f"{source}: {len(found)} feature(s) lie far outside the training range (|z| = distance from the "
+                f"training mean in training standard deviations, limit max({Z_LIMIT:g}, twice the training "
+                f"maximum)): {listed}. Likely cause: {cause}",
                 OutOfRangeWarning,
                 stacklevel=3,
             )
@@ -384,8 +400,8 @@ def attach_preprocessing(model: nn.Module, info: Any) -> TabularPreprocessor | N
     """Give a loaded tabular model `model.preprocess` and a forward guard against out-of-range inputs.
 
     `model.preprocess(rows)` turns raw rows into model input; a forward pre-hook warns once (per model) when
-    `model(x)` receives inputs beyond `Z_LIMIT` training standard deviations - raw values where standardised
-    ones were expected. The hook checks the first `GUARD_CALLS` calls, then removes itself. Models of
+    `model(x)` receives inputs far beyond the training range (`TabularPreprocessor.limits`) - raw values where
+    standardised ones were expected. The hook checks the first `GUARD_CALLS` calls, then removes itself. Models of
     non-tabular data are left unchanged.
 
     Returns:

@@ -261,6 +261,8 @@ def load_csv(
                  ", ".join(f"{k} {v} -> {fill[k]!r}" for k, v in missing_counts.items()))
 
     mean, std, standardize = fit_standardizer(raw[split.train])
+    # The train split's largest |z| per column: the out-of-range guard's yardstick (zoo.preprocessing).
+    standardize["z_max"] = np.abs((raw[split.train] - mean) / std).max(axis=0).tolist()
     train_rows = limit_indices(split.train, labels, limit, seed)
 
     def make(rows_: np.ndarray) -> ArrayDataset:
