@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import warnings
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,13 @@ def test_out_of_range_inputs_warn_once_naming_the_features(fruit_run, tmp_path: 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loaded.model(raw)  # once per model
+        loaded.model.explain(raw)
+    fresh = load_source(str(folder / "run"), torch.device("cpu")).model
+    with pytest.warns(OutOfRangeWarning, match="year"):
+        expl = fresh.explain(raw)  # explain is guarded too, and still exact
+    torch.testing.assert_close(expl.output, loaded.model(raw))
+    copy = deepcopy(fresh).double()  # the guard follows copies (export explains a float64 copy)
+    assert copy.explain.model is copy and copy.explain(raw.double()).output.dtype == torch.float64
     # The reverse: standardised values given as raw rows; the year column (mean ~2015, std ~3) gives it away.
     with pytest.warns(OutOfRangeWarning, match="already standardised") as caught:
         pre.transform([{"weight_g": 0.1, "colour": "red", "diameter_cm": -0.3, "year": 0.5, "origin": "ES"}])

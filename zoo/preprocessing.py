@@ -396,13 +396,43 @@ class TabularPreprocessor:
         return f"TabularPreprocessor({len(self.feature_names)} columns; categorical: {cats}; target: {self.target})"
 
 
-def attach_preprocessing(model: nn.Module, info: Any) -> TabularPreprocessor | None:
-    """Give a loaded tabular model `model.preprocess` and a forward guard against out-of-range inputs.
+class _RangeGuard:
+    """The out-of-range check shared by `model(x)` (forward pre-hook) and `model.explain(x)`.
 
-    `model.preprocess(rows)` turns raw rows into model input; a forward pre-hook warns once (per model) when
-    `model(x)` receives inputs far beyond the training range (`TabularPreprocessor.limits`) - raw values where
-    standardised ones were expected. The hook checks the first `GUARD_CALLS` calls, then removes itself. Models of
-    non-tabular data are left unchanged.
+    A class rather than a closure so that `copy.deepcopy` and pickling carry it along with the model. Only the
+    first `GUARD_CALLS` calls are checked (a mix-up shows at once), so later batches, on a GPU especially, do not
+    pay the host-device sync the check needs.
+    """
+
+    def __init__(self, pre: TabularPreprocessor) -> None:
+        self.pre, self.calls, self.done = pre, 0, False
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.done or not args or not isinstance(args[0], Tensor):
+            return
+        self.calls += 1
+        found = self.pre.check_range(args[0], source=f"{type(module).__name__} input", given="standardised")
+        self.done = bool(found) or self.calls >= GUARD_CALLS
+
+
+class _GuardedExplain:
+    """`model.explain` with the range check first; keeps the class's signature otherwise."""
+
+    def __init__(self, model: nn.Module, guard: _RangeGuard) -> None:
+        self.model, self.guard = model, guard
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.guard(self.model, (x,))
+        return type(self.model).explain(self.model, x, *args, **kwargs)
+
+
+def attach_preprocessing(model: nn.Module, info: Any) -> TabularPreprocessor | None:
+    """Give a loaded tabular model `model.preprocess` and a guard against out-of-range inputs.
+
+    `model.preprocess(rows)` turns raw rows into model input. `model(x)` and `model.explain(x)` warn once (per
+    model) when `x` lies far beyond the training range (`TabularPreprocessor.limits`) - raw values where
+    standardised ones were expected; the first `GUARD_CALLS` calls are checked. Models of non-tabular data are
+    left unchanged.
 
     Returns:
         The preprocessor, or `None` for a non-tabular data set.
@@ -412,18 +442,8 @@ def attach_preprocessing(model: nn.Module, info: Any) -> TabularPreprocessor | N
     except (ValueError, TypeError):
         return None
     model.preprocess = pre
-    state = {"calls": 0, "done": False}
-
-    def guard(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if state["done"] or not args or not isinstance(args[0], Tensor):
-            return
-        state["calls"] += 1
-        # Only the first GUARD_CALLS calls are checked (a mix-up shows at once), so that later batches, on a GPU
-        # especially, never pay the host-device sync the check needs.
-        found = pre.check_range(args[0], source=f"{type(module).__name__} input", given="standardised")
-        if found or state["calls"] >= GUARD_CALLS:
-            state["done"] = True
-            handle.remove()
-
-    handle = model.register_forward_pre_hook(guard)
+    guard = _RangeGuard(pre)
+    model.register_forward_pre_hook(guard)
+    if callable(getattr(type(model), "explain", None)):
+        model.explain = _GuardedExplain(model, guard)
     return pre
