@@ -191,6 +191,9 @@ def test_unknown_target_column(tmp_path: Path, capsys) -> None:
     table = write_fruit_csv(tmp_path / "fruit.csv", n=20)
     err = _train_fails(tmp_path, {"name": "csv", "path": str(table), "target": "fruits"}, capsys)
     assert "fruit.csv" in err and "no target column 'fruits'" in err and "did you mean 'fruit'" in err
+    table.write_text(table.read_text().replace(",", ";"))
+    err = _train_fails(tmp_path, {"name": "csv", "path": str(table), "target": "fruit"}, capsys)
+    assert "no target column 'fruit'" in err and "looks ';'-separated" in err
 
 
 def test_non_numeric_value_in_a_numeric_column(tmp_path: Path, capsys) -> None:

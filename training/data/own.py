@@ -183,8 +183,10 @@ def load_csv(
     except UnicodeDecodeError as e:
         raise ValueError(f"{file}: not a UTF-8 text file ({e.reason} at byte {e.start}): is it really a CSV?") from None
     if target not in header:
+        sep = next((c for c in (";", "\t", "|") if len(header) == 1 and c in header[0]), None)
+        hint = f" (the header looks {sep!r}-separated; only commas separate columns)" if sep else ""
         raise ValueError(f"{file}: no target column {target!r}{_close(target, header)}; the columns are: "
-                         f"{', '.join(header)}")
+                         f"{', '.join(header)}{hint}")
     categorical = list(categorical or [])
     for key, names in (("categorical", categorical), ("drop", list(drop))):
         for name in names:
