@@ -386,6 +386,9 @@ class TabularPreprocessor:
         if not self.target or self.target not in row or is_missing(row[self.target]) or self.class_names is None:
             return None
         text = _cell_text(row[self.target])
+        number = parse_number(text)
+        if text not in self.class_names and number is not None and number.is_integer():
+            text = str(int(number))  # integer classes: "1.0" and "1" name the same class
         if text not in self.class_names:
             raise PreprocessingError(f"{where}, column {self.target!r}: {text!r} is not one of the training classes "
                                      f"({', '.join(self.class_names)})")
