@@ -15,15 +15,14 @@ baseline lives in its run folder (`runs/<name>/`), and `pretrained_cfg_overlay=d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from timm.models import PretrainedCfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from shapnets._validation import check_input, finite_output, image_size_errors
+from shapnets.validation import check_input, finite_output, image_size_errors
 
-from ._args import ACT_LAYERS, full_model_args
-from ._build import finish_model, pop_timm_kwargs
+from ._args import ACT_LAYERS
+from ._builder import register
+from ._registry import Family, model_cfg
 
 __all__ = ["BASELINE_ARCHITECTURES", "BaselineCNN", "BaselineMLP"]
 
@@ -109,35 +108,13 @@ class BaselineCNN(nn.Module):
 
 
 BASELINE_ARCHITECTURES: dict[str, type[nn.Module]] = {"baseline_mlp": BaselineMLP, "baseline_cnn": BaselineCNN}
-"""Registered name -> class, in the form of `zoo.shapnets_models.ARCHITECTURES`."""
+"""Registered name -> class."""
 
-default_cfgs = generate_default_cfgs({
-    name: PretrainedCfg(description=description, input_size=None, fixed_input_size=False, interpolation=None,
-                        crop_pct=None, crop_mode=None, mean=None, std=None, num_classes=None, license="mit")
-    for name, description in [
-        ("baseline_mlp", "Plain MLP for tabular data (pass in_features, num_classes, hidden): an accuracy baseline"),
-        ("baseline_cnn", "Plain small CNN for images (pass in_chans, num_classes, channels): an accuracy baseline"),
-    ]
-})
-
-
-def _create_baseline(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
-    """Build a baseline, record its arguments and cfg as the ShapNet builders do, then load weights if asked."""
-    cfg = pop_timm_kwargs(variant, kwargs)
-    cls = BASELINE_ARCHITECTURES[variant]
-    model_args = full_model_args(cls, kwargs)
-    return finish_model(cls(**model_args), variant, model_args, cfg, pretrained,
-                        "none ship: train one (configs/baseline_*.yaml) and pass "
-                        "pretrained_cfg_overlay=dict(file=<folder or .safetensors>)")
-
-
-@register_model
-def baseline_mlp(pretrained: bool = False, **kwargs: Any) -> BaselineMLP:
-    """Plain MLP baseline; kwargs of `BaselineMLP` (`in_features`, `num_classes`, `hidden`, ...)."""
-    return _create_baseline("baseline_mlp", pretrained, kwargs)
-
-
-@register_model
-def baseline_cnn(pretrained: bool = False, **kwargs: Any) -> BaselineCNN:
-    """Plain small CNN baseline; kwargs of `BaselineCNN` (`in_chans`, `num_classes`, `channels`)."""
-    return _create_baseline("baseline_cnn", pretrained, kwargs)
+_FAMILY = Family(missing_hint="none ship: train one (configs/baseline_*.yaml) and pass "
+                              "pretrained_cfg_overlay=dict(file=<folder or .safetensors>)")
+for _name, _description in [
+    ("baseline_mlp", "Plain MLP for tabular data (pass in_features, num_classes, hidden): an accuracy baseline"),
+    ("baseline_cnn", "Plain small CNN for images (pass in_chans, num_classes, channels): an accuracy baseline"),
+]:
+    register(_name, BASELINE_ARCHITECTURES[_name], model_cfg(description=_description, fixed_input_size=False,
+                                                             num_classes=None), family=_FAMILY)

@@ -21,15 +21,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.models import generate_default_cfgs, register_model
-from torch import nn
-
 from shapnets.capsnet import CapsNet
 
-from ._args import full_model_args
-from ._build import finish_model, pop_timm_kwargs, variant_kwargs
-from .shapnets_models import ShapNetCfg, _shipped_file
-from .shapnets_models import _cfg as zoo_cfg
+from ._builder import register, register_variant
+from ._registry import ShapNetCfg, model_cfg
 
 __all__ = ["CAPSNET_ARCHITECTURES", "CAPSNET_VARIANT_DEFAULTS"]
 
@@ -41,7 +36,7 @@ _EXPLANATION = ("normalised routing attribution (not Shapley values): each prima
 
 
 def _cfg(description: str, **kwargs: Any) -> ShapNetCfg:
-    """The zoo's cfg (`zoo.shapnets_models._cfg`) with this family's paper, pixel players and explanation."""
+    """`zoo.model_cfg` with this family's paper, pixel players and explanation."""
     family = dict(
         description=description,
         fixed_input_size=True,
@@ -53,13 +48,12 @@ def _cfg(description: str, **kwargs: Any) -> ShapNetCfg:
         player_axes=("height", "width"),
         explanation=_EXPLANATION,
     )
-    return zoo_cfg(**{**family, **kwargs})
+    return model_cfg(**{**family, **kwargs})
 
 
-def _mnist_cfg(name: str, description: str) -> ShapNetCfg:
+def _mnist_cfg(description: str) -> ShapNetCfg:
     return _cfg(
         f"{description}: 1x28x28 images, 10 classes",
-        file=_shipped_file(name),
         input_size=(1, 28, 28),
         num_classes=10,
         mean=(0.1307,),
@@ -71,16 +65,6 @@ def _mnist_cfg(name: str, description: str) -> ShapNetCfg:
     )
 
 
-default_cfgs = generate_default_cfgs(
-    {
-        "capsnet": _cfg("CapsNet with dynamic routing, any fixed image size (pass in_chans, image_size, num_classes)"),
-        "capsnet_mnist": _mnist_cfg("capsnet_mnist", "CapsNet (the paper's MNIST architecture, 8.2M parameters)"),
-        "capsnet_small_mnist": _mnist_cfg(
-            "capsnet_small_mnist", "Small CapsNet for MNIST (conv1 64, 16 x 8D primary capsules, 2.8M parameters)"
-        ),
-    }
-)
-
 CAPSNET_VARIANT_DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
     "capsnet_mnist": ("capsnet", dict(in_chans=1, image_size=28, num_classes=10)),
     "capsnet_small_mnist": ("capsnet", dict(in_chans=1, image_size=28, num_classes=10, conv_channels=64,
@@ -88,33 +72,15 @@ CAPSNET_VARIANT_DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 """Named variant -> (the entry point it is built like, its documented constructor arguments)."""
 
-CAPSNET_ARCHITECTURES: dict[str, type[nn.Module]] = {"capsnet": CapsNet}
-"""Registered name -> class, in the form of `zoo.shapnets_models.ARCHITECTURES` (for the hub's rebuild)."""
+CAPSNET_ARCHITECTURES: dict[str, type[CapsNet]] = {"capsnet": CapsNet}
+"""Registered generic name -> class."""
 
+_DESCRIPTIONS = {
+    "capsnet_mnist": "CapsNet (the paper's MNIST architecture, 8.2M parameters)",
+    "capsnet_small_mnist": "Small CapsNet for MNIST (conv1 64, 16 x 8D primary capsules, 2.8M parameters)",
+}
 
-def _create_capsnet(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> CapsNet:
-    """Build a CapsNet, record its arguments and cfg as the ShapNet builders do, then load whole-model weights."""
-    cfg = pop_timm_kwargs(variant, kwargs)
-    if variant in CAPSNET_VARIANT_DEFAULTS:
-        kwargs = variant_kwargs(variant, CAPSNET_VARIANT_DEFAULTS[variant][1], kwargs)
-    model_args = full_model_args(CapsNet, kwargs)
-    return finish_model(CapsNet(**model_args), variant, model_args, cfg, pretrained,
-                        "use pretrained=False or pretrained_cfg_overlay=dict(file=<folder or .safetensors>)")
-
-
-@register_model
-def capsnet(pretrained: bool = False, **kwargs: Any) -> CapsNet:
-    """CapsNet with dynamic routing for any fixed image size; kwargs of `shapnets.CapsNet`."""
-    return _create_capsnet("capsnet", pretrained, kwargs)
-
-
-@register_model
-def capsnet_mnist(pretrained: bool = False, **kwargs: Any) -> CapsNet:
-    """The paper's MNIST CapsNet (conv1 256, 1152 primary capsules, 3 routing iterations); 1x28x28 in, 10 classes."""
-    return _create_capsnet("capsnet_mnist", pretrained, kwargs)
-
-
-@register_model
-def capsnet_small_mnist(pretrained: bool = False, **kwargs: Any) -> CapsNet:
-    """A smaller MNIST CapsNet for CPU training (conv1 64, 16 x 8D primary capsules); 1x28x28 in, 10 classes."""
-    return _create_capsnet("capsnet_small_mnist", pretrained, kwargs)
+register("capsnet", CapsNet,
+         _cfg("CapsNet with dynamic routing, any fixed image size (pass in_chans, image_size, num_classes)"))
+for _name, (_arch, _defaults) in CAPSNET_VARIANT_DEFAULTS.items():
+    register_variant(_name, _arch, _defaults, _mnist_cfg(_DESCRIPTIONS[_name]))

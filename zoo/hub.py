@@ -55,7 +55,7 @@ import shapnets
 
 from ._args import encode_model_args, jsonable
 from ._paths import CONFIG_NAME, WEIGHTS_NAME, shipped_dir
-from .shapnets_models import (
+from ._registry import (
     ARCHITECTURES,
     VARIANT_DEFAULTS,
     ShapNetCfg,
