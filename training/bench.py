@@ -1197,7 +1197,7 @@ def _repo_root() -> Path:
 
 def _zoo_accuracy_rows() -> list[Row]:
     import zoo
-    from zoo._paths import shipped_dir
+    from zoo import shipped_dir
 
     rows = []
     for name in zoo.list_models(pretrained=True):
