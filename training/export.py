@@ -123,8 +123,8 @@ def export_to_zoo(
     import zoo
     from zoo import card_path, shipped_dir
 
-    from .cli import load_source, load_split
     from .config import config_to_dict
+    from .sources import load_source, load_split
     from .trainer import evaluate
 
     loaded = load_source(source, torch.device("cpu"))
