@@ -56,7 +56,7 @@ the footprint get more than its rim, and sums are preserved.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,7 @@ from torch import Tensor, nn
 
 from ._streaming import StreamedBatches, streamed
 from ._validation import check_input, finite_output
+from .contract import LossTerm, StepOutput, no_layers
 from .explanation import Explanation
 
 __all__ = [
@@ -287,28 +288,23 @@ class DigitCapsules(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- loss terms
-class MarginLossTerm:
+class MarginLossTerm(LossTerm):
     """The margin loss as a training term; it replaces the trainer's cross-entropy.
 
     `__call__(out, target)` reads `out.logits` (the capsule lengths).
     """
 
     name = "margin"
-    needs_explanation = False
-    needs_layers = False
     replaces_cross_entropy = True
 
     def __init__(self, weight: float = 1.0, m_plus: float = 0.9, m_minus: float = 0.1, lam: float = 0.5) -> None:
         self.weight, self.m_plus, self.m_minus, self.lam = float(weight), m_plus, m_minus, lam
 
-    def __call__(self, out: Any, target: Tensor) -> Tensor:
+    def __call__(self, out: StepOutput, target: Tensor) -> Tensor:
         return margin_loss(out.logits, target, self.m_plus, self.m_minus, self.lam)
 
-    def __repr__(self) -> str:
-        return f"MarginLossTerm(weight={self.weight})"
 
-
-class ReconstructionLossTerm:
+class ReconstructionLossTerm(LossTerm):
     """The decoder's reconstruction loss as a training term.
 
     `__call__(out, target)` reads `out.extras["reconstruction"]` and `out.extras["image"]` (the un-normalised
@@ -316,21 +312,16 @@ class ReconstructionLossTerm:
     """
 
     name = "reconstruction"
-    needs_explanation = False
-    needs_layers = False
 
     def __init__(self, weight: float = 0.0005) -> None:
         self.weight = float(weight)
 
-    def __call__(self, out: Any, target: Tensor) -> Tensor:
+    def __call__(self, out: StepOutput, target: Tensor) -> Tensor:
         extras = getattr(out, "extras", None) or {}
         if "reconstruction" not in extras or "image" not in extras:
             raise RuntimeError("the reconstruction loss needs extras['reconstruction'] and extras['image'] from "
                                f"CapsNet.forward_train(x, target); got extras {sorted(extras)}")
         return reconstruction_loss(extras["reconstruction"], extras["image"])
-
-    def __repr__(self) -> str:
-        return f"ReconstructionLossTerm(weight={self.weight})"
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -538,7 +529,7 @@ class CapsNet(StreamedBatches, nn.Module):
     # ------------------------------------------------------------------ explanation
     @streamed
     @finite_output
-    def explain(self, x: Tensor) -> Explanation:
+    def explain(self, x: Tensor, layers: bool = False) -> Explanation:
         """Class scores split over input pixels through the routing (a normalised routing attribution).
 
         Not Shapley values (`exact=False`); see the module docstring for the definition. Local accuracy holds
@@ -554,6 +545,7 @@ class CapsNet(StreamedBatches, nn.Module):
               pixels);
             * `reconstruction` `(B, C, H, W)`, decoded from the pose of the predicted class (with a decoder).
         """
+        no_layers(self, layers)  # one explanation, no per-layer representations
         x = self._check(x)
         votes, routing = self.route(x)
         poses, preactivation = routing.poses, routing.preactivation

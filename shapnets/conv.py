@@ -172,6 +172,8 @@ class ConvShapNet(StreamedBatches, nn.Module):
             (the spatial sum over many pixels otherwise starts with large logits).
     """
 
+    data_args = ("reference",)  # what a data set may fill (shapnets.contract)
+
     def __init__(
         self,
         in_chans: int = 1,

@@ -75,6 +75,7 @@ from torch import Tensor, nn
 
 from ._streaming import StreamedBatches, streamed
 from ._validation import check_input, finite_output, image_size_errors
+from .contract import LossTerm, StepOutput, no_layers
 from .explanation import Explanation
 
 __all__ = [
@@ -422,8 +423,8 @@ def _check_labels(labels: Tensor, batch: int, num_classes: int, who: str) -> Ten
     return labels
 
 
-class FilterLossTerm:
-    """The filter loss as a training loss term (`training.losses.LossTerm` protocol), from the same forward.
+class FilterLossTerm(LossTerm):
+    """The filter loss as a training loss term (`shapnets.contract.LossTerm`), from the same forward.
 
     It reads the maps the model's `InterpretableConv2d` kept from the step's forward pass (so it needs no
     explanation and no second pass) and, in training mode, updates the running filter-to-class assignment.
@@ -434,17 +435,12 @@ class FilterLossTerm:
     """
 
     name = "filter_loss"
-    needs_explanation = False
-    needs_layers = False
 
     def __init__(self, layer: InterpretableConv2d, weight: float = 0.1) -> None:
         self.layer, self.weight = layer, float(weight)
 
-    def __call__(self, out: Any, target: Tensor) -> Tensor:
+    def __call__(self, out: StepOutput, target: Tensor) -> Tensor:
         return self.layer.filter_loss(target)
-
-    def __repr__(self) -> str:
-        return f"FilterLossTerm(weight={self.weight})"
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -569,7 +565,7 @@ class InterpretableCNN(StreamedBatches, nn.Module):
     # ------------------------------------------------------------------ explanation
     @streamed
     @finite_output
-    def explain(self, x: Tensor) -> Explanation:
+    def explain(self, x: Tensor, layers: bool = False) -> Explanation:
         """Logits split exactly over input pixels through the interpretable filters.
 
         Returns:
@@ -584,6 +580,7 @@ class InterpretableCNN(StreamedBatches, nn.Module):
               `output - base`;
             * `masked_maps` `(B, M, H, W)`: the masked filter maps.
         """
+        no_layers(self, layers)  # one explanation, no per-layer representations
         x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
         masked = self.interpretable_layer(self.top_features(x))
         peaks = self.interpretable_layer.last_peaks

@@ -36,6 +36,7 @@ from ._registry import (
     ShapNetCfg,
     known_names_hint,
     model_cfg,
+    model_class,
     weights_available,
 )
 from .cards import model_info, write_model_card
@@ -53,6 +54,7 @@ __all__ = [
     "list_models",
     "load_pretrained",
     "model_cfg",
+    "model_class",
     "model_info",
     "read_config",
     "register",

@@ -20,6 +20,8 @@ from typing import Any
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
+from shapnets.contract import rename_args
+
 from ._paths import CONFIG_NAME, WEIGHTS_NAME, shipped_dir
 from ._registry import (
     ARCHITECTURES,
@@ -30,6 +32,7 @@ from ._registry import (
     architecture_of,
     instantiate,
     model_cfg,
+    model_class,
     resolve_cfg,
     weights_available,
     weights_location,
@@ -70,7 +73,11 @@ def build_model_with_cfg(name: str, pretrained: bool = False, **kwargs: Any) -> 
             raise ValueError(f"{folder / CONFIG_NAME} holds a {config['architecture']} but {name} is a {arch}")
         recorded = config["model_args"]
 
-    args = {**VARIANT_DEFAULTS.get(name, (arch, {}))[1], **recorded, **kwargs}
+    # Each source under the current argument names first (shapnets.contract), so that a recorded old name never
+    # conflicts with a new one given now; only the caller's old names are worth a DeprecationWarning.
+    model_cls = model_class(name)
+    defaults = rename_args(model_cls, VARIANT_DEFAULTS.get(name, (arch, {}))[1], warn=False)
+    args = {**defaults, **rename_args(model_cls, recorded, warn=False), **rename_args(model_cls, kwargs)}
     if family.prepare is not None:
         args = family.prepare(name, args)
     model = instantiate(name, args, cfg)

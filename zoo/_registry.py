@@ -16,6 +16,8 @@ from typing import Any
 from timm.models import PretrainedCfg, get_pretrained_cfg
 from torch import nn
 
+from shapnets.contract import rename_args
+
 from ._args import decode_model_args, full_model_args
 from ._paths import WEIGHTS_NAME, shipped_dir
 
@@ -29,6 +31,7 @@ __all__ = [
     "instantiate",
     "known_names_hint",
     "model_cfg",
+    "model_class",
     "resolve_cfg",
     "weights_available",
     "weights_location",
@@ -113,6 +116,15 @@ def architecture_of(name: str) -> str:
     raise ValueError(f"unknown ShapNet architecture {name!r}. " + known_names_hint(arch))
 
 
+def model_class(name: str) -> type[nn.Module]:
+    """The class a registered name builds (`shapnet_shallow_adult` -> `ShallowShapNet`).
+
+    Raises:
+        ValueError: the name is not registered in the zoo, with close matches.
+    """
+    return ARCHITECTURES[architecture_of(name)]
+
+
 def known_names_hint(name: str) -> str:
     """'Did you mean [...]? Known ShapNets: [...]' - the tail of every unknown-name error."""
     known = sorted([*ARCHITECTURES, *VARIANT_DEFAULTS])
@@ -170,8 +182,8 @@ def instantiate(name: str, args: Mapping[str, Any], cfg: ShapNetCfg) -> nn.Modul
     `model.model_args` gets every constructor argument (defaults filled in) for `zoo.save_pretrained`;
     `model.pretrained_cfg` (and timm's alias `default_cfg`) the cfg as a dict, as timm's builder does.
     """
-    model_cls = ARCHITECTURES[architecture_of(name)]
-    model_args = full_model_args(model_cls, decode_model_args(args, name))
+    model_cls = model_class(name)
+    model_args = full_model_args(model_cls, rename_args(model_cls, decode_model_args(args, name), warn=False))
     model = model_cls(**model_args)
     model.model_args = model_args
     model.pretrained_cfg = cfg.to_dict()

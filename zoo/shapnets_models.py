@@ -107,7 +107,7 @@ _MNIST = "MNIST, official train (60,000) / test (10,000) split"
 
 _GENERIC = dict(fixed_input_size=False, num_classes=None)
 register("shapnet_shallow", ShallowShapNet, _cfg(
-    description="Shallow ShapNet, any tabular data (pass in_features, out_features)", explanation=_EXACT,
+    description="Shallow ShapNet, any tabular data (pass in_features, num_classes)", explanation=_EXACT,
     player_axes=("feature",), players="one player per feature", **_GENERIC))
 register("shapnet_deep", DeepShapNet, _cfg(
     description="Deep ShapNet, any tabular data (pass in_features, num_classes)", explanation=_LAYERWISE,
@@ -123,19 +123,19 @@ _MNIST_CONV = dict(in_chans=1, num_classes=10, channels=(16, 16, 16, 16), hidden
 # Trained variants: (name, generic name, documented arguments, cfg). A shipped zoo/weights/<name>/config.json
 # overrides the documented arguments; tests/test_architecture.py checks that the two agree.
 for _name, _arch, _defaults, _variant_cfg in [
-    ("shapnet_shallow_breast_cancer", "shapnet_shallow", dict(in_features=30, out_features=2, groups="pairs",
+    ("shapnet_shallow_breast_cancer", "shapnet_shallow", dict(in_features=30, num_classes=2, groups="pairs",
                                                               hidden=(16,)),
      _tabular_cfg("shapnet_shallow_breast_cancer", _BREAST, 30, 2, _EXACT, **_CANCER_LABELS)),
     ("shapnet_deep_breast_cancer", "shapnet_deep", dict(in_features=30, num_classes=2, channels=8, hidden=(16,)),
      _tabular_cfg("shapnet_deep_breast_cancer", _BREAST, 30, 2, _LAYERWISE, **_CANCER_LABELS)),
-    ("shapnet_shallow_yeast", "shapnet_shallow", dict(in_features=8, out_features=10, groups="pairs", hidden=(32,)),
+    ("shapnet_shallow_yeast", "shapnet_shallow", dict(in_features=8, num_classes=10, groups="pairs", hidden=(32,)),
      _tabular_cfg("shapnet_shallow_yeast", _YEAST, 8, 10, _EXACT)),
     ("shapnet_deep_yeast", "shapnet_deep", dict(in_features=8, num_classes=10, channels=32, hidden=(32,)),
      _tabular_cfg("shapnet_deep_yeast", _YEAST, 8, 10, _LAYERWISE)),
     ("shapnet_deep_yeast_l1", "shapnet_deep", dict(in_features=8, num_classes=10, channels=32, hidden=(32,)),
      _tabular_cfg("shapnet_deep_yeast_l1", _YEAST, 8, 10, _LAYERWISE, description=(
          "Deep ShapNet for UCI Yeast fine-tuned with L1 sparsity on every layer: 8 features, 10 classes"))),
-    ("shapnet_shallow_adult", "shapnet_shallow", dict(in_features=12, out_features=2, groups="pairs", hidden=(32,)),
+    ("shapnet_shallow_adult", "shapnet_shallow", dict(in_features=12, num_classes=2, groups="pairs", hidden=(32,)),
      _tabular_cfg("shapnet_shallow_adult", _ADULT, 12, 2, _EXACT, **_ADULT_LABELS)),
     ("shapnet_deep_adult", "shapnet_deep", dict(in_features=12, num_classes=2, channels=32, hidden=(32,)),
      _tabular_cfg("shapnet_deep_adult", _ADULT, 12, 2, _LAYERWISE, **_ADULT_LABELS)),
