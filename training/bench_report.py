@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+
+from zoo import jsonable
 
 __all__ = ["Row", "environment", "markdown_table", "progress", "report_header", "write_report"]
 
@@ -43,18 +44,8 @@ def markdown_table(rows: Sequence[Row], columns: Sequence[str]) -> str:
 
 
 def _json_safe(value: Any) -> Any:
-    """Rows -> strict JSON: NaN/inf become null, tensors lists, paths strings."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Tensor):
-        return value.tolist()
-    if isinstance(value, Path | torch.device | torch.dtype):
-        return str(value)
-    return value
+    """Rows -> strict JSON: NaN / inf become null, tensors lists, paths strings."""
+    return jsonable(value, nonfinite=lambda _: None)
 
 
 def _cpu_name() -> str:

@@ -26,7 +26,7 @@ from torch import nn
 
 # The family files register their names (with timm too) when imported.
 from . import baselines, capsnet_models, icnn_models, shapnets_models  # noqa: F401
-from ._args import ACT_LAYERS
+from ._args import ACT_LAYERS, jsonable
 from ._builder import build_model_with_cfg, register, register_variant
 from ._paths import card_path, shipped_dir
 from ._registry import (
@@ -51,6 +51,7 @@ __all__ = [
     "build_model_with_cfg",
     "card_path",
     "create_model",
+    "jsonable",
     "list_models",
     "load_pretrained",
     "model_cfg",

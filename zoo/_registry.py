@@ -24,6 +24,7 @@ from ._paths import WEIGHTS_NAME, shipped_dir
 __all__ = [
     "ARCHITECTURES",
     "ENTRIES",
+    "MNIST_CFG",
     "VARIANT_DEFAULTS",
     "Family",
     "ShapNetCfg",
@@ -89,6 +90,13 @@ class ShapNetCfg(PretrainedCfg):
 
 
 _CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(ShapNetCfg))
+
+MNIST_CFG: dict[str, Any] = dict(
+    input_size=(1, 28, 28), num_classes=10, mean=(0.1307,), std=(0.3081,), num_players=28 * 28,
+    dataset="MNIST, official train (60,000) / test (10,000) split", label_names=tuple(str(d) for d in range(10)),
+    preprocessing="pixels scaled to [0, 1] (uint8 / 255), then normalized with mean 0.1307 and std 0.3081",
+)
+"""The cfg fields every family's MNIST weights share (data set, input, normalisation, one player per pixel)."""
 
 
 def model_cfg(**kwargs: Any) -> ShapNetCfg:

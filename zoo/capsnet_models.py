@@ -19,12 +19,13 @@ model from `pretrained_cfg_overlay=dict(file=<folder or .safetensors>)` or from 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from shapnets.capsnet import CapsNet
 
 from ._builder import register, register_variant
-from ._registry import ShapNetCfg, model_cfg
+from ._registry import MNIST_CFG, ShapNetCfg, model_cfg
 
 __all__ = ["CAPSNET_ARCHITECTURES", "CAPSNET_VARIANT_DEFAULTS"]
 
@@ -35,34 +36,15 @@ _EXPLANATION = ("normalised routing attribution (not Shapley values): each prima
                 "(base = the DigitCaps bias's share of each capsule length)")
 
 
-def _cfg(description: str, **kwargs: Any) -> ShapNetCfg:
-    """`zoo.model_cfg` with this family's paper, pixel players and explanation."""
-    family = dict(
-        description=description,
-        fixed_input_size=True,
-        num_classes=None,
-        paper_name=PAPER,
-        paper_ids=PAPER_ID,
-        origin_url="https://github.com/Sarasra/models/tree/master/research/capsules",
-        players="one player per pixel (all its channels)",
-        player_axes=("height", "width"),
-        explanation=_EXPLANATION,
-    )
-    return model_cfg(**{**family, **kwargs})
+# `zoo.model_cfg` with this family's paper, pixel players and explanation.
+_cfg = functools.partial(
+    model_cfg, fixed_input_size=True, num_classes=None, paper_name=PAPER, paper_ids=PAPER_ID,
+    origin_url="https://github.com/Sarasra/models/tree/master/research/capsules",
+    players="one player per pixel (all its channels)", player_axes=("height", "width"), explanation=_EXPLANATION)
 
 
 def _mnist_cfg(description: str) -> ShapNetCfg:
-    return _cfg(
-        f"{description}: 1x28x28 images, 10 classes",
-        input_size=(1, 28, 28),
-        num_classes=10,
-        mean=(0.1307,),
-        std=(0.3081,),
-        num_players=28 * 28,
-        dataset="MNIST, official train (60,000) / test (10,000) split",
-        preprocessing="pixels scaled to [0, 1] (uint8 / 255), then normalized with mean 0.1307 and std 0.3081",
-        label_names=tuple(str(d) for d in range(10)),
-    )
+    return _cfg(description=f"{description}: 1x28x28 images, 10 classes", **MNIST_CFG)
 
 
 CAPSNET_VARIANT_DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -80,7 +62,7 @@ _DESCRIPTIONS = {
     "capsnet_small_mnist": "Small CapsNet for MNIST (conv1 64, 16 x 8D primary capsules, 2.8M parameters)",
 }
 
-register("capsnet", CapsNet,
-         _cfg("CapsNet with dynamic routing, any fixed image size (pass in_chans, image_size, num_classes)"))
+register("capsnet", CapsNet, _cfg(
+    description="CapsNet with dynamic routing, any fixed image size (pass in_chans, image_size, num_classes)"))
 for _name, (_arch, _defaults) in CAPSNET_VARIANT_DEFAULTS.items():
     register_variant(_name, _arch, _defaults, _mnist_cfg(_DESCRIPTIONS[_name]))

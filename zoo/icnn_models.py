@@ -29,6 +29,7 @@ architecture in `ICNN_VARIANT_DEFAULTS`, trained by `configs/<...>.yaml`):
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 from shapnets.icnn import InterpretableCNN
 
 from ._builder import register, register_variant
-from ._registry import Family, ShapNetCfg, architecture_of, model_cfg
+from ._registry import MNIST_CFG, Family, architecture_of, model_cfg
 
 __all__ = [
     "ICNN_ARCHITECTURES",
@@ -150,21 +151,11 @@ class TimmInterpretableCNN(InterpretableCNN):
 
     Args:
         backbone: `"vgg_small"` or a timm CNN name.
-        num_classes: classes.
-        in_chans: input channels.
-        num_filters: interpretable filters; default the backbone's top-map channels.
         out_index: timm feature stage to put the layer on (`-1`: the top).
-        pool: `"avg"` or `"max"`.
-        beta: template decay (paper: 4).
-        tau: template scale; `None`: `0.5 / (H W)`.
-        alpha: positive-template prior; `None`: `H W / (1 + H W)`.
-        normalizer: `"constant"` (the paper's gradient) or `"batch"` (see `shapnets.icnn.filter_loss`).
-        momentum: of the running filter-to-class assignment.
-        assignment: `"running"` or `"fixed"`.
-        interpretable: `False` gives the baseline (plain conv layer, no filter loss).
-        filter_loss_weight: weight of the filter loss handed to the trainer through `loss_terms()`.
         backbone_args: extra constructor arguments of the backbone (e.g. `drop_path_rate`).
         backbone_checkpoint_path: local checkpoint file to start a timm backbone from (see the module docstring).
+        num_classes, in_chans, num_filters, pool, beta, tau, alpha, normalizer, momentum, assignment, interpretable,
+            filter_loss_weight: as `shapnets.InterpretableCNN`.
     """
 
     def __init__(
@@ -198,31 +189,23 @@ class TimmInterpretableCNN(InterpretableCNN):
         self.backbone_name = backbone
 
 
-def _cfg(description: str, **kwargs: Any) -> ShapNetCfg:
-    """`zoo.model_cfg` with this family's paper, pixel players and explanation."""
-    family = dict(
-        description=description,
-        fixed_input_size=False,
-        num_classes=None,
-        paper_name=PAPER,
-        paper_ids=PAPER_ID,
-        origin_url="https://github.com/zqs1022/interpretableCNN",
-        players="one player per pixel (all its channels)",
-        player_axes=("height", "width"),
-        explanation=("local accuracy holds exactly: each logit is split over the interpretable filters (linear "
-                     "head on pooled masked maps) and each filter's share over the pixels of its masked map"),
-    )
-    return model_cfg(**{**family, **kwargs})
+# `zoo.model_cfg` with this family's paper, pixel players and explanation.
+_cfg = functools.partial(
+    model_cfg, fixed_input_size=False, num_classes=None, paper_name=PAPER, paper_ids=PAPER_ID,
+    origin_url="https://github.com/zqs1022/interpretableCNN", players="one player per pixel (all its channels)",
+    player_axes=("height", "width"),
+    explanation=("local accuracy holds exactly: each logit is split over the interpretable filters (linear head on "
+                 "pooled masked maps) and each filter's share over the pixels of its masked map"))
 
 
 _CFGS = {
-    "icnn_vgg_small": _cfg("Interpretable CNN on a small VGG-style backbone (stride 8), any image size"),
-    "icnn_vgg16": _cfg("Interpretable CNN on VGG-16 (the paper's backbone), any image size"),
-    "icnn_resnet18": _cfg("Interpretable CNN on ResNet-18, any image size"),
-    "icnn_resnet34": _cfg("Interpretable CNN on ResNet-34, any image size"),
-    "icnn_timm": _cfg("Interpretable CNN on any timm CNN (pass backbone=<timm name>)"),
+    "icnn_vgg_small": _cfg(description="Interpretable CNN on a small VGG-style backbone (stride 8), any image size"),
+    "icnn_vgg16": _cfg(description="Interpretable CNN on VGG-16 (the paper's backbone), any image size"),
+    "icnn_resnet18": _cfg(description="Interpretable CNN on ResNet-18, any image size"),
+    "icnn_resnet34": _cfg(description="Interpretable CNN on ResNet-34, any image size"),
+    "icnn_timm": _cfg(description="Interpretable CNN on any timm CNN (pass backbone=<timm name>)"),
     "icnn_vgg_small_parts": _cfg(
-        "Interpretable CNN (small VGG) for the synthetic parts data: 3x64x64 images, 4 classes",
+        description="Interpretable CNN (small VGG) for the synthetic parts data: 3x64x64 images, 4 classes",
         input_size=(3, 64, 64),
         num_classes=4,
         mean=(0.19, 0.19, 0.19),
@@ -233,14 +216,8 @@ _CFGS = {
         label_names=("tower", "face", "kite", "cart"),
     ),
     "icnn_vgg_small_mnist": _cfg(
-        "Interpretable CNN (small VGG, stride 4) for MNIST: 1x28x28 images, 10 classes",
-        input_size=(1, 28, 28),
-        num_classes=10,
-        mean=(0.1307,),
-        std=(0.3081,),
-        dataset="MNIST, official train (60,000) / test (10,000) split",
-        preprocessing="pixels scaled to [0, 1] (uint8 / 255), then normalized with mean 0.1307 and std 0.3081",
-        label_names=tuple(str(d) for d in range(10)),
+        description="Interpretable CNN (small VGG, stride 4) for MNIST: 1x28x28 images, 10 classes",
+        **{**MNIST_CFG, "num_players": None},  # players depend on the backbone's stride: not recorded
     ),
 }
 

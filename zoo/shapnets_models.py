@@ -26,26 +26,11 @@ from typing import Any
 from shapnets import ConvShapNet, DeepShapNet, ShallowShapNet
 
 from ._builder import register, register_variant
-from ._registry import (
-    ARCHITECTURES,
-    VARIANT_DEFAULTS,
-    ShapNetCfg,
-    architecture_of,
-    instantiate,
-    known_names_hint,
-    model_cfg,
-    weights_available,
-)
 
-__all__ = [
-    "ARCHITECTURES",
-    "VARIANT_DEFAULTS",
-    "ShapNetCfg",
-    "architecture_of",
-    "instantiate",
-    "known_names_hint",
-    "weights_available",
-]
+# The registry's tables, re-exported: they lived here before zoo/_registry.py.
+from ._registry import ARCHITECTURES, MNIST_CFG, VARIANT_DEFAULTS, ShapNetCfg, model_cfg
+
+__all__ = ["ARCHITECTURES", "PAPER", "PAPER_ID", "VARIANT_DEFAULTS"]
 
 PAPER = "Shapley Explanation Networks (Wang, Wang, Inouye, ICLR 2021)"
 PAPER_ID = "arXiv:2104.02297"
@@ -84,18 +69,11 @@ def _tabular_cfg(
 def _mnist_conv_cfg(description: str) -> ShapNetCfg:
     return _cfg(
         description=f"{description}: 1x28x28 images, 10 classes",
-        input_size=(1, 28, 28),
-        num_classes=10,
-        mean=(0.1307,),
-        std=(0.3081,),
-        dataset=_MNIST,
-        preprocessing="pixels scaled to [0, 1] (uint8 / 255), then normalized with mean 0.1307 and std 0.3081",
-        num_players=28 * 28,
+        **MNIST_CFG,
         players="one player per pixel",
         player_axes=("height", "width"),
         reference="a black pixel after normalization, (0 - 0.1307) / 0.3081: the background",
         explanation=_LAYERWISE,
-        label_names=tuple(str(d) for d in range(10)),
     )
 
 
@@ -103,7 +81,6 @@ _BREAST = "UCI Breast Cancer Wisconsin (Diagnostic), 569 rows (the copy in sciki
 _YEAST = "UCI Yeast, 1,484 rows"
 _ADULT = ("UCI Adult / Census Income, 12 features (fnlwgt and education dropped, rows with '?' dropped), "
           "official train / test split (30,162 / 15,061 rows after dropping)")
-_MNIST = "MNIST, official train (60,000) / test (10,000) split"
 
 _GENERIC = dict(fixed_input_size=False, num_classes=None)
 register("shapnet_shallow", ShallowShapNet, _cfg(
