@@ -1,21 +1,10 @@
 """Convolutional (vision) ShapNet: a shared Shapley module on every dilated patch, no pooling.
 
+Local accuracy and per-pixel missingness hold exactly.
+
 Shapley Explanation Networks (Wang, Wang, Inouye, ICLR 2021), https://arxiv.org/abs/2104.02297
 
-A `ShapleyConv2d` layer treats every `kh x kw` dilated patch as a game of `kh*kw` players (pixels,
-each a C-channel vector), evaluates one shared Shapley module on all patches (weight sharing, as in
-a convolution) and scatter-adds each player's Shapley vector back onto its pixel. The output keeps
-the input's resolution; per output channel, the layer is a Shallow ShapNet of
-`sum_patches f_c(patch)`, so its map is that function's exact Shapley representation.
-
-`ConvShapNet` stacks such layers with growing dilations (2x2 kernels with dilations 1, 2, 4, ...
-give a 2^L receptive field, the image analogue of the butterfly), optionally splits channels
-RealNVP-style, and sums the last map `(B, H, W, num_classes)` over pixels to get the logits. Local
-accuracy (`logits == spatial sum`, `g(reference) == 0`) and per-pixel missingness hold exactly.
-
-Unlike the original, patches are padded on the bottom/right with reference-valued pixels, so every
-pixel is a player of its own patch at every dilation (with no padding, large dilations leave a band
-of pixels that no patch covers and whose information is lost).
+Theory, guarantees and where this departs from the paper or the original code: docs/theory.md#convolutional-shapnet.
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """Deep ShapNet: butterfly-wired stacks of pairwise Shapley modules for tabular data.
 
+Local accuracy and missingness hold exactly; every layer is the exact Shapley representation of its own function.
+
 Shapley Explanation Networks (Wang, Wang, Inouye, ICLR 2021), https://arxiv.org/abs/2104.02297
 
-Layer `l` maps the representation `Z^(l-1)` `(B, D, C_{l-1})` to its Shapley representation: the
-D rows are paired FFT-style (stage s pairs rows `a` and `a + 2^s`), each pair goes through its own
-two-player Shapley module, and every row receives its player's Shapley value. After log2(D) stages
-every output row depends on every input feature. The logits are the sum of the last
-representation over the D rows, and the bias of every module is discarded, so:
-
-* local accuracy: `sum_i Z^(L)_i == g(x)` and `g(reference) == 0` exactly;
-* missingness: a feature at its reference has a zero row at every layer (up to the rounding of
-  batched matrix products, ~1e-17 in float64; rows set to the reference by pruning are exactly 0);
-* every layer is the exact Shapley representation of its own function (reference 0), so the
-  network explains itself layer by layer; end to end the attributions are *not* the exact Shapley
-  values of `g` (Shapley values do not compose through non-linear layers).
-
-Differences from the original code, all deliberate: any number of features (padded to a power of
-two with reference-valued players, which get exactly 0), any reference, residual connections that
-check channels (not D), stages batched over their pairs, and more stages than log2(D) allowed (the
-butterfly strides then repeat).
+Theory, guarantees and where this departs from the paper or the original code: docs/theory.md#deep-shapnet.
 """
 
 from __future__ import annotations

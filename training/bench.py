@@ -1,67 +1,9 @@
 """`shapnets bench`: fidelity against the exact Shapley oracle, post-hoc baselines, speed, scaling, accuracy and
 the sparsity of exact interactions.
 
-Five benchmarks. Each is a function that returns its rows and, given `out`, writes `<out>/<kind>.md` (the tables,
-headed by the date, the hardware and the command), `<out>/<kind>.json` (settings, environment, rows) and
-`<out>/<kind>.png` (a figure; skipped without matplotlib). `shapnets bench KIND... [--quick]` runs them.
-
-**fidelity** - how close every explanation is to the exact Shapley values, on the same samples and the same game.
-    Cases: every shipped tabular zoo model (inputs: the first test samples, or N(0, 1) draws when the data are not
-    found) and small synthetic models (random weights, N(0, 1) inputs, zero reference): Shallow ShapNets, a Deep
-    ShapNet, a Conv ShapNet on 4x4 images (16 pixel players) and a plain ReLU MLP (no explanation of its own).
-    The game: a case with more than `max_players` players keeps the `max_players` players with the largest mean
-    |x - reference| over the samples and puts the others at the reference. Those are then null players (Shapley
-    value 0, and 0 in every ShapNet explanation by missingness), so the kept players' values are those of the
-    smaller game, which `shapnets.exact_shapley` enumerates (float64, 2^K coalitions). Every method explains that
-    same game, written in offsets from the reference (`fn(d) = model(reference + d)`, baseline `d = 0`), for the
-    class the model predicts. Methods: the model's own `explain()` (float32); `exact_shapley` itself (its cost);
-    captum's KernelShap at 64 / 256 / 1024 / 4096 coalitions (one sample at a time, all coalitions in one batch:
-    `perturbations_per_eval = n_samples`, its fastest setting), ShapleyValueSampling (25 permutations), Lime (1024
-    samples, captum's defaults: Lasso, exponential kernel), Occlusion (one element at a time), Saliency (the raw
-    gradient), Gradient x Input (here x is the offset, so it is relative to the reference), IntegratedGradients
-    (50 steps), DeepLift, DeepLiftShap (the reference twice: captum needs a distribution), GradientShap (20 samples,
-    no noise) and LRP (only models made of layers it has rules for). Gradient methods give one value per input
-    element: a player's attribution is the sum over its elements. Captum has DeepLift rules for ReLU-like
-    activations but none for GELU (the ShapNets' default): on GELU networks DeepLift falls back to the gradient
-    and equals Gradient x Input.
-    Columns: `rel. L2 error` = ||a - phi||_F / ||phi||_F over samples and players (phi exact); `Spearman` = the
-    rank correlation of a and phi over the players, averaged over samples; `top-k` = the share of the k players
-    with the largest |phi| that are also among the k largest |a| (k = K // 4, at least 1); `ms / sample` = wall time
-    of explaining all samples / samples (batched methods after a one-sample warm-up; the own explanation: median
-    of repeats); `x own` = that time over the own explanation's. Captum's one-time import costs are paid before
-    any timing. Deep and Conv ShapNets are *not* exact by construction: each
-    layer is the exact Shapley representation of its own function, but Shapley values do not compose through
-    non-linear layers, so their row says how close the intrinsic explanation comes to the network's exact values.
-
-**speed** - explain time of each family against its plain forward and against KernelShap(1024).
-    Every shipped ShapNet (and other zoo model with `explain`), or the synthetic models without the zoo. Columns:
-    forward and explain ms / sample on a batch of `batch` (median of interleaved repeats), explain on a batch of
-    one, KernelShap(1024) ms / sample on the full game (all players, pixels grouped by `feature_mask`), the
-    speed-ups (KernelShap over explain, batched and batch of one), and the relative L2 errors of the own
-    explanation and of KernelShap(1024) against the exact values on the fidelity game (tabular models only). The
-    bars: a Shallow ShapNet must be >= 10^4 x faster (batched) at lower error, a Deep ShapNet faster at lower error.
-
-**scaling** - time and peak memory as players and batch grow: Shallow ShapNets with disjoint groups of size
-    k = 1..10 (D = 20 features), Deep ShapNets with D = 8..1024, Conv ShapNets on 28x28 to 224x224 images, and
-    batches of 1 to 1024 for a Deep ShapNet (D = 64), 1 to 128 for a Conv ShapNet (28x28) and 1 to 256 for
-    `exact_shapley` (which streams coalitions in chunks of `max_batch`). Peak memory is that of tensors allocated
-    during one explain call, above what existed before: on CUDA `torch.cuda.max_memory_allocated`; on CPU the
-    allocator's events recorded by `torch.profiler` (`profile_memory=True`), replayed to find the running maximum.
-    That is exact for tensor memory, unlike `resource.getrusage` (process-wide maxrss, never decreases) or
-    tracemalloc (which does not see torch's allocator). A model whose peak per sample stays flat as the batch grows
-    materializes the whole batch: memory is bounded only if the peak stops growing. On CUDA the grid also runs
-    under bf16 autocast.
-
-**accuracy** - test accuracies of the shipped zoo models (as recorded in their config.json) next to the published
-    anchors we know (HarsanyiNet: MNIST 98.79%, Census/Adult 84.85%; CapsNet: MNIST 99.75%) and plain baselines of
-    similar size trained by the same trainer on the same split (`configs/baseline_*.yaml`, read from the run's
-    `summary.json`; "not trained" with the command otherwise).
-
-**interactions** - how sparse the exact interactions (Harsanyi dividends) of the tabular ShapNets are: the share
-    of |dividend| mass in the top 5% of the listed subsets, for the predicted class, mean over test samples, with
-    the float64 `exact_interactions` oracle alongside (D <= 16). See `training/interactions_bench.py`.
-
-Timings are wall clock on whatever else the machine runs; use `threads=1` (the CLI default) for stable numbers.
+Five benchmarks. Each is a function that returns its rows and, given `out`, writes `<out>/<kind>.md`, `.json` and
+`.png` (`training.bench_report`); `shapnets bench KIND... [--quick]` runs them. What each one measures, its
+columns and its bars: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -360,7 +302,7 @@ def _scores(estimate: Tensor, game: Game) -> Row:
 # ------------------------------------------------------------------------------------------------ 1. fidelity
 def compare(game: Game, methods: Sequence[Method], repeats: int = 5) -> list[Row]:
     """One row per method on one game (the own explanation and the oracle first): error, rank agreement, time per
-    sample (see the module docstring). A method that fails on the model (LRP without rules for its layers, captum
+    sample (see docs/benchmarks.md). A method that fails on the model (LRP without rules for its layers, captum
     not installed) gives a row with the reason in `status` and no numbers."""
     case = game.case
     samples = game.d.shape[0]
@@ -430,7 +372,7 @@ def fidelity(
     command: str | None = None,
     verbose: bool = False,
 ) -> list[Row]:
-    """The fidelity benchmark (module docstring): one row per case and method; writes `fidelity.md/.json/.png`.
+    """The fidelity benchmark (docs/benchmarks.md): one row per case and method; writes `fidelity.md/.json/.png`.
 
     Args:
         cases: what to explain; default the synthetic cases and every shipped tabular zoo model (`zoo_models`
@@ -570,7 +512,7 @@ def speed(
     command: str | None = None,
     verbose: bool = False,
 ) -> list[Row]:
-    """The speed benchmark (module docstring): one row per model; writes `speed.md/.json/.png`.
+    """The speed benchmark (docs/benchmarks.md): one row per model; writes `speed.md/.json/.png`.
 
     Args:
         cases: default every shipped zoo model with `explain()` (tabular and images); `quick`: the synthetic ones.
@@ -744,7 +686,7 @@ def scaling(
     command: str | None = None,
     verbose: bool = False,
 ) -> list[Row]:
-    """The scaling benchmark (module docstring): time and peak memory as players and batch grow; writes
+    """The scaling benchmark (docs/benchmarks.md): time and peak memory as players and batch grow; writes
     `scaling.md/.json/.png`.
 
     Args:
@@ -918,7 +860,7 @@ def accuracy(
     command: str | None = None,
     verbose: bool = False,
 ) -> list[Row]:
-    """The accuracy table (module docstring); writes `accuracy.md/.json/.png`.
+    """The accuracy table (docs/benchmarks.md); writes `accuracy.md/.json/.png`.
 
     Args:
         configs_dir: where `baseline_*.yaml` are (default the repository's `configs/`).

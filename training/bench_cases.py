@@ -78,7 +78,7 @@ class OffsetGame(nn.Module):
 
 @dataclass
 class Game:
-    """The <= `max_players` game of a case that every method explains (see the module docstring).
+    """The <= `max_players` game of a case that every method explains (see docs/benchmarks.md).
 
     Attributes:
         case: the case.

@@ -130,11 +130,11 @@ def _read_csv_inputs(path: str, info: Any, raw: bool) -> Tensor:
 
 def _display_values(info: Any, x: Tensor) -> list[str]:
     """Per-feature values for printing: raw (un-standardized, category names) when the data set allows it."""
-    try:
-        from .data import raw_values
+    from .data import raw_values
 
+    try:
         return [v if isinstance(v, str) else f"{v:.4g}" for v in raw_values(info, x)]
-    except (ImportError, ValueError, KeyError):
+    except (ValueError, KeyError):
         return [f"{float(v):.4g}" for v in x]
 
 

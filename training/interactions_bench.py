@@ -147,7 +147,7 @@ def interactions(
     command: str | None = None,
     verbose: bool = False,
 ) -> list[Row]:
-    """The interactions sparsity table (module docstring); writes `interactions.md/.json/.png` and the charts.
+    """The interactions sparsity table (docs/benchmarks.md); writes `interactions.md/.json/.png` and the charts.
 
     Args:
         cases: tabular Shallow or Deep ShapNets and their samples; default the zoo models `zoo_models` names

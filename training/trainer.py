@@ -90,10 +90,8 @@ def _seed_worker(worker_id: int) -> None:
 
 def load_data(cfg: ExperimentConfig) -> Any:
     """`training.data.load_dataset` for the config's data section; loader errors become one-line `UserError`s."""
-    try:
-        from .data import load_dataset
-    except ImportError as e:  # pragma: no cover - only while training.data is being written
-        raise UserError(f"training.data is not available: {e}") from e
+    from .data import load_dataset
+
     d = cfg.data
     try:
         return load_dataset(d.name, d.root, seed=d.seed, val_fraction=d.val_fraction, limit=d.limit)
