@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ._heads import StagedHead, bank_like
 from ._streaming import StreamedBatches, streamed
 from ._validation import check_input, check_reference, finite_output
 from .explanation import Explanation
@@ -135,7 +136,7 @@ class ShapleyConv2d(nn.Module):
                                               player_shape=(height, width), method=type(self).__name__)
 
 
-class ConvShapNet(StreamedBatches, nn.Module):
+class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
     """Deep convolutional ShapNet for images.
 
     Args:
@@ -237,16 +238,45 @@ class ConvShapNet(StreamedBatches, nn.Module):
         """Every stage's Shapley map, channel-last `(B, H, W, C_l)`."""
         z = self._input_offsets(x)
         layers = []
-        for s, (stage, take) in enumerate(zip(self.stages, self.channel_split)):
-            head, tail = z[..., :take], z[..., take:]
-            phi = stage(head, self.reference[:take] if s == 0 else None, skip_inactive=self.skip_inactive)
-            if self.residual and phi.shape[-1] == take:
-                phi = phi + head
-            z = torch.cat([phi, tail], dim=-1) if tail.shape[-1] else phi
-            if self.prune[s] and (self.prune_during_training or not self.training):
-                z = prune_players(z, self.prune[s])
+        for s in range(self.num_stages):
+            z = self._stage(s, z)
             layers.append(z)
         return layers
+
+    def _stage(self, s: int, z: Tensor) -> Tensor:
+        """Stage `s` on the channel-last map `z` `(B, H, W, C)`: its Shapley map (channel split, residual, pruned)."""
+        take = self.channel_split[s]
+        head, tail = z[..., :take], z[..., take:]
+        phi = self.stages[s](head, self.reference[:take] if s == 0 else None, skip_inactive=self.skip_inactive)
+        if self.residual and phi.shape[-1] == take:
+            phi = phi + head
+        z = torch.cat([phi, tail], dim=-1) if tail.shape[-1] else phi
+        if self.prune[s] and (self.prune_during_training or not self.training):
+            z = prune_players(z, self.prune[s])
+        return z
+
+    # ------------------------------------------------------------------ timm's model interface (head = last stage)
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The channel-last map the head reads, `(B, H, W, num_features)` (the input offsets for one stage)."""
+        z = self._input_offsets(self._check(x))
+        for s in range(self.num_stages - 1):
+            z = self._stage(s, z)
+        return z
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits from `forward_features(x)`; `pre_logits=True`: the map summed over pixels `(B, num_features)`."""
+        if not pre_logits:
+            features = self._stage(self.num_stages - 1, features)
+        return features.sum((1, 2))
+
+    def _head_in_channels(self) -> int:
+        return self.channel_split[-1]  # the last stage reads every channel (checked in __init__)
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        old = self.stages[-1]
+        new = ShapleyConv2d(old.bank.in_channels, num_classes, old.kernel_size, old.dilation)
+        new.bank = bank_like(old.bank, num_classes)  # the old stage's hidden widths and activation
+        return new
 
     def working_elements(self, x: Tensor) -> int:
         pixels = x.shape[-2] * x.shape[-1]

@@ -16,6 +16,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ._heads import StagedHead, bank_like
 from ._streaming import StreamedBatches, streamed
 from ._tabular import TabularGame
 from ._validation import finite_output
@@ -92,7 +93,7 @@ def _from_pairs(z: Tensor, stride: int) -> Tensor:
     return rearrange(z, "... (hi lo) two c -> ... (hi two lo) c", two=2, lo=stride)
 
 
-class DeepShapNet(StreamedBatches, TabularGame):
+class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
     """Deep ShapNet with butterfly wiring: local accuracy and missingness at every layer.
 
     Args:
@@ -183,18 +184,46 @@ class DeepShapNet(StreamedBatches, TabularGame):
         """
         z, reference = self._padded_input(self._check(x))
         layers = []
-        for s, stage in enumerate(self.stages):
-            stride = self.stage_stride(s)
-            # Stage 0 sees the input game (reference r); deeper stages see Shapley representations,
-            # whose reference is 0 (the representation of the reference input is identically 0).
-            ref = _to_pairs(reference, stride) if s == 0 else None
-            phi, _, _ = stage.shapley(_to_pairs(z, stride), ref, skip_inactive=self.skip_inactive)
-            phi = _from_pairs(phi, stride)
-            z = z + phi if self.residual and phi.shape[-1] == z.shape[-1] else phi
-            if self.prune[s] and (self.prune_during_training or not self.training):
-                z = prune_players(z, self.prune[s], self.live_rows)
+        for s in range(self.num_stages):
+            z = self._stage(s, z, reference)
             layers.append(z)
         return layers
+
+    def _stage(self, s: int, z: Tensor, reference: Tensor | None) -> Tensor:
+        """Stage `s` on the padded representation `z` `(B, P, C)`: its Shapley representation (residual, pruned)."""
+        stride = self.stage_stride(s)
+        # Stage 0 sees the input game (reference r); deeper stages see Shapley representations,
+        # whose reference is 0 (the representation of the reference input is identically 0).
+        ref = _to_pairs(reference, stride) if s == 0 else None
+        phi, _, _ = self.stages[s].shapley(_to_pairs(z, stride), ref, skip_inactive=self.skip_inactive)
+        phi = _from_pairs(phi, stride)
+        z = z + phi if self.residual and phi.shape[-1] == z.shape[-1] else phi
+        if self.prune[s] and (self.prune_during_training or not self.training):
+            z = prune_players(z, self.prune[s], self.live_rows)
+        return z
+
+    # ------------------------------------------------------------------ timm's model interface (head = last stage)
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The padded representation the head reads, `(B, P, num_features)` (the input offsets for one stage)."""
+        z, reference = self._padded_input(self._check(x))
+        for s in range(self.num_stages - 1):
+            z = self._stage(s, z, reference)
+        return z
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits from `forward_features(x)`; `pre_logits=True`: the features summed over rows `(B, num_features)`."""
+        if not pre_logits:
+            last = self.num_stages - 1
+            reference = self._padded_input(self.reference[None])[1] if last == 0 else None
+            features = self._stage(last, features, reference)
+        return features.index_select(1, self.live_rows).sum(1)
+
+    def _head_in_channels(self) -> int:
+        return self.stage_channels[-2]
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        self.stage_channels[-1] = num_classes
+        return bank_like(self.stages[-1], num_classes)
 
     def working_elements(self, x: Tensor) -> int:
         return max(stage.coalition_elements() for stage in self.stages)

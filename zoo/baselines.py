@@ -22,7 +22,7 @@ from shapnets.validation import check_input, finite_output, image_size_errors
 
 from ._args import ACT_LAYERS
 from ._builder import register
-from ._registry import Family, model_cfg
+from ._registry import MNIST_CFG, Family, model_cfg
 
 __all__ = ["BASELINE_ARCHITECTURES", "BaselineCNN", "BaselineMLP"]
 
@@ -70,7 +70,33 @@ class BaselineMLP(nn.Module):
 
     @finite_output
     def forward(self, x: Tensor) -> Tensor:
-        return self.layers(check_input(x, [(None, self.in_features)], type(self).__name__, self))
+        return self.forward_head(self.forward_features(x))
+
+    # timm's model interface: the head is the last linear layer; num_classes=0 leaves the last hidden layer's output.
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last hidden layer's output `(B, num_features)`."""
+        return self.layers[:-1](check_input(x, [(None, self.in_features)], type(self).__name__, self))
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        return features if pre_logits else self.layers[-1](features)
+
+    @property
+    def num_features(self) -> int:
+        return self.head_hidden_size
+
+    @property
+    def head_hidden_size(self) -> int:
+        return int(self.layers[0].in_features if len(self.layers) == 1 else
+                   next(m.out_features for m in reversed(self.layers[:-1]) if isinstance(m, nn.Linear)))
+
+    def get_classifier(self) -> nn.Module:
+        return self.layers[-1]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new last layer with `num_classes` outputs (`0`: none, the model returns `forward_features`)."""
+        width = self.head_hidden_size
+        self.layers[-1] = (nn.Linear(width, num_classes) if num_classes else nn.Identity()).to(self.layers[0].weight)
+        self.num_classes = num_classes
 
 
 class BaselineCNN(nn.Module):
@@ -101,20 +127,48 @@ class BaselineCNN(nn.Module):
 
     @finite_output
     def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # timm's model interface: the head is the linear layer after global average pooling.
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last stage's map `(B, num_features, H', W')`."""
         x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
         with image_size_errors(x, type(self).__name__):
-            features = self.features(x)
-        return self.head(self.pool(features).flatten(1))
+            return self.features(x)
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        pooled = self.pool(features).flatten(1)
+        return pooled if pre_logits else self.head(pooled)
+
+    @property
+    def num_features(self) -> int:
+        return self.head_hidden_size
+
+    @property
+    def head_hidden_size(self) -> int:
+        return int(self.features[-2].num_features)  # the last stage's BatchNorm
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new linear head with `num_classes` outputs (`0`: none, the model returns the pooled features)."""
+        self.head = (nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()).to(
+            self.features[0].weight)
+        self.num_classes = num_classes
 
 
 BASELINE_ARCHITECTURES: dict[str, type[nn.Module]] = {"baseline_mlp": BaselineMLP, "baseline_cnn": BaselineCNN}
 """Registered name -> class."""
 
-_FAMILY = Family(missing_hint="none ship: train one (configs/baseline_*.yaml) and pass "
-                              "pretrained_cfg_overlay=dict(file=<folder or .safetensors>)")
-for _name, _description in [
-    ("baseline_mlp", "Plain MLP for tabular data (pass in_features, num_classes, hidden): an accuracy baseline"),
-    ("baseline_cnn", "Plain small CNN for images (pass in_chans, num_classes, channels): an accuracy baseline"),
-]:
-    register(_name, BASELINE_ARCHITECTURES[_name], model_cfg(description=_description, fixed_input_size=False,
-                                                             num_classes=None), family=_FAMILY)
+_HINT = ("none ship: train one (configs/baseline_*.yaml) and pass "
+         "pretrained_cfg_overlay=dict(file=<folder or .safetensors>)")
+register("baseline_mlp", BaselineMLP, model_cfg(
+    description="Plain MLP for tabular data (pass in_features, num_classes, hidden; bare: 8 features, 2 classes): "
+                "an accuracy baseline", fixed_input_size=False, input_size=(8,), num_classes=2),
+    family=Family(missing_hint=_HINT, defaults=dict(in_features=8, num_classes=2)))
+register("baseline_cnn", BaselineCNN, model_cfg(
+    description="Plain small CNN for images (pass in_chans, num_classes, channels; bare: 1x28x28, 10 classes): "
+                "an accuracy baseline", fixed_input_size=False, input_size=(1, 28, 28), num_classes=10,
+    mean=MNIST_CFG["mean"], std=MNIST_CFG["std"]),
+    family=Family(missing_hint=_HINT, defaults=dict(in_chans=1, num_classes=10)))
