@@ -30,6 +30,7 @@ from ._registry import (
     Family,
     ShapNetCfg,
     architecture_of,
+    complete_cfg,
     instantiate,
     model_cfg,
     model_class,
@@ -76,8 +77,15 @@ def build_model_with_cfg(name: str, pretrained: bool = False, **kwargs: Any) -> 
     # Each source under the current argument names first (shapnets.contract), so that a recorded old name never
     # conflicts with a new one given now; only the caller's old names are worth a DeprecationWarning.
     model_cls = model_class(name)
-    defaults = rename_args(model_cls, VARIANT_DEFAULTS.get(name, (arch, {}))[1], warn=False)
-    args = {**defaults, **rename_args(model_cls, recorded, warn=False), **rename_args(model_cls, kwargs)}
+    defaults = {**family.defaults, **VARIANT_DEFAULTS.get(name, (arch, {}))[1]}
+    stored = {**rename_args(model_cls, defaults, warn=False), **rename_args(model_cls, recorded, warn=False)}
+    args = {**stored, **rename_args(model_cls, kwargs)}
+    # timm's fine-tuning call: pretrained weights with another number of classes. The model is built like the
+    # checkpoint, loaded strictly, and then given a new head (the pretrained one's classes are dropped).
+    new_classes = args.get("num_classes")
+    new_head = pretrained and "num_classes" in stored and new_classes != stored["num_classes"]
+    if new_head:
+        args["num_classes"] = stored["num_classes"]
     if family.prepare is not None:
         args = family.prepare(name, args)
     model = instantiate(name, args, cfg)
@@ -91,7 +99,29 @@ def build_model_with_cfg(name: str, pretrained: bool = False, **kwargs: Any) -> 
             )
         load_weights_into(model, location)
         model.pretrained_cfg["file"] = str(location)
+        if new_head:
+            _replace_head(model, name, new_classes)
     return model
+
+
+def _replace_head(model: nn.Module, name: str, num_classes: Any) -> None:
+    """Give a pretrained model a freshly initialised head of `num_classes`, keeping every other weight.
+
+    Raises:
+        ValueError: the family has no replaceable head (`reset_classifier`), naming what to do instead.
+    """
+    if not callable(getattr(model, "reset_classifier", None)):
+        raise ValueError(f"{name}: pretrained=True with num_classes={num_classes} needs a new head, but "
+                         f"{type(model).__name__} has none to replace (no reset_classifier); use pretrained=False, "
+                         "or initialise from the checkpoint with training's model.init_from and strict=false")
+    model.reset_classifier(num_classes)
+    model.model_args["num_classes"] = num_classes
+    model.pretrained_cfg.update(num_classes=num_classes, label_names=None)  # the labels were the old head's
+    complete_cfg(model)
+    head = model.pretrained_cfg["classifier"] + "."
+    keys = sorted(model.state_dict())
+    model.pretrained_load_report = {"kept": [k for k in keys if not k.startswith(head)],
+                                    "new": [k for k in keys if k.startswith(head)]}
 
 
 def _add_to_timm(name: str, cfg: ShapNetCfg | None, module: str) -> None:

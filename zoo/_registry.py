@@ -29,6 +29,7 @@ __all__ = [
     "Family",
     "ShapNetCfg",
     "architecture_of",
+    "complete_cfg",
     "instantiate",
     "known_names_hint",
     "model_cfg",
@@ -55,11 +56,14 @@ class Family:
         transient_args: arguments used while building only, recorded as `None` in `model.model_args` (e.g. a
             backbone checkpoint that seeds the weights: a rebuild from config.json must not need the file).
         missing_hint: what to do instead, said when `pretrained=True` finds no weights.
+        defaults: documented arguments of a bare creation (`create_model(name)` with nothing else); the cfg
+            says the same (`num_classes`, `input_size`).
     """
 
     prepare: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
     transient_args: tuple[str, ...] = ()
     missing_hint: str = "Use pretrained=False, or pretrained_cfg_overlay=dict(file=<folder or .safetensors>)"
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 ENTRIES: dict[str, Family] = {}
@@ -196,4 +200,29 @@ def instantiate(name: str, args: Mapping[str, Any], cfg: ShapNetCfg) -> nn.Modul
     model.model_args = model_args
     model.pretrained_cfg = cfg.to_dict()
     model.default_cfg = model.pretrained_cfg  # timm's backwards-compatible alias
+    complete_cfg(model)
     return model
+
+
+def complete_cfg(model: nn.Module) -> None:
+    """The cfg as timm reads it, for the model as built: classes, input size, first conv and classifier."""
+    cfg = model.pretrained_cfg
+    if isinstance(getattr(model, "num_classes", None), int):
+        cfg["num_classes"] = model.num_classes
+    if isinstance(getattr(model, "in_features", None), int):
+        channels = getattr(model, "in_channels", 1)
+        cfg["input_size"] = (model.in_features,) if channels == 1 else (model.in_features, channels)
+    elif isinstance(getattr(model, "in_chans", None), int) and cfg.get("input_size"):
+        cfg["input_size"] = (model.in_chans, *tuple(cfg["input_size"])[1:])
+    cfg["first_conv"] = next((n for n, m in model.named_modules() if _owns_parameters(m)), cfg.get("first_conv"))
+    if callable(getattr(model, "get_classifier", None)):
+        head = model.get_classifier()
+        cfg["classifier"] = next((n for n, m in model.named_modules() if m is head), cfg.get("classifier"))
+
+
+def _owns_parameters(module: nn.Module) -> bool:
+    """The module holds weights itself (a parameter list counts as its owner's, as in a Shapley module bank)."""
+    lists = (nn.ParameterList, nn.ParameterDict)
+    if isinstance(module, lists):
+        return False
+    return next(module.parameters(False), None) is not None or any(isinstance(c, lists) for c in module.children())

@@ -40,7 +40,8 @@ _EXPLANATION = ("normalised routing attribution (not Shapley values): each prima
 _cfg = functools.partial(
     model_cfg, fixed_input_size=True, num_classes=None, paper_name=PAPER, paper_ids=PAPER_ID,
     origin_url="https://github.com/Sarasra/models/tree/master/research/capsules",
-    players="one player per pixel (all its channels)", player_axes=("height", "width"), explanation=_EXPLANATION)
+    players="one player per pixel (all its channels)", player_axes=("height", "width"), explanation=_EXPLANATION,
+    classifier="digits")
 
 
 def _mnist_cfg(description: str) -> ShapNetCfg:
@@ -63,6 +64,8 @@ _DESCRIPTIONS = {
 }
 
 register("capsnet", CapsNet, _cfg(
-    description="CapsNet with dynamic routing, any fixed image size (pass in_chans, image_size, num_classes)"))
+    description="CapsNet with dynamic routing, any fixed image size (pass in_chans, image_size, num_classes; "
+                "bare: the paper's MNIST network)",
+    input_size=(1, 28, 28), num_classes=10, mean=MNIST_CFG["mean"], std=MNIST_CFG["std"]))
 for _name, (_arch, _defaults) in CAPSNET_VARIANT_DEFAULTS.items():
     register_variant(_name, _arch, _defaults, _mnist_cfg(_DESCRIPTIONS[_name]))

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import is_model
 from torch import Tensor, nn
 
@@ -193,17 +194,21 @@ class TimmInterpretableCNN(InterpretableCNN):
 _cfg = functools.partial(
     model_cfg, fixed_input_size=False, num_classes=None, paper_name=PAPER, paper_ids=PAPER_ID,
     origin_url="https://github.com/zqs1022/interpretableCNN", players="one player per pixel (all its channels)",
-    player_axes=("height", "width"),
+    player_axes=("height", "width"), classifier="head",
     explanation=("local accuracy holds exactly: each logit is split over the interpretable filters (linear head on "
                  "pooled masked maps) and each filter's share over the pixels of its masked map"))
 
 
+# Generic names build bare like timm's backbones: 3x224x224 ImageNet-normalised images, 1000 classes.
+_IMAGENET = dict(input_size=(3, 224, 224), num_classes=1000, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
 _CFGS = {
-    "icnn_vgg_small": _cfg(description="Interpretable CNN on a small VGG-style backbone (stride 8), any image size"),
-    "icnn_vgg16": _cfg(description="Interpretable CNN on VGG-16 (the paper's backbone), any image size"),
-    "icnn_resnet18": _cfg(description="Interpretable CNN on ResNet-18, any image size"),
-    "icnn_resnet34": _cfg(description="Interpretable CNN on ResNet-34, any image size"),
-    "icnn_timm": _cfg(description="Interpretable CNN on any timm CNN (pass backbone=<timm name>)"),
+    "icnn_vgg_small": _cfg(
+        description="Interpretable CNN on a small VGG-style backbone (stride 8), any image size", **_IMAGENET),
+    "icnn_vgg16": _cfg(description="Interpretable CNN on VGG-16 (the paper's backbone), any image size", **_IMAGENET),
+    "icnn_resnet18": _cfg(description="Interpretable CNN on ResNet-18, any image size", **_IMAGENET),
+    "icnn_resnet34": _cfg(description="Interpretable CNN on ResNet-34, any image size", **_IMAGENET),
+    "icnn_timm": _cfg(description="Interpretable CNN on any timm CNN (needs backbone=<timm name>)", **_IMAGENET),
     "icnn_vgg_small_parts": _cfg(
         description="Interpretable CNN (small VGG) for the synthetic parts data: 3x64x64 images, 4 classes",
         input_size=(3, 64, 64),
@@ -264,6 +269,7 @@ _FAMILY = Family(
     transient_args=("backbone_checkpoint_path",),
     missing_hint="Use pretrained=False, pretrained_cfg_overlay=dict(file=<folder or .safetensors>), or "
                  "backbone_checkpoint_path=<file> to start only the backbone from a checkpoint",
+    defaults=dict(num_classes=1000),
 )
 for _name in ICNN_ARCHITECTURES:
     register(_name, TimmInterpretableCNN, _CFGS[_name], family=_FAMILY)

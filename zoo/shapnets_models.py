@@ -28,7 +28,7 @@ from shapnets import ConvShapNet, DeepShapNet, ShallowShapNet
 from ._builder import register, register_variant
 
 # The registry's tables, re-exported: they lived here before zoo/_registry.py.
-from ._registry import ARCHITECTURES, MNIST_CFG, VARIANT_DEFAULTS, ShapNetCfg, model_cfg
+from ._registry import ARCHITECTURES, MNIST_CFG, VARIANT_DEFAULTS, Family, ShapNetCfg, model_cfg
 
 __all__ = ["ARCHITECTURES", "PAPER", "PAPER_ID", "VARIANT_DEFAULTS"]
 
@@ -50,6 +50,8 @@ def _tabular_cfg(
     **kwargs: Any
 ) -> ShapNetCfg:
     kind = "Shallow" if name.startswith("shapnet_shallow") else "Deep"
+    if kind == "Shallow":
+        kwargs.setdefault("classifier", "banks")  # every module produces class channels: no earlier stage
     return _cfg(
         description=description or f"{kind} ShapNet for {dataset.split(',')[0]}: {num_features} features, "
                                    f"{num_classes} classes",
@@ -82,16 +84,20 @@ _YEAST = "UCI Yeast, 1,484 rows"
 _ADULT = ("UCI Adult / Census Income, 12 features (fnlwgt and education dropped, rows with '?' dropped), "
           "official train / test split (30,162 / 15,061 rows after dropping)")
 
-_GENERIC = dict(fixed_input_size=False, num_classes=None)
+# Generic names build bare with documented defaults (timm's convention), which their cfgs state too.
+_TABULAR = Family(defaults=dict(in_features=8, num_classes=2))
+_TABULAR_CFG = dict(fixed_input_size=False, input_size=(8,), num_classes=2, player_axes=("feature",),
+                    players="one player per feature")
 register("shapnet_shallow", ShallowShapNet, _cfg(
-    description="Shallow ShapNet, any tabular data (pass in_features, num_classes)", explanation=_EXACT,
-    player_axes=("feature",), players="one player per feature", **_GENERIC))
+    description="Shallow ShapNet, any tabular data (pass in_features, num_classes; bare: 8 features, 2 classes)",
+    explanation=_EXACT, classifier="banks", **_TABULAR_CFG), family=_TABULAR)
 register("shapnet_deep", DeepShapNet, _cfg(
-    description="Deep ShapNet, any tabular data (pass in_features, num_classes)", explanation=_LAYERWISE,
-    player_axes=("feature",), players="one player per feature", **_GENERIC))
+    description="Deep ShapNet, any tabular data (pass in_features, num_classes; bare: 8 features, 2 classes)",
+    explanation=_LAYERWISE, **_TABULAR_CFG), family=_TABULAR)
 register("shapnet_conv", ConvShapNet, _cfg(
-    description="Convolutional ShapNet, any image size (pass in_chans, num_classes)", explanation=_LAYERWISE,
-    player_axes=("height", "width"), players="one player per pixel (all its channels)", **_GENERIC))
+    description="Convolutional ShapNet, any image size (pass in_chans, num_classes; bare: 1x28x28, 10 classes)",
+    explanation=_LAYERWISE, player_axes=("height", "width"), players="one player per pixel (all its channels)",
+    fixed_input_size=False, input_size=(1, 28, 28), num_classes=10, mean=MNIST_CFG["mean"], std=MNIST_CFG["std"]))
 
 _CANCER_LABELS = dict(label_names=("malignant", "benign"))
 _ADULT_LABELS = dict(label_names=("<=50K", ">50K"))
