@@ -12,12 +12,18 @@ install: $(STAMP)
 
 # torch/torchvision are pinned for the install only (constraints.txt): that pair is known to
 # install on our build machines. pyproject.toml keeps honest version ranges for users.
+# Each step says what it does: the whole install takes a few minutes and pip is kept quiet.
 $(STAMP): pyproject.toml constraints.txt
+	@echo "[install 1/4] creating the virtual environment $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "[install 2/4] upgrading pip"
 	$(PY) -m pip install --quiet --upgrade pip
+	@echo "[install 3/4] installing torch and torchvision (pinned in constraints.txt; the largest download, minutes)"
 	$(PY) -m pip install --quiet -c constraints.txt torch torchvision
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,viz,baselines]"
+	@echo "[install 4/4] installing shapnets (editable) with its dev, viz, shap and baselines extras"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,viz,shap,baselines]"
 	touch $(STAMP)
+	@echo "[install] done: $(PY) is ready (make test, make demo)"
 
 demo: install
 	$(PY) -m training.demo --out demo_out

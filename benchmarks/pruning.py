@@ -47,7 +47,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from shapnets.pruning import stage_fractions
+from shapnets.pruning import PRUNE_MODES, stage_fractions
+from shapnets.sparsity import gini, mass_count, peak_share
 from training.bench import interleaved_medians, markdown_table
 from training.bench_report import write_report
 
@@ -55,10 +56,11 @@ Row = dict[str, Any]
 
 DEFAULT_FRACTIONS = [round(0.1 * i, 1) for i in range(10)]
 TOP_SHARE = 0.1
-ROW_COLUMNS = ["p", "accuracy", "players kept", "modules skipped", "coalitions skipped", "skip ms", "masked ms",
+ROW_COLUMNS = ["p", "accuracy", "players kept", "modules skipped", "coalitions skipped", "coalition evals / sample",
+               "skip ms", "masked ms",
                "speed-up (masked / skip)", "same predictions", "max logit diff"]
 SPARSITY_COLUMNS = ["model", "architecture", "players", "non-zero players", "samples", "accuracy", "top-10% mass",
-                    "Gini"]
+                    "Gini", "n90", "peak share"]
 
 
 class BenchmarkError(ValueError):
@@ -77,18 +79,6 @@ def top_share(magnitudes: Tensor, share: float = TOP_SHARE) -> Tensor:
     return torch.where(total > 0, top / total, torch.full_like(total, math.nan))
 
 
-def gini(magnitudes: Tensor) -> Tensor:
-    """Gini index of each row of `(B, N)` non-negative values: `sum_i (2i - N - 1) x_(i) / (N sum x)` with the
-    values sorted ascending (`i = 1..N`); 0 when all are equal, `(N - 1) / N` when one holds everything, NaN for
-    an all-zero row."""
-    n = magnitudes.shape[1]
-    ascending = magnitudes.sort(dim=1).values
-    ranks = torch.arange(1, n + 1, dtype=magnitudes.dtype, device=magnitudes.device)
-    total = ascending.sum(1)
-    value = ((2 * ranks - n - 1) * ascending).sum(1) / (n * total)
-    return torch.where(total > 0, value, torch.full_like(total, math.nan))
-
-
 def _nanmean(values: Tensor) -> float:
     kept = values[~values.isnan()]
     return float(kept.mean()) if kept.numel() else math.nan
@@ -99,7 +89,8 @@ def explanation_sparsity(maps: Tensor, accuracy: float) -> Row:
     magnitudes = maps.abs().double()
     return {"accuracy": accuracy, "players": maps.shape[1], "samples": maps.shape[0],
             "non-zero players": float(magnitudes.ne(0).sum(1).double().mean()),
-            "top-10% mass": _nanmean(top_share(magnitudes)), "Gini": _nanmean(gini(magnitudes))}
+            "top-10% mass": _nanmean(top_share(magnitudes)), "Gini": _nanmean(gini(magnitudes)),
+            "n90": _nanmean(mass_count(magnitudes)), "peak share": _nanmean(peak_share(magnitudes))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,9 +110,9 @@ def check_prunable(model: nn.Module, source: str) -> None:
                              "hidden stage before the last one")
 
 
-def pruned_stages(p: float, num_stages: int) -> list[float]:
+def pruned_stages(p: float, num_stages: int, mode: str = "all") -> list[float]:
     """`p` for every stage but the last (see the module docstring), validated like the constructors do."""
-    return stage_fractions([p] * (num_stages - 1) + [0.0], num_stages)
+    return stage_fractions([p] * (num_stages - 1) + [0.0], num_stages, mode)
 
 
 @torch.no_grad()
@@ -154,32 +145,36 @@ def benchmark_model(
     warmup: int,
     batch_size: int,
     source: str = "model",
+    mode: str = "all",
+    masked: bool = True,
 ) -> tuple[list[Row], Row]:
     """One row per fraction and the sparsity of the unpruned explanations (see the module docstring).
 
-    The model's `prune` and `skip_inactive` are restored afterwards.
+    With `masked=False` the masked pass (everything evaluated, pruned players zeroed) is left out: no speed-up or
+    same-prediction columns, half the time. The model's `prune`, `prune_mode` and `skip_inactive` are restored.
     """
     check_prunable(model, source)
-    saved = (list(model.prune), model.skip_inactive, model.training)
+    saved = (list(model.prune), model.skip_inactive, model.training, getattr(model, "prune_mode", "all"))
     model.eval()
     rows: list[Row] = []
     sparsity: Row = {}
     timed = x[:time_samples]
     try:
         for p in fractions:
-            model.prune = pruned_stages(p, model.num_stages)
+            model.prune, model.prune_mode = pruned_stages(p, model.num_stages, mode), mode
             model.skip_inactive = True
             model.evaluation_stats(reset=True)
             logits, maps, kept = explain_all(model, x, batch_size, kept=True)
             stats = model.evaluation_stats(reset=True)
-            model.skip_inactive = False
-            masked_logits, _, _ = explain_all(model, x, batch_size)
 
             def run(skip: bool) -> None:
                 model.skip_inactive = skip
                 explain_all(model, timed, batch_size)
 
-            times = interleaved_medians({"skip": lambda: run(True), "masked": lambda: run(False)}, repeats, warmup)
+            fns = {"skip": lambda: run(True)}
+            if masked:
+                fns["masked"] = lambda: run(False)
+            times = interleaved_medians(fns, repeats, warmup)
             model.evaluation_stats(reset=True)  # the timing runs are not part of the counts
             predicted = logits.argmax(1)
             rows.append({
@@ -188,13 +183,19 @@ def benchmark_model(
                 "players kept": float(kept.mean()),
                 "modules skipped": stats["module_evals_skipped"] / max(stats["module_evals"], 1),
                 "coalitions skipped": stats["coalition_evals_skipped"] / max(stats["coalition_evals"], 1),
+                "coalition evals / sample": (stats["coalition_evals"] - stats["coalition_evals_skipped"]) / len(x),
                 "skip ms": 1e3 * times["skip"],
-                "masked ms": 1e3 * times["masked"],
-                "speed-up (masked / skip)": times["masked"] / times["skip"],
-                "same predictions": bool(torch.equal(predicted, masked_logits.argmax(1))),
-                "max logit diff": float((logits - masked_logits).abs().max()),
                 "evaluation_stats": stats,
             })
+            if masked:
+                model.skip_inactive = False
+                masked_logits, _, _ = explain_all(model, x, batch_size)
+                rows[-1].update({
+                    "masked ms": 1e3 * times["masked"],
+                    "speed-up (masked / skip)": times["masked"] / times["skip"],
+                    "same predictions": bool(torch.equal(predicted, masked_logits.argmax(1))),
+                    "max logit diff": float((logits - masked_logits).abs().max()),
+                })
             if p == 0:
                 sparsity = explanation_sparsity(maps, rows[-1]["accuracy"])
         if not sparsity:  # p = 0 was not asked for: one unpruned pass for the sparsity numbers
@@ -202,7 +203,7 @@ def benchmark_model(
             logits, maps, _ = explain_all(model, x, batch_size)
             sparsity = explanation_sparsity(maps, float((logits.argmax(1) == y).double().mean()))
     finally:
-        model.prune, model.skip_inactive = saved[0], saved[1]
+        model.prune, model.skip_inactive, model.prune_mode = saved[0], saved[1], saved[3]
         model.train(saved[2])
         model.evaluation_stats(reset=True)
     return rows, sparsity
@@ -234,8 +235,53 @@ def load_test_samples(
     return loaded, x, y
 
 
+HEADLINE_COLUMNS = ["model", "p", "accuracy", "accuracy - start", "coalition evals / sample", "explain ms",
+                    "start ms", "speed-up (start / this)"]
+
+
+def headline(loaded: dict[str, tuple[nn.Module, Tensor, list[Row]]], start: str, *, mode: str, tolerance: float,
+             time_samples: int, repeats: int, warmup: int, batch_size: int) -> list[Row]:
+    """Every model at its largest `p` whose accuracy stays within `tolerance` of `start` at p = 0, timed
+    interleaved with `start` at p = 0 in one process on the same `time_samples` samples.
+
+    Args:
+        loaded: label -> (model, samples, rows of `benchmark_model`), all on the same data.
+        start: the label of the reference model (the unregularized one).
+    """
+    reference = next(r for r in loaded[start][2] if r["p"] == 0.0)
+    chosen: dict[str, Row] = {}
+    for label, (_, _, rows) in loaded.items():
+        ok = [r for r in rows if r["accuracy"] >= reference["accuracy"] - tolerance]
+        if ok:
+            chosen[label] = max(ok, key=lambda r: r["p"])
+    saved = {label: (list(m.prune), m.prune_mode, m.skip_inactive) for label, (m, _, _) in loaded.items()}
+
+    def runner(label: str, p: float) -> Any:
+        model, x, _ = loaded[label]
+
+        def run() -> None:
+            model.prune, model.prune_mode = pruned_stages(p, model.num_stages, mode), mode
+            model.skip_inactive = True
+            explain_all(model, x[:time_samples], batch_size)
+        return run
+
+    fns = {"start": runner(start, 0.0)}
+    fns.update({label: runner(label, row["p"]) for label, row in chosen.items()})
+    try:
+        times = interleaved_medians(fns, repeats, warmup)
+    finally:
+        for label, (m, _, _) in loaded.items():
+            m.prune, m.prune_mode, m.skip_inactive = saved[label]
+    return [{"model": label, "p": row["p"], "accuracy": row["accuracy"],
+             "accuracy - start": row["accuracy"] - reference["accuracy"],
+             "coalition evals / sample": row["coalition evals / sample"], "explain ms": 1e3 * times[label],
+             "start ms": 1e3 * times["start"], "speed-up (start / this)": times["start"] / times[label]}
+            for label, row in chosen.items()]
+
+
 def plot_curves(results: dict[str, list[Row]], out: Path) -> Path | None:
-    """Accuracy, coalitions skipped and speed-up against `p`, one line per model (None without matplotlib)."""
+    """Accuracy against `p`, against coalition evaluations done and against explain time, one line per model
+    (None without matplotlib)."""
     try:
         import matplotlib
 
@@ -244,18 +290,18 @@ def plot_curves(results: dict[str, list[Row]], out: Path) -> Path | None:
     except ImportError:
         print("matplotlib is not installed: no curve written", file=sys.stderr)
         return None
-    panels = [("accuracy", "test accuracy"), ("coalitions skipped", "coalition evaluations skipped"),
-              ("speed-up (masked / skip)", "speed-up of skipping (masked / skip)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    panels = [("p", "pruning fraction p (every stage but the last)"),
+              ("coalition evals / sample", "coalition evaluations done per sample"),
+              ("skip ms", "explain time (ms, skipping on)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6))
     for label, rows in results.items():
-        ps = [r["p"] for r in rows]
+        accuracy = [100 * r["accuracy"] for r in rows]
         for ax, (key, _) in zip(axes, panels):
-            ax.plot(ps, [r[key] for r in rows], marker="o", markersize=3, label=label)
-    for ax, (_, title) in zip(axes, panels):
-        ax.set_xlabel("pruning fraction p (every stage but the last)")
-        ax.set_title(title, fontsize=9)
+            ax.plot([r[key] for r in rows], accuracy, marker="o", markersize=3, label=label)
+    for ax, (_, xlabel) in zip(axes, panels):
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel("test accuracy (%)", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[-1].axhline(1.0, color="black", linewidth=0.6)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -279,17 +325,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads (1: stable timings on a shared machine; 0: torch default)")
+    parser.add_argument("--mode", default="active", choices=PRUNE_MODES,
+                        help="what p counts: all players (the paper), the active ones (default), or a threshold")
+    parser.add_argument("--no-masked", action="store_true", help="leave out the masked pass (half the time)")
+    parser.add_argument("--tolerance", type=float, default=0.005,
+                        help="headline: largest p whose accuracy is within this of the first model's at p = 0")
     parser.add_argument("--out", type=Path, default=None, help="also write pruning.md / .json / .png here")
     args = parser.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.sources):
         parser.error(f"--labels: {len(args.sources)} sources need {len(args.sources)} labels, got {len(args.labels)}")
-    bad = [p for p in args.fractions if not 0.0 <= p <= 1.0]
+    upper = 1.0 if args.mode == "all" else 1.0 - 1e-12
+    bad = [p for p in args.fractions if not 0.0 <= p <= upper]
     if bad:
-        parser.error(f"--fractions must lie in [0, 1], got {bad}")
+        parser.error(f"--fractions must lie in [0, 1{']' if args.mode == 'all' else ')'} for --mode {args.mode}, "
+                     f"got {bad}")
     for name in ("samples", "time_samples", "repeats", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
+
+
+def runs_info(models: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The per-model entries of the result (not the headline)."""
+    return [(label, m) for label, m in models.items() if label != "headline"]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -302,10 +360,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if len(set(labels)) != len(labels):
         raise BenchmarkError(f"labels must be distinct, got {labels}: pass --labels")
     models: dict[str, Any] = {}
+    runs: dict[str, tuple[nn.Module, Tensor, list[Row]]] = {}
     sections = [
         "## Instance-based pruning: accuracy and skipped work\n",
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {device}, float32. p prunes every stage but "
-        f"the last. Times: `explain` on {args.time_samples} samples (batches of {args.batch_size}), median of "
+        f"the last; p counts `{args.mode}` players (see `shapnets.pruning`). Times: `explain` on "
+        f"{args.time_samples} samples (batches of {args.batch_size}), median of "
         f"{args.repeats} after {args.warmup} warm-up, skip and masked timed in turn; skipped fractions and "
         "predictions on all samples.\n",
     ]
@@ -314,15 +374,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model = loaded.model
         rows, sparsity = benchmark_model(model, x, y, args.fractions, time_samples=args.time_samples,
                                          repeats=args.repeats, warmup=args.warmup, batch_size=args.batch_size,
-                                         source=source)
+                                         source=source, mode=args.mode, masked=not args.no_masked)
+        runs[label] = (model, x, rows)
         architecture = type(model).__name__
         models[label] = {"source": source, "architecture": architecture, "dataset": loaded.info.name,
                          "stages": model.num_stages, "rows": rows, "sparsity": sparsity}
         sections += [f"### {label} ({architecture}, {loaded.info.name}, {len(x)} test samples, "
-                     f"{model.num_stages} stages)\n", markdown_table(rows, ROW_COLUMNS) + "\n"]
+                     f"{model.num_stages} stages)\n",
+                     markdown_table(rows, [c for c in ROW_COLUMNS if c in rows[0]]) + "\n"]
         print(f"[{label}] done", file=sys.stderr)
-    sparsity_rows = [{"model": label, "architecture": m["architecture"], **m["sparsity"]} for label, m in models.items()
-                     if m["sparsity"]]
+    sparsity_rows = [{"model": label, "architecture": m["architecture"], **m["sparsity"]}
+                     for label, m in runs_info(models) if m["sparsity"]]
     if sparsity_rows:
         sections += [
             "### Sparsity of the explanations at p = 0\n",
@@ -332,11 +394,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "on the same data, and see `non-zero players` (mean per sample).\n",
             markdown_table(sparsity_rows, SPARSITY_COLUMNS),
         ]
+    if 0.0 in args.fractions:
+        best = headline(runs, labels[0], mode=args.mode, tolerance=args.tolerance, time_samples=args.time_samples,
+                        repeats=args.repeats, warmup=args.warmup, batch_size=args.batch_size)
+        models["headline"] = best
+        sections += [
+            f"### Largest p within {100 * args.tolerance:g} pt of {labels[0]} at p = 0, timed against it\n",
+            f"Each model at its largest p whose accuracy stays within {100 * args.tolerance:g} pt of `{labels[0]}` "
+            f"unpruned; `explain` on {args.time_samples} samples, every configuration timed in turn with "
+            f"`{labels[0]}` at p = 0 (median of {args.repeats}).\n",
+            markdown_table(best, HEADLINE_COLUMNS) + "\n",
+        ]
     report = "\n".join(sections)
     print(report)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     write_report(args.out, "pruning", report, {"settings": settings, "models": models},
-                 plot=lambda path: plot_curves({label: m["rows"] for label, m in models.items()}, path))
+                 plot=lambda path: plot_curves({label: m["rows"] for label, m in models.items()
+                                                    if label != "headline"}, path))
     return {"models": models, "report": report}
 
 

@@ -2,7 +2,8 @@
 
 Core objects:
 
-* `Explanation` - attributions, base value and output, with a local-accuracy check.
+* `Explanation` - attributions, base value and output, with a local-accuracy check, `top(k)`, `plot()`,
+  `to_shap()` and `to_pandas()` (matplotlib, shap and pandas imported only by those methods).
 * `ShapleyModule`, `ShapleyModuleBank` - exact Shapley values of small inner networks.
 * `ShallowShapNet` (exact Shapley), `DeepShapNet` and `ConvShapNet` (local accuracy + missingness,
   layer-wise explanations).
@@ -19,7 +20,7 @@ from .capsnet import CapsNet, dynamic_routing, margin_loss, reconstruction_loss,
 from .contract import LossTerm, SelfExplaining, StepOutput
 from .conv import ConvShapNet, ShapleyConv2d
 from .deep import DeepShapNet, butterfly_pairs
-from .explanation import Explanation, LocalAccuracyError
+from .explanation import Explanation, LocalAccuracyError, RankedAttribution
 from .icnn import (
     FilterLossTerm,
     InterpretableCNN,
@@ -46,7 +47,7 @@ from .modules import (
     shapley_from_values,
 )
 from .oracle import exact_shapley, pixel_players
-from .pruning import prune_players
+from .pruning import configure_pruning, prune_players
 from .regularizers import explanation_penalty, l1_sparsity, linf_spreading
 from .shallow import ShallowShapNet, make_groups
 
@@ -65,6 +66,7 @@ __all__ = [
     "InterpretableConv2d",
     "LocalAccuracyError",
     "LossTerm",
+    "RankedAttribution",
     "RankedInteraction",
     "SelfExplaining",
     "ShallowShapNet",
@@ -74,6 +76,7 @@ __all__ = [
     "StepOutput",
     "butterfly_pairs",
     "coalition_masks",
+    "configure_pruning",
     "dynamic_routing",
     "evaluation_stats",
     "exact_interactions",

@@ -157,6 +157,8 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
             stage (see `shapnets.pruning`); in eval mode, and in training only if
             `prune_during_training`.
         prune_during_training: also prune in training mode.
+        prune_mode: what `prune` counts: `"all"` players (the paper's rule), the `"active"` (non-reference)
+            players, or a `"threshold"` on the norm relative to the sample's largest (see `shapnets.pruning`).
         skip_inactive: skip patches (and coalitions) whose pixels sit at the reference; exact.
         zero_init_output: start the last stage's output layer at zero, so the logits start at 0
             (the spatial sum over many pixels otherwise starts with large logits).
@@ -179,6 +181,7 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
         act_layer: Callable[[], nn.Module] = nn.GELU,
         prune: float | Sequence[float] = 0.0,
         prune_during_training: bool = False,
+        prune_mode: str = "all",
         skip_inactive: bool = True,
         zero_init_output: bool = False,
     ) -> None:
@@ -211,7 +214,7 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
             )
         if zero_init_output:
             nn.init.zeros_(self.stages[-1].bank.weights[-1])
-        self.prune = stage_fractions(prune, num_stages)
+        self.prune, self.prune_mode = stage_fractions(prune, num_stages, prune_mode), prune_mode
         self.prune_during_training, self.skip_inactive = prune_during_training, skip_inactive
         ref = torch.as_tensor(reference) if reference is not None and not isinstance(reference, Tensor) else reference
         self.register_buffer("reference", check_reference(ref, (in_chans,), "ConvShapNet"))
@@ -252,7 +255,7 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
             phi = phi + head
         z = torch.cat([phi, tail], dim=-1) if tail.shape[-1] else phi
         if self.prune[s] and (self.prune_during_training or not self.training):
-            z = prune_players(z, self.prune[s])
+            z = prune_players(z, self.prune[s], mode=self.prune_mode)
         return z
 
     # ------------------------------------------------------------------ timm's model interface (head = last stage)

@@ -113,6 +113,8 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
             stage (see `shapnets.pruning`). Applied in eval mode, and in training only if
             `prune_during_training`.
         prune_during_training: also prune in training mode.
+        prune_mode: what `prune` counts: `"all"` players (the paper's rule), the `"active"` (non-reference)
+            players, or a `"threshold"` on the norm relative to the sample's largest (see `shapnets.pruning`).
         skip_inactive: skip modules (and coalitions) whose players sit at the reference; exact.
     """
 
@@ -129,6 +131,7 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
         feature_names: Sequence[str] | None = None,
         prune: float | Sequence[float] = 0.0,
         prune_during_training: bool = False,
+        prune_mode: str = "all",
         skip_inactive: bool = True,
     ) -> None:
         super().__init__()
@@ -156,7 +159,7 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
             ShapleyModuleBank(self.num_padded // 2, 2, c_in, c_out, hidden, act_layer, output_bias=False)
             for c_in, c_out in zip(self.stage_channels[:-1], self.stage_channels[1:])
         )
-        self.prune = stage_fractions(prune, len(self.stages))
+        self.prune, self.prune_mode = stage_fractions(prune, len(self.stages), prune_mode), prune_mode
         self.prune_during_training, self.skip_inactive = prune_during_training, skip_inactive
 
     @property
@@ -199,7 +202,7 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
         phi = _from_pairs(phi, stride)
         z = z + phi if self.residual and phi.shape[-1] == z.shape[-1] else phi
         if self.prune[s] and (self.prune_during_training or not self.training):
-            z = prune_players(z, self.prune[s], self.live_rows)
+            z = prune_players(z, self.prune[s], self.live_rows, self.prune_mode)
         return z
 
     # ------------------------------------------------------------------ timm's model interface (head = last stage)

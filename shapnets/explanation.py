@@ -15,12 +15,17 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["Explanation", "LocalAccuracyError", "TensorFields", "class_indices"]
+if TYPE_CHECKING:  # optional extras: imported inside the methods that need them
+    import matplotlib.figure
+    import pandas
+    import shap
+
+__all__ = ["Explanation", "LocalAccuracyError", "RankedAttribution", "TensorFields", "class_indices", "signed_sum"]
 
 _T = TypeVar("_T", bound="TensorFields")
 
@@ -54,6 +59,32 @@ def class_indices(output: Tensor, target: int | Sequence[int] | Tensor) -> Tenso
     if index.numel() and (index.min() < 0 or index.max() >= C):
         raise IndexError(f"targets must lie in [0, {C}), got range [{index.min()}, {index.max()}]")
     return index
+
+
+class RankedAttribution(NamedTuple):
+    """One entry of `Explanation.top`: where the player is, its name and its attribution."""
+
+    player: tuple[int, ...]
+    """The player's index along each player axis (`(j,)` for features, `(h, w)` for pixels)."""
+    name: str
+    value: float
+
+
+def optional_import(module: str, extra: str, what: str) -> Any:
+    """Import an optional dependency, or raise an `ImportError` that names the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{what} needs {module.split('.')[0]}, which is not installed: "
+                          f'pip install "shapnets[{extra}]" (or pip install {module.split(".")[0]})') from e
+
+
+def signed_sum(base: float, total: float, digits: int = 3) -> str:
+    """`"base 1.037 + 10.908"` / `"base 1.037 - 2.100"`: one sign between the terms, never `+ +` or `+ -`."""
+    sign = "-" if total < 0 else "+"
+    return f"base {base:.{digits}f} {sign} {abs(total):.{digits}f}"
 
 
 class TensorFields:
@@ -199,12 +230,209 @@ class Explanation(TensorFields):
         """Attributions for one output channel per sample, shape `(B, *players)`."""
         return self.select(target).attributions[..., 0]
 
+    @property
     def predicted(self) -> Tensor:
         """The argmax output channel of every sample, shape `(B,)`."""
         return self.output.argmax(dim=1)
 
     def _target_index(self, target: int | Sequence[int] | Tensor) -> Tensor:
         return class_indices(self.output, target)
+
+    # ------------------------------------------------------------------ ranking, tables, pictures
+    def player_labels(self) -> list[str]:
+        """One label per player, in flattened player order: `player_names` if set, else `x0, x1, ...` for one
+        player axis and `(h, w)` positions for several."""
+        if self.player_names is not None:
+            return [str(n) for n in self.player_names]
+        if len(self.player_shape) == 1:
+            return [f"x{j}" for j in range(self.num_players)]
+        return [str(tuple(int(i) for i in torch.unravel_index(torch.tensor(j), self.player_shape)))
+                for j in range(self.num_players)]
+
+    def _one_target(self, index: int, target: int | None) -> int:
+        """The output channel explained for sample `index`: `target`, or that sample's predicted one."""
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+            raise TypeError(f"the sample index must be an int, got {type(index).__name__}")
+        if not -self.batch_size <= index < self.batch_size:
+            raise IndexError(f"sample {index} out of range for a batch of {self.batch_size}")
+        row = self.output[int(index) % self.batch_size][None]
+        if target is None:
+            return int(row.argmax())
+        return int(class_indices(row, target)[0])
+
+    def top(self, k: int = 10, index: int = 0, target: int | None = None) -> list[RankedAttribution]:
+        """The `k` largest attributions (by magnitude) of one sample for one output.
+
+        Args:
+            k: how many (all players when `k` exceeds their number).
+            index: which sample of the batch.
+            target: the output channel; default the sample's predicted (largest) output.
+
+        Returns:
+            `RankedAttribution(player, name, value)` tuples, largest `|value|` first; ties keep player order.
+
+        Raises:
+            ValueError: `k < 1`.
+            IndexError: a sample or target out of range.
+        """
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"top: k must be a positive integer, got {k!r}")
+        c = self._one_target(index, target)
+        values = self.attributions[index, ..., c].detach().flatten().cpu()
+        order = values.abs().argsort(descending=True, stable=True)[: int(k)]
+        labels = self.player_labels()
+        return [RankedAttribution(tuple(int(i) for i in torch.unravel_index(torch.tensor(j), self.player_shape)),
+                                  labels[j], float(values[j])) for j in order.tolist()]
+
+    def plot(
+        self,
+        index: int = 0,
+        top: int = 10,
+        target: int | None = None,
+        *,
+        kind: str = "waterfall",
+        data: Tensor | Sequence[float] | None = None,
+        feature_values: Sequence[str] | None = None,
+        sample_id: str | None = None,
+        label: int | str | None = None,
+        image: Tensor | None = None,
+        all_classes: bool = False,
+    ) -> matplotlib.figure.Figure:
+        """A matplotlib figure of one sample's explanation (needs the `viz` extra: matplotlib).
+
+        Features (one player axis): a waterfall from the base value to the output (`kind="waterfall"`) or bars of
+        the attributions (`kind="bar"`), for the `top` largest attributions; the players left out are summed in
+        one "N other features" bar (waterfall) or stated in a note (bar). Pixels (two player axes): a heat map of
+        the attributions over the image (red raises the output, blue lowers it), the `top` strongest pixels
+        marked; `all_classes=True` adds one map per output channel.
+
+        Args:
+            index: which sample of the batch.
+            top: how many players to show (features) or mark (pixels).
+            target: the output channel; default the sample's predicted one.
+            kind: `"waterfall"` or `"bar"` (features only).
+            data: the explained input sample `(*players)` (features) or `(C, H, W)` / `(H, W)` (the image);
+                shown next to the feature names, or under the heat map.
+            feature_values: display strings for the features (e.g. raw, un-standardised values); win over `data`.
+            sample_id: a name for the sample, shown in the title (e.g. `"test[3]"`).
+            label: the true class (index or name), shown in the title.
+            image: the background of a pixel heat map (same as `data` for images).
+            all_classes: pixels: one heat map per output channel, the target first.
+
+        Returns:
+            The figure (not shown, not closed): `fig.savefig(path)` writes it.
+
+        Raises:
+            ImportError: matplotlib is missing (names the extra).
+            ValueError: an unknown kind, `top < 1`, or player axes that cannot be drawn.
+        """
+        from ._plotting import plot_explanation_figure
+
+        return plot_explanation_figure(self, index=index, top=top, target=target, kind=kind, data=data,
+                                       feature_values=feature_values, sample_id=sample_id, label=label,
+                                       image=image, all_classes=all_classes)
+
+    def _data_array(self, data: Tensor | Any | None) -> Any:
+        """`data` as a float numpy array shaped `(B, *players)`, or None."""
+        if data is None:
+            return None
+        values = torch.as_tensor(data).detach().cpu().double()
+        if values.dim() == len(self.player_shape) + 2 and values.shape[-1] == 1 and len(self.player_shape) == 1:
+            values = values[..., 0]  # tabular inputs with one measurement channel, `(B, D, 1)`
+        if values.shape == self.player_shape and self.batch_size == 1:
+            values = values[None]
+        if tuple(values.shape) != (self.batch_size, *self.player_shape):
+            # Single-channel images `(B, 1, H, W)` line up with pixel players `(H, W)`.
+            if values.dim() == 4 and values.shape[1] == 1 and tuple(values.shape[2:]) == self.player_shape:
+                values = values[:, 0]
+            else:
+                raise ValueError(f"data of shape {tuple(values.shape)} does not match the explained batch "
+                                 f"({self.batch_size}, *players {self.player_shape})")
+        return values.numpy()
+
+    def to_shap(self, target: int | Sequence[int] | Tensor | None = None,
+                data: Tensor | Any | None = None) -> shap.Explanation:
+        """A `shap.Explanation` (needs the `shap` extra), so that `shap.plots.waterfall / beeswarm / bar` apply.
+
+        Args:
+            target: None keeps every output channel (values `(B, *players, C)`, base values `(B, C)`; with a
+                single output `(B, *players)` and `(B,)`), as shap's own explainers do for multi-output models;
+                an int, `"predicted"` or one index per sample keeps one channel per sample (values
+                `(B, *players)`, base values `(B,)`).
+            data: the explained inputs `(B, *players)` (the feature values shap prints next to the names).
+
+        Returns:
+            A `shap.Explanation` whose values summed over the players plus its base values give the outputs.
+
+        Raises:
+            ImportError: shap is missing (names the extra).
+            ValueError: `data` that does not match the batch and players.
+        """
+        shap = optional_import("shap", "shap", "Explanation.to_shap()")
+        values = self.attributions.detach().cpu().double()
+        base = self.base.detach().cpu().double()
+        output_names = list(self.class_names) if self.class_names is not None else None
+        if isinstance(target, str):
+            if target != "predicted":
+                raise ValueError(f'to_shap: target must be an index, per-sample indices or "predicted", got {target!r}')
+            target = self.predicted
+        if target is not None:
+            one = self.select(target)
+            values, base = one.attributions.detach().cpu().double()[..., 0], one.base.detach().cpu().double()[:, 0]
+            output_names = None
+        elif self.num_outputs == 1:
+            values, base = values[..., 0], base[:, 0]
+        feature_names = self.player_labels() if len(self.player_shape) == 1 else None
+        return shap.Explanation(values=values.numpy(), base_values=base.numpy(), data=self._data_array(data),
+                                feature_names=feature_names, output_names=output_names)
+
+    def to_pandas(self, target: int | Sequence[int] | Tensor | None = None, data: Tensor | Any | None = None,
+                  long: bool = False) -> pandas.DataFrame:
+        """The attributions as a `pandas.DataFrame` (needs pandas, e.g. through the `shap` extra).
+
+        Args:
+            target: the output channel per sample (an int for all, or one per sample); default each sample's
+                predicted one.
+            data: the explained inputs `(B, *players)`; `long` tables get a `value` column.
+            long: one row per (sample, player) with columns `sample, player, name, class, attribution[, value]`
+                instead of one row per sample.
+
+        Returns:
+            Wide (default): one row per sample; columns `class`, `output`, `base`, then one per player (its
+            label) holding its attribution, so that `base + sum of the player columns == output`.
+            Long: the tidy table described under `long`.
+
+        Raises:
+            ImportError: pandas is missing.
+            ValueError: a player label that collides with `class` / `output` / `base` in the wide layout.
+        """
+        pd = optional_import("pandas", "shap", "Explanation.to_pandas()")
+        index = self.predicted if target is None else self._target_index(target)
+        one = self.select(index)
+        phi = one.attributions.detach().cpu().double()[..., 0].flatten(1)
+        labels = self.player_labels()
+        classes = [self.class_names[int(c)] if self.class_names is not None else int(c) for c in index.tolist()]
+        if long:
+            B, P = phi.shape
+            table = {
+                "sample": [b for b in range(B) for _ in range(P)],
+                "player": [j for _ in range(B) for j in range(P)],
+                "name": labels * B,
+                "class": [c for c in classes for _ in range(P)],
+                "attribution": phi.flatten().tolist(),
+            }
+            values = self._data_array(data)
+            if values is not None:
+                table["value"] = values.reshape(B, P).flatten().tolist()
+            return pd.DataFrame(table)
+        clash = sorted({"class", "output", "base"} & set(labels))
+        if clash:
+            raise ValueError(f"to_pandas: player name(s) {clash} collide with the wide table's columns; use long=True")
+        frame = pd.DataFrame(phi.numpy(), columns=labels)
+        frame.insert(0, "base", one.base.detach().cpu().double()[:, 0].numpy())
+        frame.insert(0, "output", one.output.detach().cpu().double()[:, 0].numpy())
+        frame.insert(0, "class", classes)
+        return frame
 
     # ------------------------------------------------------------------ conversion
     def _map(self, fn) -> Explanation:

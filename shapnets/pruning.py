@@ -6,11 +6,19 @@ all sit at the reference then output exactly 0 and are skipped, and modules with
 reference evaluate fewer coalitions (`ShapleyModuleBank.shapley(skip_inactive=True)`), so pruning
 saves real computation instead of only zeroing values.
 
-Rule: for a fraction `p` and `N` players, exactly `floor(p * N)` players per sample are pruned.
-Ties in the norm are broken by player index (lower index pruned first, a stable sort), so the count
-is exact even with ties; players already at 0 have norm 0 and are among the first pruned (pruning
-them changes nothing). The original code pruned every player with norm <= the k-th smallest, which
-prunes more than `floor(p * N)` on ties.
+What `p` counts (`mode`):
+
+* `"all"` (the paper's rule): exactly `floor(p * N)` of all `N` players per sample are pruned. Players
+  already at 0 have norm 0 and are pruned first, which changes nothing: on MNIST ~80% of the pixels are
+  background, so any `p` below ~0.8 removes nothing that skipping did not already remove.
+* `"active"`: exactly `floor(p * A)` of the `A` *active* players (non-zero norm) of each sample are pruned,
+  so `p = 0.5` halves the work left after the exact skip of reference players, whatever the background.
+* `"threshold"`: players whose norm is below `p` times the sample's largest norm are pruned (a relative
+  magnitude threshold, scale-free; the count varies per sample).
+
+Ties in the norm are broken by player index (lower index pruned first, a stable sort), so the counts of
+`"all"` and `"active"` are exact even with ties. The original code pruned every player with norm <= the
+k-th smallest, which prunes more than `floor(p * N)` on ties.
 """
 
 from __future__ import annotations
@@ -19,44 +27,85 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["prune_players", "stage_fractions"]
+__all__ = ["PRUNE_MODES", "configure_pruning", "prune_players", "stage_fractions"]
+
+PRUNE_MODES = ("all", "active", "threshold")
+"""What a pruning fraction counts: see the module docstring."""
 
 
-def prune_players(z: Tensor, fraction: float, rows: Tensor | None = None) -> Tensor:
-    """Zero the `floor(fraction * N)` players of smallest channel-L1 norm in every sample.
+def prune_players(z: Tensor, fraction: float, rows: Tensor | None = None, mode: str = "all") -> Tensor:
+    """Zero the players of smallest channel-L1 norm in every sample (how many: `mode`, module docstring).
 
     Args:
         z: a representation `(B, *players, C)`.
-        fraction: `p` in `[0, 1]`.
+        fraction: `p`, in `[0, 1]` for `mode="all"` and in `[0, 1)` for `"active"` and `"threshold"`.
         rows: indices (into the flattened player axes) of the players that count; default all.
             Deep ShapNets pass the rows of their real features so that padding is not counted.
+        mode: `"all"`, `"active"` or `"threshold"`.
 
     Returns:
         `z` with the pruned rows set to exactly 0 (gradients still flow to the kept rows).
     """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"pruning fraction must lie in [0, 1], got {fraction}")
-    flat = z.reshape(z.shape[0], -1, z.shape[-1])
-    n = flat.shape[1] if rows is None else rows.numel()
-    count = math.floor(fraction * n)
-    if count == 0:
+    _check_fraction(fraction, mode)
+    if fraction == 0.0:
         return z
+    flat = z.reshape(z.shape[0], -1, z.shape[-1])
     norms = flat.abs().sum(-1) if rows is None else flat.index_select(1, rows).abs().sum(-1)
-    pruned = torch.sort(norms, dim=1, stable=True).indices[:, :count]
-    if rows is not None:
-        pruned = rows[pruned]
-    keep = torch.ones(flat.shape[:2], dtype=torch.bool, device=z.device).scatter(1, pruned, False)
+    n = norms.shape[1]
+    if mode == "threshold":
+        # A player at 0 stays at 0 whether pruned or not; `<` keeps a sample's largest player always.
+        pruned_mask = norms < fraction * norms.amax(1, keepdim=True)
+    else:
+        if mode == "all":
+            count = torch.full((norms.shape[0],), math.floor(fraction * n), device=z.device)
+            if int(count[0]) == 0:
+                return z
+        else:  # "active": the zero-norm players come first in the sorted order and are pruned on top
+            active = (norms > 0).sum(1)
+            count = (n - active) + torch.floor(fraction * active.double()).long()
+        order = torch.sort(norms, dim=1, stable=True).indices
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=z.device).expand_as(order))
+        pruned_mask = ranks < count[:, None]
+    if rows is None:
+        keep = ~pruned_mask
+    else:
+        keep = torch.ones(flat.shape[:2], dtype=torch.bool, device=z.device)
+        keep[:, rows] = ~pruned_mask
     return torch.where(keep[..., None], flat, torch.zeros((), dtype=z.dtype, device=z.device)).reshape(z.shape)
 
 
-def stage_fractions(prune: float | Sequence[float], num_stages: int) -> list[float]:
-    """One pruning fraction per stage from a float (all stages) or a per-stage sequence."""
+def _check_fraction(fraction: float, mode: str) -> None:
+    if mode not in PRUNE_MODES:
+        raise ValueError(f"unknown pruning mode {mode!r}: use one of {PRUNE_MODES}")
+    if mode == "all":
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"pruning fraction must lie in [0, 1], got {fraction}")
+    elif not 0.0 <= fraction < 1.0:
+        what = "threshold (share of the largest norm)" if mode == "threshold" else "fraction of active players"
+        raise ValueError(f"pruning {what} must lie in [0, 1), got {fraction}")
+
+
+def configure_pruning(model: nn.Module, prune: float | Sequence[float], mode: str = "active") -> nn.Module:
+    """Set a Deep or Conv ShapNet's pruning in place (`prune`: one value or one per stage) and return it.
+
+    Raises:
+        ValueError: a model without stages (e.g. a Shallow ShapNet: nothing follows its modules to skip), an
+            unknown mode, or values outside the mode's range.
+    """
+    if not isinstance(getattr(model, "prune", None), list) or not hasattr(model, "num_stages"):
+        raise ValueError(f"{type(model).__name__} has no stages to prune: pruning applies to Deep and Conv ShapNets")
+    fractions = stage_fractions(prune, model.num_stages, mode)
+    model.prune, model.prune_mode = fractions, mode
+    return model
+
+
+def stage_fractions(prune: float | Sequence[float], num_stages: int, mode: str = "all") -> list[float]:
+    """One pruning fraction per stage from a float (all stages) or a per-stage sequence, checked for `mode`."""
     fractions = [float(prune)] * num_stages if isinstance(prune, (int, float)) else [float(p) for p in prune]
     if len(fractions) != num_stages:
         raise ValueError(f"{num_stages} stages need {num_stages} pruning fractions, got {len(fractions)}")
-    bad = [p for p in fractions if not 0.0 <= p <= 1.0]
-    if bad:
-        raise ValueError(f"pruning fractions must lie in [0, 1], got {bad}")
+    for p in fractions:
+        _check_fraction(p, mode)
     return fractions

@@ -301,7 +301,7 @@ def test_masking_the_top_attributed_pixels_lowers_the_score_more_than_random_one
     model, images, labels = blob_model
     with torch.no_grad():
         explanation = model.explain(images)
-    predicted = explanation.predicted()
+    predicted = explanation.predicted
     assert (predicted == labels).float().mean() >= 0.9
     attributions = explanation.for_class(predicted).flatten(1)
     generator = torch.Generator().manual_seed(1)

@@ -249,7 +249,7 @@ def test_zoo_list_and_info(capsys) -> None:
     assert main(["zoo", "list", "shapnet_*"]) == 0
     names = capsys.readouterr().out.split()
     assert "shapnet_shallow" in names and all(n.startswith("shapnet_") for n in names)
-    assert main(["zoo", "info", "shapnet_deep"]) == 0
+    assert main(["zoo", "info", "shapnet_deep", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "shapnet_deep"
     assert main(["zoo", "info", "shapnet_dep"]) == 2
     assert_one_line_error(capsys, "shapnet_dep")

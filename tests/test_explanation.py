@@ -146,7 +146,7 @@ def test_select_per_sample_targets(target: object) -> None:
 
 def test_select_predicted_class() -> None:
     e = make_explanation((5,))
-    predicted = e.predicted()
+    predicted = e.predicted
     assert predicted.shape == (B,)
     selected = e.select(predicted)
     torch.testing.assert_close(selected.output[:, 0], e.output.max(1).values)

@@ -78,7 +78,13 @@ def test_every_model_has_a_table_row_per_fraction(benchmark) -> None:
         assert len(table) == 2 + len(FRACTIONS), section  # header, rule, one row per p
         assert [float(line.split("|")[1]) for line in table[2:]] == FRACTIONS
         assert [r["p"] for r in result["models"][label]["rows"]] == FRACTIONS
-    assert "Sparsity" in sections[-1] and all(f"| {label} |" in sections[-1] for label in ("conv", "deep"))
+    assert "Sparsity" in sections[-2] and all(f"| {label} |" in sections[-2] for label in ("conv", "deep"))
+    assert sections[-1].startswith("Largest p within 0.5 pt of conv")
+    headline = {row["model"]: row for row in result["models"]["headline"]}
+    assert "conv" in headline  # the start model qualifies at least at p = 0
+    for row in headline.values():
+        assert row["accuracy - start"] >= -0.005 - 1e-12
+        assert math.isclose(row["speed-up (start / this)"], row["start ms"] / row["explain ms"], rel_tol=1e-9)
     assert (out / "pruning.md").read_text().strip() == result["report"].strip()
     assert (out / "pruning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "pruning.json").is_file()

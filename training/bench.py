@@ -33,7 +33,7 @@ from .bench_cases import Case, Game, _chunk_groups, _own_attributions, make_game
 from .bench_cases import _family as _family
 from .bench_cases import _for_target as _for_target
 from .bench_cases import _tabular_case as _tabular_case
-from .bench_report import Row, environment, markdown_table
+from .bench_report import Progress, Row, environment, markdown_table
 from .bench_report import progress as _progress
 from .bench_report import report_header as _header
 from .bench_report import write_report as _write
@@ -46,6 +46,7 @@ __all__ = [
     "Case",
     "Game",
     "Method",
+    "Progress",
     "ScalingGrid",
     "accuracy",
     "captum_available",
@@ -375,8 +376,8 @@ def fidelity(
     """The fidelity benchmark (docs/benchmarks.md): one row per case and method; writes `fidelity.md/.json/.png`.
 
     Args:
-        cases: what to explain; default the synthetic cases and every shipped tabular zoo model (`zoo_models`
-            names them instead; `[]` for none).
+        cases: what to explain; default the synthetic cases and every shipped tabular zoo model, or only the zoo
+            models `zoo_models` names (no synthetic ones then).
         out: the output folder (nothing written when None).
         quick: CI settings: 3 samples, D = 8 synthetic models, `Budgets.quick()`, no zoo models unless named.
         samples: samples per case (default 8, quick 3).
@@ -387,11 +388,11 @@ def fidelity(
     """
     samples = samples or (3 if quick else 8)
     budgets = budgets or (Budgets.quick() if quick else Budgets())
-    if cases is None:
-        cases = synthetic_cases(samples, quick=quick)
-        if not quick or zoo_models:
-            # Named models may be image models (their game then keeps `max_players` pixels); by default tabular only.
-            cases += zoo_cases(zoo_models, samples, data_root, tabular_only=zoo_models is None)
+    if cases is None and zoo_models:
+        # Only the named models (which may be image models: their game keeps `max_players` pixels).
+        cases = zoo_cases(zoo_models, samples, data_root, tabular_only=False)
+    elif cases is None:
+        cases = synthetic_cases(samples, quick=quick) + ([] if quick else zoo_cases(None, samples, data_root))
     methods = captum_methods(budgets)
     kernel = f"KernelShap ({1024 if 1024 in budgets.kernel_samples else max(budgets.kernel_samples)})"
     env = environment(command=command)
@@ -401,8 +402,9 @@ def fidelity(
         print(f"fidelity: {CAPTUM_MISSING}; only the own explanations are compared", file=sys.stderr)
         sections.append(f"**{CAPTUM_MISSING}**: the post-hoc rows are empty.\n")
     per_case: list[list[Row]] = []
+    progress = Progress("fidelity", len(cases), verbose)
     for case in cases:
-        _progress(f"fidelity: {case.name}", verbose)
+        progress(case.name)
         game = make_game(case, case.max_players or max_players)
         case_rows = compare(game, methods)
         per_case.append(case_rows)
@@ -537,8 +539,9 @@ def speed(
         _warm_up_captum()
     env = environment(command=command)
     rows: list[Row] = []
+    progress = Progress("speed", len(cases), verbose)
     for case in cases:
-        _progress(f"speed: {case.name}", verbose)
+        progress(case.name)
         model = case.model.eval()
         x = case.x.float()
         many = x.repeat(math.ceil(batch / len(x)), *([1] * (x.dim() - 1)))[:batch]
@@ -710,24 +713,25 @@ def scaling(
         return torch.randn(*shape, generator=generator).to(device)
 
     torch.manual_seed(0)
+    progress = Progress(f"scaling ({device})", 4 * len(precisions), verbose)
     for precision in precisions:
-        _progress(f"scaling ({device}, {precision}): Shallow ShapNets, k = {grid.shallow_k}", verbose)
+        progress(f"{precision}, Shallow ShapNets, k = {grid.shallow_k}")
         D = grid.shallow_features
         for k in grid.shallow_k:
             net = ShallowShapNet(D, 2, _chunk_groups(D, k)).to(device).eval()
             rows.append(_scaling_row("Shallow ShapNet", f"groups of k={k} (D={D})", D, net, net.explain,
                                      randn(grid.tabular_batch, D), device, precision, grid.repeats))
-        _progress(f"scaling ({device}, {precision}): Deep ShapNets, D = {grid.deep_features}", verbose)
+        progress(f"{precision}, Deep ShapNets, D = {grid.deep_features}")
         for D in grid.deep_features:
             net = DeepShapNet(D, 2, channels=16).to(device).eval()
             rows.append(_scaling_row("Deep ShapNet", f"D={D}", D, net, net.explain, randn(grid.tabular_batch, D),
                                      device, precision, grid.repeats))
-        _progress(f"scaling ({device}, {precision}): Conv ShapNets, sizes {grid.conv_sizes}", verbose)
+        progress(f"{precision}, Conv ShapNets, sizes {grid.conv_sizes}")
         conv = ConvShapNet(1, 10, channels=(16, 16, 16, 16)).to(device).eval()
         for side in grid.conv_sizes:
             rows.append(_scaling_row("Conv ShapNet", f"{side}x{side}", side * side, conv, conv.explain,
                                      randn(grid.conv_batch, 1, side, side), device, precision, grid.repeats))
-        _progress(f"scaling ({device}, {precision}): batches {grid.batches}", verbose)
+        progress(f"{precision}, batch growth {grid.batches} and the oracle")
         D, side = grid.growth_features, grid.growth_side
         deep = DeepShapNet(D, 2, channels=16).to(device).eval()
         deep.memory_budget = conv.memory_budget = grid.growth_budget
@@ -857,6 +861,7 @@ def accuracy(
     quick: bool = False,
     configs_dir: str | Path | None = None,
     runs_root: str | Path | None = None,
+    zoo_models: Sequence[str] | None = None,
     command: str | None = None,
     verbose: bool = False,
 ) -> list[Row]:
@@ -867,12 +872,13 @@ def accuracy(
         runs_root: what the configs' relative `output_dir` is relative to (default the folder holding
             `configs_dir`: `shapnets train configs/x.yaml` run from the repository root writes `runs/x`).
         quick: accepted for symmetry with the other benchmarks (reading recorded numbers is fast already).
+        zoo_models: only these zoo models' rows (default every shipped one); baselines and anchors stay.
     """
     del quick, verbose
     configs_dir = Path(configs_dir) if configs_dir is not None else _repo_root() / "configs"
     runs_root = Path(runs_root) if runs_root is not None else configs_dir.resolve().parent
     env = environment(command=command)
-    rows = _zoo_accuracy_rows()
+    rows = [r for r in _zoo_accuracy_rows() if not zoo_models or r["model"] in zoo_models]
     rows += [{**anchor, "kind": "published anchor", "params": None} for anchor in ANCHORS]
     rows += _baseline_rows(configs_dir, runs_root) if configs_dir.is_dir() else []
     order = {"zoo (ours)": 0, "plain baseline": 1, "published anchor": 2}
@@ -939,8 +945,10 @@ def run(kinds: Sequence[str], *, out: str | Path | None = None, quick: bool = Fa
     if unknown:
         raise ValueError(f"unknown benchmark(s) {unknown}; choose from {list(KINDS)}")
     results: dict[str, list[Row]] = {}
-    for kind in kinds:
+    for number, kind in enumerate(kinds, start=1):
         start = time.perf_counter()
+        _progress(f"benchmark {number}/{len(kinds)}: {kind}"
+                  + (f" (models: {', '.join(zoo_models)})" if zoo_models else ""), verbose)
         if kind == "fidelity":
             results[kind] = fidelity(out=out, quick=quick, samples=samples, zoo_models=zoo_models,
                                      data_root=data_root, command=command, verbose=verbose)
@@ -951,7 +959,7 @@ def run(kinds: Sequence[str], *, out: str | Path | None = None, quick: bool = Fa
         elif kind == "scaling":
             results[kind] = scaling(out=out, quick=quick, device=device, command=command, verbose=verbose)
         elif kind == "accuracy":
-            results[kind] = accuracy(out=out, command=command)
+            results[kind] = accuracy(out=out, zoo_models=zoo_models, command=command)
         else:
             from .interactions_bench import interactions  # it builds on this module's cases and reports
 

@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ import torch
 
 from zoo import jsonable
 
-__all__ = ["Row", "environment", "markdown_table", "progress", "report_header", "write_report"]
+from .curves import format_duration
+
+__all__ = ["Progress", "Row", "environment", "markdown_table", "progress", "report_header", "write_report"]
 
 Row = dict[str, Any]
 """One table row: column name -> value."""
@@ -120,3 +123,24 @@ def progress(message: str, verbose: bool) -> None:
     """`[bench] message` on stderr, when `verbose`."""
     if verbose:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """One stderr line as each of `total` items starts: `[bench] speed 2/7: name (elapsed 1m03s, ETA 2m10s)`.
+
+    The ETA is the mean time of the finished items times the items left (the current one included): a guess that
+    is `?` until one item has finished.
+    """
+
+    def __init__(self, label: str, total: int, verbose: bool) -> None:
+        self.label, self.total, self.verbose = label, total, verbose
+        self.done = 0
+        self.start = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        """Announce the next item (the previous one, if any, has finished)."""
+        elapsed = time.perf_counter() - self.start
+        eta = format_duration(elapsed / self.done * (self.total - self.done)) if self.done else "?"
+        progress(f"{self.label} {self.done + 1}/{self.total}: {name} (elapsed {format_duration(elapsed)}, "
+                 f"ETA {eta})", self.verbose)
+        self.done += 1

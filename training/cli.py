@@ -4,7 +4,7 @@
     shapnets eval CHECKPOINT_OR_NAME [--split test|val] [--data-root DIR]
     shapnets explain CHECKPOINT_OR_NAME [--index N]... [--input CSV] [--split test] [--out plot.png]
     shapnets zoo list [PATTERN] [--pretrained]
-    shapnets zoo info NAME
+    shapnets zoo info NAME [--json]
     shapnets interactions CHECKPOINT_OR_NAME [--index I] [--layer L] [--top K] [--max-order M] [--target C] [--out PNG]
     shapnets bench [fidelity|speed|scaling|accuracy|interactions]... [--out DIR] [--quick]
 
@@ -141,6 +141,8 @@ def _display_values(info: Any, x: Tensor) -> list[str]:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from .distributed import resolve_device
 
+    if args.top < 1:
+        raise UserError(f"--top must be >= 1, got {args.top}")
     device = resolve_device(args.device)
     loaded = load_source(args.source, device)
     info = loaded.info
@@ -190,22 +192,29 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                 coords = [int(c) for c in torch.unravel_index(torch.tensor(i), phi.shape)]
                 label = "pixel (" + ", ".join(str(c) for c in coords) + ")"
             print(f"  {rank_:>2}. {label:<40} {float(flat[i]):+.4f}")
+        if len(order) < flat.numel():
+            rest = float(flat.sum() - flat[order].sum())
+            print(f"      ({flat.numel() - len(order)} more not shown, their sum {rest:+.4f})")
         if args.out:
             out = Path(args.out)
             if len(names) > 1:
                 out = out.with_name(f"{out.stem}_{b}{out.suffix}")
-            written = _plot(expl, b, out, feature_names, class_names, x[b] if feature_names is None else None, target)
+            written = _plot(expl, b, out, feature_names, class_names, x[b] if feature_names is None else None, target,
+                            top=args.top, feature_values=shown or None, sample_id=sample_name,
+                            label=class_names[labels[b]] if labels[b] is not None else None)
             print(f"  plot: {written}")
     return 0
 
 
-def _plot(expl: Any, index: int, out: Path, feature_names: Any, class_names: Any, image: Any, target: int) -> Path:
+def _plot(expl: Any, index: int, out: Path, feature_names: Any, class_names: Any, image: Any, target: int,
+          **shown: Any) -> Path:
+    """`plot_explanation` of one sample; `shown`: its `top`, `feature_values`, `sample_id` and `label`."""
     try:
         from .plots import plot_explanation
     except ImportError as e:
         raise UserError(f"--out needs training/plots.py: {e}") from e
     return plot_explanation(expl, index, out, feature_names=feature_names, class_names=class_names, image=image,
-                            target=target)
+                            target=target, **shown)
 
 
 def _cmd_interactions(args: argparse.Namespace) -> int:
@@ -287,7 +296,10 @@ def _cmd_zoo_info(args: argparse.Namespace) -> int:
     except (KeyError, ValueError, RuntimeError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise UserError(f"zoo info {args.name!r}: {message}") from e
-    print(json.dumps(info, indent=2, default=str))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print(zoo.model_summary(info))
     return 0
 
 
@@ -372,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "standardized here with the training statistics")
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
     p.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted class)")
-    p.add_argument("--top", type=int, default=10, help="how many attributions to print")
+    p.add_argument("--top", type=int, default=10, help="how many attributions to print and plot (the rest are "
+                   "summed in the plot)")
     p.add_argument("--out", default=None, help="write a plot here (PNG; one file per sample)")
     p.set_defaults(func=_cmd_explain)
 
@@ -409,8 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_out", help="folder for <kind>.md / .json / .png (default: bench_out)")
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds to a minute; for CI)")
     p.add_argument("--models", nargs="+", default=None, metavar="NAME",
-                   help="zoo models for fidelity, speed and interactions (default: every shipped one; fidelity: "
-                   "tabular only; interactions: tabular ShapNets only)")
+                   help="run fidelity, speed, interactions and the accuracy table's zoo rows on these zoo models "
+                   "only, no synthetic ones (default: every shipped one; fidelity: tabular only, plus synthetic "
+                   "models; interactions: tabular ShapNets only)")
     p.add_argument("--samples", type=int, default=None,
                    help="samples per model (default 8, quick 3; interactions: 200, quick 8)")
     p.add_argument("--data-root", default=None, help="folder holding the raw data (default: $SHAPNETS_DATA)")
@@ -425,8 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("pattern", nargs="?", default=None, help="fnmatch pattern, e.g. 'shapnet_*'")
     q.add_argument("--pretrained", action="store_true", help="only models with weights")
     q.set_defaults(func=_cmd_zoo_list)
-    q = zoo_commands.add_parser("info", parents=[common], help="describe one model")
-    q.add_argument("name")
+    q = zoo_commands.add_parser("info", parents=[common], help="describe one model: a short summary (architecture, "
+                                "data, accuracy, fidelity, size, card)")
+    q.add_argument("name", help="a zoo name or a checkpoint folder")
+    q.add_argument("--json", action="store_true", help="print the full record (model_info) as JSON instead")
     q.set_defaults(func=_cmd_zoo_info)
 
     from .figures import add_figure_commands

@@ -131,6 +131,9 @@ class TrainConfig:
         deterministic: `torch.use_deterministic_algorithms(True)` and no cuDNN benchmarking.
         max_steps: stop after this many optimisation steps (smoke runs); `None` runs all epochs.
         checkpoint_every_steps: also write `last.pt` every this many steps mid-epoch; `None`: once per epoch.
+        time_budget_s: fit the run into this many seconds of wall time: after `BUDGET_PROBE_STEPS` steps the
+            trainer measures the step time and lowers `epochs` (at least 1) to what fits, keeping the whole
+            warm-up + cosine schedule; `None` runs `epochs` as given. For a machine lent for minutes (a GPU).
     """
 
     epochs: int = 50
@@ -145,6 +148,7 @@ class TrainConfig:
     deterministic: bool = False
     max_steps: int | None = None
     checkpoint_every_steps: int | None = None
+    time_budget_s: float | None = None
 
 
 @dataclass
@@ -308,6 +312,7 @@ def _validate(cfg: ExperimentConfig) -> None:
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps must be >= 1 or null"),
         (cfg.train.checkpoint_every_steps is None or cfg.train.checkpoint_every_steps >= 1,
          "train.checkpoint_every_steps must be >= 1 or null"),
+        (cfg.train.time_budget_s is None or cfg.train.time_budget_s > 0, "train.time_budget_s must be > 0 or null"),
         (0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must lie in [0, 1)"),
     ]
     for ok, message in checks:
@@ -316,6 +321,9 @@ def _validate(cfg: ExperimentConfig) -> None:
     for i, term in enumerate(cfg.loss.terms):
         if "name" not in term:
             raise ConfigError(f"loss.terms[{i}] needs a 'name' key, got keys {sorted(term)}")
+        weight = term.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+            raise ConfigError(f"loss.terms[{i}] ({term['name']}): weight must be a number >= 0, got {weight!r}")
 
 
 def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n" + explanation_table(expl, 0, feature_names=names, class_names=info.class_names))
     path = plot_explanation(expl, 0, args.out / "breast_cancer_explanation.png", feature_names=names,
-                            class_names=info.class_names)
+                            class_names=info.class_names, top=10, sample_id="test[0]", label=int(y_test[0]))
     print(f"\nwrote {path}")
     return 0 if error < 1e-9 else 1
 

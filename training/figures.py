@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shapnets.sparsity import explanation_sparsity
+
 from .config import UserError
 
 __all__ = ["add_figure_commands", "build_parser", "capsule_poses_figure", "main", "pick_columns",
@@ -80,13 +82,16 @@ def _matplotlib() -> Any:
 
 
 def _overlay(ax: Any, image: Tensor, attribution: Tensor, limit: float, cmap: Any) -> None:
-    """The faded image, then the attribution map whose opacity grows with |value| (0 is transparent)."""
+    """The faded image, then the attribution map whose opacity is |value| / limit (0 is transparent).
+
+    Opacity is linear in |value|: a square root (as before) lifted weak attributions until a map spread over the
+    whole digit and one concentrated on a few pixels looked alike, which hid exactly what regularizers change.
+    """
     background = image.float().mean(0).numpy()  # channels averaged: the image only gives orientation
     ax.imshow(background, cmap="gray_r", alpha=0.35)
     scaled = (attribution / limit).clamp(-1, 1)
     rgba = torch.as_tensor(cmap(((scaled + 1) / 2).numpy()))
-    # sqrt: weak attributions stay visible; the hue (red / blue) and its depth still carry the sign and size.
-    rgba[..., 3] = scaled.abs().sqrt()
+    rgba[..., 3] = scaled.abs()
     ax.imshow(rgba.numpy())
     ax.set_xticks([])
     ax.set_yticks([])
@@ -165,19 +170,25 @@ def regularizers_figure(
             expl = model.model.eval().explain(x).detach().cpu()
         predicted = expl.output.argmax(1)
         maps = expl.attributions[torch.arange(cols), ..., predicted]  # (cols, H, W)
-        limit = float(maps.abs().max()) or 1.0  # symmetric, per row
+        sparsity = explanation_sparsity(expl)
         for c in range(cols):
             ax = axes[r, c]
-            _overlay(ax, x[c].cpu(), maps[c], limit, cmap)
+            # Each panel on its own symmetric scale (its largest |attribution|): models whose logits differ in size
+            # stay comparable, and what differs between rows is how the mass is distributed over the pixels.
+            _overlay(ax, x[c].cpu(), maps[c], float(maps[c].abs().max()) or 1.0, cmap)
             name = class_names[int(predicted[c])]
             ax.set_title(f"true {class_names[truth[c]]}\npred {name}" if r == 0 else f"pred {name}", fontsize=7,
                          color="black" if int(predicted[c]) == truth[c] else "#b03a2e")
-        axes[r, 0].set_ylabel(label, fontsize=8)
-        scale = plt.cm.ScalarMappable(norm=plt.Normalize(-limit, limit), cmap=cmap)
-        bar = fig.colorbar(scale, ax=list(axes[r, :]), fraction=0.025, pad=0.01)
-        bar.ax.tick_params(labelsize=6)
-    fig.suptitle("explanation of the predicted class (red: for, blue: against; one symmetric scale per row)",
-                 fontsize=8)
+            ax.text(0.02, 0.02, f"n90 {float(sparsity['n90'][c]):.0f}", transform=ax.transAxes, fontsize=6,
+                    va="bottom", bbox=dict(facecolor="white", alpha=0.7, pad=1, lw=0))
+        axes[r, 0].set_ylabel(f"{label}\nn90 {float(sparsity['n90'].mean()):.0f}, peak "
+                              f"{float(sparsity['peak_share'].nanmean()):.3f}", fontsize=7)
+    scale = plt.cm.ScalarMappable(norm=plt.Normalize(-1, 1), cmap=cmap)
+    bar = fig.colorbar(scale, ax=list(axes[:, -1]), fraction=0.05, pad=0.02)
+    bar.set_label("attribution / the panel's largest |attribution|", fontsize=6)
+    bar.ax.tick_params(labelsize=6)
+    fig.suptitle("explanation of the predicted class (red: for, blue: against; opacity linear in |attribution|); "
+                 "n90: pixels holding 90% of the map's |attribution|, peak: largest share of one pixel", fontsize=8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=130)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from shapnets import DeepShapNet, Interactions, ShallowShapNet, exact_interactions
 
 from .bench_cases import Case, zoo_cases
-from .bench_report import Row, environment, markdown_table, progress, report_header, write_report
+from .bench_report import Progress, Row, environment, markdown_table, report_header, write_report
 from .config import UserError
 
 __all__ = ["COLUMNS", "ORACLE_LIMIT", "benchmark_model", "conv_pictures", "default_models", "interactions",
@@ -176,8 +176,9 @@ def interactions(
     env = environment(command=command)
     rows: list[Row] = []
     found_by_row: list[Interactions] = []
+    progress = Progress("interactions", len(cases), verbose)
     for case in cases:
-        progress(f"interactions: {case.name}", verbose)
+        progress(case.name)
         label = Path(case.name).name
         for row, found in benchmark_model(label, case.model, case.x, share, oracle_samples):
             row["inputs"] = case.inputs

@@ -7,12 +7,15 @@ a text table next to the requested path and says so.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from shapnets import Explanation, Interactions
+from shapnets.explanation import signed_sum
 
 __all__ = [
     "explanation_table",
@@ -32,6 +35,15 @@ def _class_name(class_names: Sequence[str] | None, c: int) -> str:
     return str(class_names[c]) if class_names is not None and c < len(class_names) else f"class {c}"
 
 
+def _named(expl: Explanation, feature_names: Sequence[str] | None, class_names: Sequence[str] | None) -> Explanation:
+    """`expl` with the given names (the model's own are kept where none are given)."""
+    return replace(
+        expl,
+        player_names=list(feature_names) if feature_names is not None else expl.player_names,
+        class_names=list(class_names) if class_names is not None else expl.class_names,
+    )
+
+
 def explanation_table(
     expl: Explanation,
     index: int = 0,
@@ -41,23 +53,25 @@ def explanation_table(
     class_names: Sequence[str] | None = None,
     top: int = 10,
 ) -> str:
-    """A text table of one sample's largest attributions for one class (default: the predicted one)."""
+    """A text table of one sample's `top` largest attributions for one class (default: the predicted one); a last
+    line says how many players are left out and what they add up to."""
+    expl = _named(expl, feature_names, class_names)
     c = _target(expl, index, target)
     attr = expl.attributions[index, ..., c].detach().flatten().cpu()
-    names = feature_names or expl.player_names
-    if names is None:
-        shape = expl.player_shape
-        names = [str(tuple(int(i) for i in torch.unravel_index(torch.tensor(j), shape))) for j in range(attr.numel())]
-        names = [n.strip("(,)") if len(shape) == 1 else n for n in names]
-    order = attr.abs().argsort(descending=True)[:top]
+    ranked = expl.top(max(top, 1), index, c)
     lines = [
-        f"{_class_name(class_names or expl.class_names, c)}: output {expl.output[index, c].item():+.4f} = "
-        f"base {expl.base[index, c].item():+.4f} + sum of {attr.numel()} attributions {attr.sum().item():+.4f}"
+        f"{_class_name(expl.class_names, c)}: output {expl.output[index, c].item():.4f} = "
+        f"{signed_sum(expl.base[index, c].item(), attr.sum().item(), 4)} (sum of {attr.numel()} attributions)"
     ]
-    width = max(len(str(names[int(j)])) for j in order) if len(order) else 8
-    for j in order.tolist():
+    width = max(len(r.name) for r in ranked)
+    for r in ranked:
+        j = int(np.ravel_multi_index(r.player, expl.player_shape))
         value = f" = {feature_values[j]}" if feature_values is not None else ""
-        lines.append(f"  {names[j]!s:<{width}}{value:<16} {attr[j].item():+.5f}")
+        lines.append(f"  {r.name:<{width}}{value:<16} {r.value:+.5f}")
+    left_out = attr.numel() - len(ranked)
+    if left_out:
+        rest = attr.sum().item() - sum(r.value for r in ranked)
+        lines.append(f"  ({left_out} of {attr.numel()} not shown, their sum {rest:+.5f})")
     return "\n".join(lines)
 
 
@@ -71,13 +85,18 @@ def plot_explanation(
     target: int | None = None,
     feature_values: Sequence[str] | None = None,
     top: int = 20,
+    sample_id: str | None = None,
+    label: int | str | None = None,
+    kind: str = "waterfall",
 ) -> Path:
-    """Write a picture of sample `index`'s explanation and return the file written.
+    """Write a picture of sample `index`'s explanation (`Explanation.plot`) and return the file written.
 
-    Tabular explanations (one player axis) become a bar chart of the `top` largest attributions for
-    `target` (default: the predicted class), with feature names (and raw values if given). Image
-    explanations (`height, width` players) become one heat map per class over the image, with the
-    target class first; red pushes the class up, blue down, on a colour scale shared by all classes.
+    Tabular explanations (one player axis) become a waterfall (or, `kind="bar"`, a bar chart) of the `top` largest
+    attributions for `target` (default: the predicted class), with feature names and values if given; the
+    features left out are summed into one bar and counted in a note. Image explanations (`height, width` players)
+    become one heat map per class over the image, with the target class first and its `top` strongest pixels
+    ringed; red pushes the class up, blue down, on a colour scale shared by all classes. The title carries
+    `sample_id`, the predicted and (`label`) the true class, and `output = base + sum`.
 
     Without matplotlib the text table is written to `out_path` with suffix `.txt` instead.
     """
@@ -93,49 +112,11 @@ def plot_explanation(
         txt = out_path.with_suffix(".txt")
         txt.write_text(explanation_table(expl, index, c, feature_names, feature_values, class_names, top) + "\n")
         return txt
-
-    class_names = class_names or expl.class_names
-    if len(expl.player_shape) == 1:
-        attr = expl.attributions[index, :, c].detach().cpu()
-        names = list(feature_names or expl.player_names or [f"x{i}" for i in range(attr.numel())])
-        if feature_values is not None:
-            names = [f"{n} = {v}" for n, v in zip(names, feature_values)]
-        order = attr.abs().argsort(descending=True)[:top].flip(0)
-        fig, ax = plt.subplots(figsize=(7, 0.32 * len(order) + 1.6))
-        values = attr[order].numpy()
-        ax.barh(range(len(order)), values, color=["#c0392b" if v > 0 else "#2e86c1" for v in values])
-        ax.set_yticks(range(len(order)), [names[int(j)] for j in order], fontsize=8)
-        ax.axvline(0, color="black", linewidth=0.6)
-        kind = "exact Shapley values" if expl.exact else "Shapley representation"
-        ax.set_xlabel(f"attribution to {_class_name(class_names, c)} ({kind})")
-        ax.set_title(
-            f"{_class_name(class_names, c)}: output {expl.output[index, c].item():+.3f} = base "
-            f"{expl.base[index, c].item():+.3f} + {attr.sum().item():+.3f}",
-            fontsize=9,
-        )
-    elif len(expl.player_shape) == 2:
-        maps = expl.attributions[index].detach().cpu()  # (H, W, C_out)
-        classes = [c] + [k for k in range(maps.shape[-1]) if k != c]
-        limit = float(maps.abs().max()) or 1.0
-        cols = min(5, len(classes))
-        rows = -(-len(classes) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
-        background = None
-        if image is not None:
-            img = image.detach().cpu().float()
-            background = img.mean(0) if img.dim() == 3 else img
-        for ax, k in zip(axes.flat, classes):
-            if background is not None:
-                ax.imshow(background.numpy(), cmap="gray", alpha=0.5)
-            alpha = 0.75 if background is not None else 1.0
-            ax.imshow(maps[..., k].numpy(), cmap="bwr", vmin=-limit, vmax=limit, alpha=alpha)
-            ax.set_title(f"{_class_name(class_names, k)} {expl.output[index, k].item():+.2f}", fontsize=8)
-        for ax in axes.flat:
-            ax.axis("off")
-        fig.suptitle(f"predicted {_class_name(class_names, c)}: per-pixel attributions per class", fontsize=9)
-    else:
+    named = _named(expl, feature_names, class_names)
+    if len(expl.player_shape) > 2:
         raise ValueError(f"cannot plot attributions with player axes {expl.player_axes}")
-    fig.tight_layout()
+    fig = named.plot(index, top=top, target=c, kind=kind, feature_values=feature_values, sample_id=sample_id,
+                     label=label, image=image, all_classes=len(expl.player_shape) == 2)
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
     return out_path
@@ -153,9 +134,9 @@ def interactions_table(
     c = int(interactions.output[index].argmax()) if target is None else int(target)
     top = interactions.top(k, target=c, sample=index, min_order=min_order)
     lines = [
-        f"{_class_name(interactions.class_names, c)}: output {interactions.output[index, c].item():+.4f} = base "
-        f"{interactions.base[index, c].item():+.4f} + sum of {len(interactions.subsets)} dividends "
-        f"({interactions.method})"
+        f"{_class_name(interactions.class_names, c)}: output {interactions.output[index, c].item():.4f} = "
+        f"{signed_sum(interactions.base[index, c].item(), interactions.dividends[index, :, c].sum().item(), 4)} "
+        f"(sum of {len(interactions.subsets)} dividends, {interactions.method})"
     ]
     labels = [_subset_label(r.names) for r in top]
     width = max(map(len, labels), default=8)
@@ -206,8 +187,8 @@ def plot_interactions(
     ax.set_xlabel(f"Harsanyi dividend for {name}")
     total = interactions.dividends[index, :, c].sum().item()
     ax.set_title(
-        f"{interactions.method}, {name}: output {interactions.output[index, c].item():+.3f} = base "
-        f"{interactions.base[index, c].item():+.3f} + {total:+.3f} ({len(interactions.subsets)} subsets)",
+        f"{interactions.method}, {name}: output {interactions.output[index, c].item():.3f} = "
+        f"{signed_sum(interactions.base[index, c].item(), total)} ({len(interactions.subsets)} subsets)",
         fontsize=9,
     )
     fig.tight_layout()

@@ -4,9 +4,11 @@ nanoGPT in spirit, timm in its checkpoint conventions: AdamW (no decay on biases
 warm-up then cosine per step, gradient clipping, bf16 autocast on CUDA (fp32 on CPU), optional torch.compile and
 EMA, DDP via torchrun, evaluation every epoch with torchmetrics, early stopping on validation accuracy, a final
 test evaluation with the best weights, `metrics.csv` and atomic `last.pt` / `best.pt` checkpoints from which a
-killed run resumes bit for bit (on CPU).
+killed run resumes bit for bit (on CPU). Progress: a tqdm bar with the epoch's ETA on a terminal, and always one
+log line per epoch with its metrics, its time and the run's ETA (what a piped or logged run shows).
 
-Run folder (`output_dir`): config.yaml, data_info.json, last.pt, best.pt, metrics.csv, train.log, summary.json.
+Run folder (`output_dir`): config.yaml, data_info.json, last.pt, best.pt, metrics.csv, train.log, summary.json,
+curves.png (the learning curves, drawn from metrics.csv at the end of the run).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from shapnets.contract import rename_args
 
 from . import checkpoint as ckpt
 from .config import ExperimentConfig, ModelConfig, OptimConfig, UserError, config_to_dict, save_config
+from .curves import format_duration, plot_curves
 from .data.augment import random_shift
 from .distributed import (
     DistInfo,
@@ -66,7 +69,12 @@ __all__ = [
 
 log = logging.getLogger("training")
 
-RUN_FILES = ("last.pt", "best.pt", "config.yaml", "data_info.json", "metrics.csv", "train.log", "summary.json")
+BUDGET_PROBE_STEPS = (5, 35)
+"""With `train.time_budget_s`, the step time is measured from the first to the second of these steps (the steps
+before it pay for warm-ups: cuDNN autotuning, lazy allocation)."""
+
+RUN_FILES = ("last.pt", "best.pt", "config.yaml", "data_info.json", "metrics.csv", "train.log", "summary.json",
+             "explanation_effect.json", "curves.png")
 """Files a run writes into its output folder (the ones `--overwrite` replaces)."""
 
 class TrainingDiverged(RuntimeError):
@@ -271,6 +279,47 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
             "ece": float(ece.compute())}
 
 
+EXPLANATION_EFFECT_SAMPLES = 1000
+"""Validation samples on which a fine-tune with an explanation term measures its explanations before and after."""
+
+
+@torch.no_grad()
+def explanation_effect(model: nn.Module, loader: DataLoader, device: torch.device,
+                       autocast: Any = contextlib.nullcontext,
+                       max_samples: int = EXPLANATION_EFFECT_SAMPLES) -> dict[str, float]:
+    """Accuracy and mean sparsity (n90, peak share, Gini of the predicted class's map, `shapnets.sparsity`) of the
+    model's own explanations on the first `max_samples` samples of `loader` (this process's shard)."""
+    from shapnets.sparsity import explanation_sparsity
+
+    was_training = model.training
+    model.eval()
+    correct, seen, sums = 0, 0, {"n90": 0.0, "peak_share": 0.0, "gini": 0.0}
+    counts = dict.fromkeys(sums, 0)
+    for x, y in loader:
+        x, y = x[: max_samples - seen].to(device), y[: max_samples - seen].to(device)
+        with autocast():
+            expl = model.explain(x)
+        correct += int((expl.output.argmax(1) == y).sum())
+        seen += len(y)
+        for name, values in explanation_sparsity(expl).items():
+            kept = values[~values.isnan()]
+            sums[name] += float(kept.sum())
+            counts[name] += kept.numel()
+        if seen >= max_samples:
+            break
+    model.train(was_training)
+    return {"samples": seen, "acc": correct / max(seen, 1),
+            **{name: sums[name] / counts[name] if counts[name] else math.nan for name in sums}}
+
+
+def _effect_line(before: dict[str, float], after: dict[str, float]) -> str:
+    changes = [f"accuracy {_pct(before['acc'])} -> {_pct(after['acc'])}",
+               f"n90 {before['n90']:.1f} -> {after['n90']:.1f} players",
+               f"peak share {before['peak_share']:.4f} -> {after['peak_share']:.4f}",
+               f"Gini {before['gini']:.3f} -> {after['gini']:.3f}"]
+    return f"explanations on {after['samples']} validation samples, before -> after: " + ", ".join(changes)
+
+
 # ------------------------------------------------------------------------------------------------ run-folder helpers
 def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to start over an existing run unless asked to, before anything expensive happens."""
@@ -387,6 +436,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
 
     _check_output_dir(out, resume, overwrite)
     file_handler = None
+    curves_due = False  # set once this run owns metrics.csv: from then on curves.png is drawn however it ends
     try:
         if tc.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -444,6 +494,13 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                               generator=torch.Generator().manual_seed(0))
 
         val_loader, test_loader = eval_loader(bundle.val), eval_loader(bundle.test)
+        # A fine-tune with an explanation term reports what the term did to the explanations (before vs after).
+        effect_file = out / "explanation_effect.json"
+        track_effect = bool(cfg.model.init_from and objective.needs_explanation and val_loader is not None
+                            and dist_info.is_main)
+        if track_effect and not (resume and effect_file.is_file()):
+            before = explanation_effect(model, val_loader, device, autocast)
+            ckpt.atomic_write_bytes(json.dumps({"before": before}, indent=2).encode(), effect_file)
         steps_per_epoch = math.ceil(sampler.num_samples / per_rank_batch)
         total_steps = tc.epochs * steps_per_epoch
         warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
@@ -454,6 +511,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
 
         # ---- state that a resume restores
         epoch, step, batch_in_epoch = 0, 0, 0
+        planned_epochs = tc.epochs  # lowered once by train.time_budget_s
         best = {"acc": -math.inf, "epoch": 0, "evals_since": 0}
         best_weights: dict[str, Tensor] | None = None
         sums: dict[str, float] = {}
@@ -468,6 +526,10 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
             if ema is not None and state.get("ema") is not None:
                 ema.load_state_dict(state["ema"])
             epoch, step, batch_in_epoch = int(state["epoch"]), int(state["step"]), int(state["batch_in_epoch"])
+            planned_epochs = int(state.get("planned_epochs", tc.epochs))
+            if planned_epochs != tc.epochs:
+                scheduler.lr_lambdas[0] = warmup_cosine(warmup_steps, planned_epochs * steps_per_epoch,
+                                                        cfg.optim.min_lr_ratio)
             best = dict(state["best"])
             per_rank = state["per_rank"]
             if len(per_rank) == world:
@@ -499,6 +561,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                    "val_ece", "epoch_time_s", "samples_per_s"]
         csv_log = _CsvLog(out / "metrics.csv", columns, keep_epochs=epoch if resume else 0) if dist_info.is_main \
             else None
+        curves_due = dist_info.is_main
 
         def save_last(at_epoch: int, at_batch: int, metrics: dict[str, Any]) -> None:
             # Collective (every rank's RNG goes into the checkpoint), so every rank calls it at the same steps.
@@ -513,6 +576,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                     "step": step,
                     "batch_in_epoch": at_batch,
                     "per_rank": per_rank,
+                    "planned_epochs": planned_epochs,
                     "config": config_to_dict(cfg),
                     "data_info": info.to_dict(),
                     "metrics": metrics,
@@ -524,11 +588,13 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                  cfg.name, info.name, tc.epochs, steps_per_epoch, dc.batch_size, per_rank_batch, world, device,
                  f", {amp_dtype}" if amp_dtype is not None else "")
         show_progress = dist_info.is_main and sys.stderr.isatty()
+        epoch_walls: list[float] = []  # wall time of each epoch run by this process (train, eval, checkpoints)
         samples_seen, train_time = 0, 0.0
         stop_reason = None
         last_row: dict[str, Any] = {}
+        probe_start: float | None = None
         model.train()
-        while epoch < tc.epochs and stop_reason is None:
+        while epoch < planned_epochs and stop_reason is None:
             sampler.set_epoch(epoch)
             loader_generator.manual_seed(tc.seed * 1_000_003 + epoch)  # worker seeds: a function of (seed, epoch)
             if batch_in_epoch:
@@ -537,7 +603,8 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                 sums = {}
             t_epoch = time.perf_counter()
             epoch_samples = 0
-            for x, y in _progress(train_loader, steps_per_epoch - batch_in_epoch, show_progress, f"epoch {epoch + 1}"):
+            for x, y in _progress(train_loader, steps_per_epoch - batch_in_epoch, show_progress,
+                                  f"epoch {epoch + 1}/{planned_epochs}"):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if dc.shift_pixels:
                     x = random_shift(x, dc.shift_pixels)
@@ -565,6 +632,21 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                 sums["_count"] = sums.get("_count", 0.0) + n
                 if tc.log_every and step % tc.log_every == 0:
                     log.info("step %d  loss %.4f  lr %.3g", step, float(values["loss"]), scheduler.get_last_lr()[0])
+                if tc.time_budget_s is not None and not resume and step in BUDGET_PROBE_STEPS:
+                    if step == BUDGET_PROBE_STEPS[0]:
+                        probe_start = time.perf_counter()
+                    elif probe_start is not None:
+                        now = time.perf_counter()
+                        step_time = (now - probe_start) / (BUDGET_PROBE_STEPS[1] - BUDGET_PROBE_STEPS[0])
+                        fitted = _epochs_within_budget(
+                            tc.time_budget_s - (now - t_start), step_time, steps_per_epoch, epoch, batch_in_epoch,
+                            _eval_steps(bundle, dc.eval_batch_size, per_rank_batch), tc.epochs)
+                        if fitted != planned_epochs:
+                            planned_epochs = fitted
+                            scheduler.lr_lambdas[0] = warmup_cosine(warmup_steps, planned_epochs * steps_per_epoch,
+                                                                    cfg.optim.min_lr_ratio)
+                        log.info("time budget %.0fs: %.3fs per step -> %d of %d epochs", tc.time_budget_s,
+                                 step_time, planned_epochs, tc.epochs)
                 if tc.max_steps is not None and step >= tc.max_steps:
                     stop_reason = f"reached train.max_steps={tc.max_steps}"
                     break
@@ -586,7 +668,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
             row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0]}
             row.update({f"train_{p}": float(totals[i]) / count for i, p in enumerate(parts)})
             row.update(epoch_time_s=epoch_time, samples_per_s=global_samples / max(epoch_time, 1e-9))
-            is_last = epoch + 1 >= tc.epochs or stop_reason is not None
+            is_last = epoch + 1 >= planned_epochs or stop_reason is not None
             improved = False
             if val_loader is not None and ((epoch + 1) % tc.eval_every == 0 or is_last):
                 val = evaluate(eval_model, val_loader, info.num_classes, device, autocast)
@@ -602,8 +684,16 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                 best.update(epoch=epoch + 1)
             if improved:
                 best_weights = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
-            log.info("epoch %d/%d  %s", epoch + 1, tc.epochs, "  ".join(
-                f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_", "val_")) and v == v))
+            # Time and ETA: the mean wall time of this process's epochs (eval included) times the epochs left
+            # (an upper bound when early stopping may end the run sooner; train.time_budget_s may lower the plan).
+            wall = time.perf_counter() - t_epoch
+            per_epoch = (sum(epoch_walls) + wall) / (len(epoch_walls) + 1)
+            epochs_to_run = planned_epochs if tc.max_steps is None else min(
+                planned_epochs, math.ceil(tc.max_steps / steps_per_epoch))
+            left = 0 if stop_reason is not None else max(0, epochs_to_run - (epoch + 1))
+            log.info("epoch %d/%d  %s  time %s  ETA %s", epoch + 1, planned_epochs, "  ".join(
+                f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_", "val_")) and v == v),
+                format_duration(wall), format_duration(per_epoch * left))
             last_row = row
             if tc.early_stopping_patience is not None and best["evals_since"] >= tc.early_stopping_patience:
                 stop_reason = f"early stopping: no better val accuracy for {best['evals_since']} evaluations"
@@ -616,6 +706,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
             if epoch_finished:
                 epoch, batch_in_epoch = epoch + 1, 0
             save_last(epoch, batch_in_epoch, row)
+            epoch_walls.append(time.perf_counter() - t_epoch)
 
         if stop_reason:
             log.info("stopped: %s", stop_reason)
@@ -623,6 +714,12 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
         if best_weights is not None:
             eval_model.load_state_dict(best_weights)
         test = evaluate(eval_model, test_loader, info.num_classes, device, autocast) if test_loader else {}
+        effect = None
+        if track_effect:
+            effect = {"before": json.loads(effect_file.read_text())["before"],
+                      "after": explanation_effect(eval_model, val_loader, device, autocast)}
+            ckpt.atomic_write_bytes(json.dumps(effect, indent=2).encode(), effect_file)
+            log.info("%s", _effect_line(effect["before"], effect["after"]))
         wall = time.perf_counter() - t_start
         result = {
             "name": cfg.name,
@@ -638,6 +735,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
             "trainable_params": n_trainable,
             "total_params": n_total,
             "output_dir": str(out),
+            "explanation_effect": effect,
         }
         summary = (f"{cfg.name}: best val acc {_pct(result['best_val_acc'])} (epoch {best['epoch']}), "
                    f"test acc {_pct(test.get('acc'))}, macro {_pct(test.get('acc_macro'))}, "
@@ -649,9 +747,54 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
             ckpt.atomic_write_bytes(json.dumps(result, indent=2).encode(), out / "summary.json")
         return result
     finally:
+        if curves_due:
+            _write_curves(out, cfg.name)
         if file_handler is not None:
             log.removeHandler(file_handler)
             file_handler.close()
+
+
+def _eval_steps(bundle: Any, eval_batch_size: int, batch_size: int) -> tuple[float, float]:
+    """One validation pass and the final test pass, in training steps: an evaluation batch is costed as
+    `eval_batch_size / batch_size / 2` steps (forward only, ~1/3 of a step per sample; rounded up to 1/2)."""
+    per_batch = max(1.0, eval_batch_size / batch_size / 2)
+
+    def steps(dataset: Any) -> float:
+        return math.ceil(len(dataset) / eval_batch_size) * per_batch if dataset is not None else 0.0
+    return steps(bundle.val), steps(bundle.test)
+
+
+def _epochs_within_budget(remaining_s: float, step_time: float, steps_per_epoch: int, epoch: int,
+                          batch_in_epoch: int, eval_batches: tuple[float, float], max_epochs: int) -> int:
+    """How many epochs (at least the current one, at most `max_epochs`) fit into `remaining_s` seconds.
+
+    `eval_batches` are the validation and test passes in training steps (`_eval_steps`); 10% of the budget is
+    held back for checkpoints and start-up noise.
+    """
+    val_batches, test_batches = eval_batches
+    epoch_s = (steps_per_epoch + val_batches) * step_time
+    left_in_epoch = (steps_per_epoch - batch_in_epoch + val_batches) * step_time
+    usable = 0.9 * remaining_s - test_batches * step_time - left_in_epoch
+    more = math.floor(usable / epoch_s) if usable > 0 else 0
+    return max(epoch + 1, min(max_epochs, epoch + 1 + more))
+
+
+def _write_curves(out: Path, name: str) -> None:
+    """`curves.png` from the run's metrics.csv; a failure to draw is a warning, never the run's error."""
+    try:
+        written = plot_curves(out / "metrics.csv", out / "curves.png", title=f"{name} ({out})")
+    except Exception as e:  # the run itself is done: a figure must not turn it into a failure
+        log.warning("could not draw %s: %s", out / "curves.png", e)
+        return
+    if written is None and (out / "metrics.csv").is_file():
+        log.info("no curves.png: %s", "matplotlib is not installed (the viz extra)" if _no_matplotlib()
+                 else "no epoch finished")
+
+
+def _no_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is None
 
 
 def _diverged(what: str, epoch: int, step: int, out: Path) -> TrainingDiverged:

@@ -9,14 +9,17 @@ model = zoo.load_pretrained("out/yeast")                                   # has
 zoo.list_models("shapnet_*")
 ```
 
-Importing `zoo` registers every `shapnet_*` name with timm, so `timm.create_model` and
-`timm.list_models("shapnet_*")` see them too. Nothing here touches the network.
+Importing `zoo` registers every zoo name (`shapnet_*`, `icnn_*`, `capsnet*`, `baseline_*`) with timm, so
+`timm.create_model` and `timm.list_models("shapnet_*")` see them too (without `import zoo`, timm does not know
+them); a misspelt zoo name then gets a "did you mean" from both `zoo.create_model` and `timm.create_model`.
+Nothing here touches the network.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 from typing import Any
 
 import timm
@@ -34,13 +37,13 @@ from ._registry import (
     VARIANT_DEFAULTS,
     Family,
     ShapNetCfg,
-    known_names_hint,
     model_cfg,
     model_class,
     weights_available,
 )
 from .cards import model_info, write_model_card
 from .hub import load_pretrained, read_config, save_pretrained, sha256_of
+from .summary import model_summary
 
 __all__ = [
     "ACT_LAYERS",
@@ -51,12 +54,14 @@ __all__ = [
     "build_model_with_cfg",
     "card_path",
     "create_model",
+    "did_you_mean",
     "jsonable",
     "list_models",
     "load_pretrained",
     "model_cfg",
     "model_class",
     "model_info",
+    "model_summary",
     "read_config",
     "register",
     "register_variant",
@@ -68,10 +73,57 @@ __all__ = [
 
 
 
+def _zoo_names() -> list[str]:
+    """Every registered name, now (families registered after import included)."""
+    return sorted([*ARCHITECTURES, *VARIANT_DEFAULTS])
+
+
+def did_you_mean(name: str) -> str:
+    """`"Did you mean 'shapnet_shallow_adult'?"` for a misspelt zoo name ('' when nothing is close), naming the
+    next-closest zoo names too."""
+    close = difflib.get_close_matches(name, _zoo_names(), n=3, cutoff=0.75)
+    if not close:
+        return ""
+    others = f" (or {', '.join(repr(c) for c in close[1:])})" if len(close) > 1 else ""
+    return f"Did you mean {close[0]!r}{others}?"
+
+
 def _unknown_model(name: str) -> ValueError:
-    close = difflib.get_close_matches(name, _timm_list_models(), n=5, cutoff=0.6)
-    hint = f" Close matches among all timm models: {close}." if close else ""
-    return ValueError(f"unknown model {name!r}.{hint} " + known_names_hint(name))
+    hint = did_you_mean(name)
+    if not hint:  # not a misspelt zoo name: perhaps one of timm's own models
+        close = difflib.get_close_matches(name, _timm_list_models(), n=3, cutoff=0.75)
+        hint = f"Close timm models: {close}." if close else ""
+    return ValueError(f"unknown model {name!r}. {hint + ' ' if hint else ''}zoo.list_models() lists the "
+                      f"{len(_zoo_names())} zoo models (zoo.list_models(pretrained=True): those with weights).")
+
+
+def _hint_unknown_timm_models() -> None:
+    """Make `timm.create_model` add a "did you mean" to its bare "Unknown model (...)" for misspelt zoo names.
+
+    timm's registry has no hook for unknown names, so its `create_model` is wrapped once, at `import zoo` (which
+    also registers the names): the same function for every known name, the same `RuntimeError` (its message
+    starts as timm's) for unknown ones, with the closest zoo names appended when there are any.
+    """
+    original = timm.create_model
+    if getattr(original, "_zoo_did_you_mean", False):
+        return
+
+    @functools.wraps(original)
+    def create_model(model_name: str, *args: Any, **kwargs: Any) -> nn.Module:
+        try:
+            return original(model_name, *args, **kwargs)
+        except RuntimeError as e:
+            hint = did_you_mean(str(model_name)) if str(e).startswith("Unknown model") else ""
+            if not hint:
+                raise
+            raise RuntimeError(f"{e}. {hint} (zoo.list_models() lists the zoo's names)") from e
+
+    create_model._zoo_did_you_mean = True  # type: ignore[attr-defined]
+    timm.create_model = create_model
+    timm.models.create_model = create_model
+
+
+_hint_unknown_timm_models()
 
 
 def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:

@@ -1,0 +1,267 @@
+"""Explanation regularizers, measured: fine-tune sweeps, accuracy against sparsity, and the curves.
+
+For a family (`conv`: shapnet_conv_mnist on MNIST; `deep_yeast`: shapnet_deep_yeast on Yeast) and each
+regularizer (`l1_final`: L1 on the final explanation; `l1_all`: L1 on every layer's representation; `linf`: L-inf
+spreading of the final explanation), the shipped model is fine-tuned at several weights with the family's config
+(`configs/finetune_*.yaml`, the same schedule for every weight), then every run and the unregularized start point
+are measured on the test split:
+
+* accuracy (the trainer's test accuracy of the run's best weights; the start point is evaluated here);
+* on the first `--samples` test samples, the predicted class's attribution map of each: **n90** (fewest players
+  holding 90% of the absolute mass), **peak share** (largest |attribution| / total) and **Gini** (see
+  `shapnets.sparsity`), averaged over samples.
+
+Usage:
+    python benchmarks/regularizers.py sweep conv [--kinds l1_final linf] [--weights 0.005 0.02] [--parallel 3]
+    python benchmarks/regularizers.py measure conv [--samples 1000]      # -> runs/regularizers/conv.json
+    python benchmarks/regularizers.py plot conv --ship l1_final=0.02 linf=1 l1_all=0.001 --out docs/figures
+
+`sweep` skips runs that have finished (their `summary.json` exists) and resumes interrupted ones, so it can be
+called again after a kill. `plot` draws accuracy against n90 (L1 runs) and against peak share (L-inf runs), one
+curve per regularizer, the start point and the shipped points marked, with the bars of issue 16 (n90 at most half
+the start point's; peak share at most 0.6x; accuracy within 0.5 pt) as dashed lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs" / "regularizers"
+KINDS = ("l1_final", "l1_all", "linf")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model to regularize: its start point, fine-tune configs per regularizer and default weights."""
+
+    base: str
+    configs: dict[str, str]
+    weights: dict[str, list[float]]
+    overrides: tuple[str, ...] = ()
+
+
+FAMILIES = {
+    "conv": Family(
+        base="shapnet_conv_mnist",
+        configs={"l1_final": "finetune_conv_mnist_l1_final", "l1_all": "finetune_conv_mnist_l1_all",
+                 "linf": "finetune_conv_mnist_linf"},
+        weights={"l1_final": [0.005, 0.02, 0.05], "l1_all": [0.0003, 0.001, 0.003], "linf": [0.3, 1.0, 3.0]},
+        overrides=("data.limit=10000",),
+    ),
+    "deep_yeast": Family(
+        base="shapnet_deep_yeast",
+        configs={kind: "finetune_deep_yeast_l1" for kind in KINDS},
+        weights={"l1_final": [0.01, 0.03, 0.1, 0.3], "l1_all": [0.002, 0.01, 0.03], "linf": [0.1, 0.3, 1.0, 3.0]},
+    ),
+}
+TERMS = {"l1_final": ("explanation_l1", "final"), "l1_all": ("explanation_l1", "all"),
+         "linf": ("explanation_linf", "final")}
+
+
+def run_dir(family: str, kind: str, weight: float) -> Path:
+    return RUNS / f"{family}_{kind}_{weight:g}"
+
+
+def train_command(family: str, kind: str, weight: float) -> list[str]:
+    """The `shapnets train` command of one sweep point (resumes an interrupted run)."""
+    spec = FAMILIES[family]
+    term, layers = TERMS[kind]
+    out = run_dir(family, kind, weight)
+    command = [sys.executable, "-m", "training", "train", str(ROOT / "configs" / f"{spec.configs[kind]}.yaml"),
+               "--output", str(out), "--set", f"name={out.name}",
+               "--set", f"loss.terms=[{{name: {term}, weight: {weight}, layers: {layers}, target: all}}]"]
+    for override in spec.overrides:
+        command += ["--set", override]
+    return command + (["--resume"] if (out / "last.pt").is_file() else ["--overwrite"])
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    spec = FAMILIES[args.family]
+    points = [(kind, w) for kind in args.kinds for w in (args.weights or spec.weights[kind])]
+    todo = [(k, w) for k, w in points if not (run_dir(args.family, k, w) / "summary.json").is_file()]
+    print(f"[sweep] {args.family}: {len(points)} points, {len(points) - len(todo)} done, {len(todo)} to run",
+          flush=True)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    running: list[tuple[subprocess.Popen[bytes], str]] = []
+    start = time.monotonic()
+    while todo or running:
+        while todo and len(running) < args.parallel:
+            kind, weight = todo.pop(0)
+            out = run_dir(args.family, kind, weight)
+            log = open(RUNS / f"{out.name}.log", "ab")  # noqa: SIM115 - the child owns it
+            running.append((subprocess.Popen(train_command(args.family, kind, weight), cwd=ROOT, env=env,
+                                             stdout=log, stderr=subprocess.STDOUT), out.name))
+        time.sleep(2)
+        for proc, name in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, name))
+                print(f"[sweep] {name}: exit {proc.returncode} after {time.monotonic() - start:.0f}s; "
+                      f"{len(todo) + len(running)} left", flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+@torch.no_grad()
+def measure_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> dict[str, float]:
+    """Accuracy on `(x, y)` and the mean sparsity of the predicted class's maps (`shapnets.sparsity`)."""
+    from shapnets.sparsity import explanation_sparsity
+
+    model.eval()
+    correct, sums, counts = 0, {}, {}
+    for xb, yb in zip(x.split(batch), y.split(batch)):
+        expl = model.explain(xb)
+        correct += int((expl.output.argmax(1) == yb).sum())
+        for name, values in explanation_sparsity(expl).items():
+            kept = values[~values.isnan()]
+            sums[name] = sums.get(name, 0.0) + float(kept.sum())
+            counts[name] = counts.get(name, 0) + kept.numel()
+    return {"acc": correct / len(y), **{k: sums[k] / counts[k] if counts[k] else math.nan for k in sums}}
+
+
+def _test_tensors(loaded: Any, data_root: str | None, samples: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    from training.cli import load_split
+
+    dataset = load_split(loaded, "test", data_root)
+    n = len(dataset) if samples is None else min(samples, len(dataset))
+    items = [dataset[i] for i in range(n)]
+    return torch.stack([torch.as_tensor(i[0]) for i in items]), torch.tensor([int(i[1]) for i in items])
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from training.cli import load_source
+
+    spec = FAMILIES[args.family]
+    out_file = RUNS / f"{args.family}.json"
+    previous = json.loads(out_file.read_text()) if out_file.is_file() else {}
+    rows = {row["run"]: row for row in previous.get("rows", [])}
+    base = load_source(spec.base, torch.device("cpu"))
+    x, y = _test_tensors(base, args.data_root, args.samples)
+    if spec.base not in rows:
+        full_x, full_y = _test_tensors(base, args.data_root, None)
+        with torch.no_grad():
+            test_acc = float(torch.cat([base.model(b).argmax(1) for b in full_x.split(500)]).eq(full_y).float().mean())
+        rows[spec.base] = {"run": spec.base, "kind": "none", "weight": 0.0, "test_acc": test_acc,
+                           **measure_model(base.model, x, y)}
+    for kind in KINDS:
+        for folder in sorted(RUNS.glob(f"{args.family}_{kind}_*")):
+            summary = folder / "summary.json"
+            if not folder.is_dir() or not summary.is_file() or (folder.name in rows and not args.remeasure):
+                continue
+            loaded = load_source(str(folder), torch.device("cpu"))
+            weight = float(folder.name.rsplit("_", 1)[1])
+            test_acc = json.loads(summary.read_text())["test"]["acc"]
+            rows[folder.name] = {"run": folder.name, "kind": kind, "weight": weight, "test_acc": test_acc,
+                                 **measure_model(loaded.model, x, y)}
+            print(f"[measure] {folder.name}: {rows[folder.name]}", flush=True)
+    ordered = sorted(rows.values(), key=lambda r: (KINDS.index(r["kind"]) if r["kind"] in KINDS else -1, r["weight"]))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps({"family": args.family, "base": spec.base, "samples": len(y), "rows": ordered},
+                                   indent=2))
+    print(table(ordered, rows[spec.base]))
+    return 0
+
+
+def table(rows: list[dict[str, Any]], base: dict[str, Any]) -> str:
+    """Markdown: one row per model, with ratios to the start point."""
+    lines = ["| run | regularizer | weight | test acc. | n90 | n90 / start | peak share | peak / start | Gini |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r["run"], r["kind"], f"{r['weight']:g}", f"{100 * r['test_acc']:.2f}%", f"{r['n90']:.1f}",
+                 f"{r['n90'] / base['n90']:.2f}", f"{r['peak_share']:.4f}",
+                 f"{r['peak_share'] / base['peak_share']:.2f}", f"{r['gini']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ plotting
+def cmd_plot(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads((RUNS / f"{args.family}.json").read_text())
+    rows = data["rows"]
+    base = next(r for r in rows if r["kind"] == "none")
+    shipped = {}
+    for item in args.ship or []:
+        kind, weight = item.split("=")
+        shipped[kind] = float(weight)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    colors = {"l1_final": "#c0392b", "l1_all": "#2471a3", "linf": "#229954"}
+    labels = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf"}
+    for ax, metric, kinds, bar, name in (
+            (axes[0], "n90", ("l1_final", "l1_all"), 0.5,
+             "n90: players holding 90% of |attribution| (fewer = sparser)"),
+            (axes[1], "peak_share", ("linf",), 0.6, "peak share: largest |attribution| / total (lower = spread)")):
+        for kind in kinds:
+            pts = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["weight"])
+            if not pts:
+                continue
+            xs = [base[metric]] + [r[metric] for r in pts]
+            ys = [100 * base["test_acc"]] + [100 * r["test_acc"] for r in pts]
+            ax.plot(xs, ys, "o-", color=colors[kind], label=labels[kind])
+            for r in pts:
+                ax.annotate(f"{r['weight']:g}", (r[metric], 100 * r["test_acc"]), fontsize=7,
+                            textcoords="offset points", xytext=(4, 4))
+                if shipped.get(kind) == r["weight"]:
+                    ax.plot(r[metric], 100 * r["test_acc"], "*", ms=16, color=colors[kind], mec="black",
+                            label=f"shipped {labels[kind]}")
+        ax.plot(base[metric], 100 * base["test_acc"], "s", ms=9, color="black", label=f"start: {data['base']}")
+        ax.axvline(bar * base[metric], ls="--", color="grey", lw=1)
+        ax.axhline(100 * base["test_acc"] - 0.5, ls=":", color="grey", lw=1)
+        ax.text(bar * base[metric], ax.get_ylim()[0], f" {bar:g}x start", fontsize=7, color="grey", va="bottom")
+        ax.set_xlabel(name, fontsize=8)
+        ax.set_ylabel("test accuracy (%)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{data['base']}: fine-tuned with explanation regularizers at several weights (labels); "
+                 f"sparsity on {data['samples']} test samples; dotted: -0.5 pt", fontsize=9)
+    out = Path(args.out) / f"regularizers_{args.family}_sweep.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("sweep", help="fine-tune at several weights (resumable)")
+    p.add_argument("family", choices=sorted(FAMILIES))
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--weights", nargs="+", type=float, default=None, help="default: the family's grid")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("measure", help="accuracy and sparsity of every finished run and the start point")
+    p.add_argument("family", choices=sorted(FAMILIES))
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--remeasure", action="store_true", help="measure runs already in the JSON again")
+    p.set_defaults(fn=cmd_measure)
+    p = sub.add_parser("plot", help="accuracy against sparsity, one curve per regularizer")
+    p.add_argument("family", choices=sorted(FAMILIES))
+    p.add_argument("--ship", nargs="*", metavar="KIND=WEIGHT", help="the shipped points to mark")
+    p.add_argument("--out", default="docs/figures")
+    p.set_defaults(fn=cmd_plot)
+    args = parser.parse_args(argv)
+    bad = [w for w in getattr(args, "weights", None) or [] if not w >= 0]
+    if bad:
+        parser.error(f"weights must be >= 0, got {bad}")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
