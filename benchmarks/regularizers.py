@@ -39,7 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "regularizers"
-KINDS = ("l1_final", "l1_all", "linf")
+KINDS = ("l1_final", "l1_all", "linf", "l1_final_scaled", "linf_scaled", "l1_all_pruned")
 
 
 @dataclass(frozen=True)
@@ -57,17 +57,31 @@ FAMILIES = {
         base="shapnet_conv_mnist",
         configs={"l1_final": "finetune_conv_mnist_l1_final", "l1_all": "finetune_conv_mnist_l1_all",
                  "linf": "finetune_conv_mnist_linf"},
-        weights={"l1_final": [0.005, 0.02, 0.05], "l1_all": [0.0003, 0.001, 0.003], "linf": [0.3, 1.0, 3.0]},
+        weights={"l1_final": [0.005, 0.02], "l1_all": [0.0003, 0.001], "linf": [0.3, 1.0],
+                 "l1_final_scaled": [0.005, 0.02], "linf_scaled": [1.0, 5.0], "l1_all_pruned": [0.001]},
         overrides=("data.limit=10000",),
     ),
     "deep_yeast": Family(
         base="shapnet_deep_yeast",
         configs={kind: "finetune_deep_yeast_l1" for kind in KINDS},
-        weights={"l1_final": [0.01, 0.03, 0.1, 0.3], "l1_all": [0.002, 0.01, 0.03], "linf": [0.1, 0.3, 1.0, 3.0]},
+        weights={"l1_final": [0.01, 0.03, 0.1, 0.3], "l1_all": [0.002, 0.01, 0.03], "linf": [0.1, 0.3, 1.0, 3.0],
+                 "l1_final_scaled": [0.01, 0.03, 0.1], "linf_scaled": [0.3, 1.0, 3.0], "l1_all_pruned": []},
     ),
 }
-TERMS = {"l1_final": ("explanation_l1", "final"), "l1_all": ("explanation_l1", "all"),
-         "linf": ("explanation_linf", "final")}
+# kind -> (loss term, layers, scale-free?, extra overrides)
+TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
+    "l1_final": ("explanation_l1", "final", False, ()),
+    "l1_all": ("explanation_l1", "all", False, ()),
+    "linf": ("explanation_linf", "final", False, ()),
+    "l1_final_scaled": ("explanation_l1", "final", True, ()),
+    "linf_scaled": ("explanation_linf", "final", True, ()),
+    # L1 on every layer, trained with the pruning it is meant for: half of the active pixels after every hidden stage
+    "l1_all_pruned": ("explanation_l1", "all", False, ("model.args.prune=[0.5,0.5,0.5,0.5,0.0]",
+                                                       "model.args.prune_mode=active",
+                                                       "model.args.prune_during_training=true")),
+}
+LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l1_final_scaled": "L1/L2 final",
+          "linf_scaled": "L-inf/L1 final", "l1_all_pruned": "L1 all layers + pruning in training"}
 
 
 def run_dir(family: str, kind: str, weight: float) -> Path:
@@ -77,12 +91,14 @@ def run_dir(family: str, kind: str, weight: float) -> Path:
 def train_command(family: str, kind: str, weight: float) -> list[str]:
     """The `shapnets train` command of one sweep point (resumes an interrupted run)."""
     spec = FAMILIES[family]
-    term, layers = TERMS[kind]
+    term, layers, scaled, extra = TERMS[kind]
     out = run_dir(family, kind, weight)
-    command = [sys.executable, "-m", "training", "train", str(ROOT / "configs" / f"{spec.configs[kind]}.yaml"),
+    config = spec.configs.get(kind, spec.configs["l1_all" if "all" in kind else "l1_final"])
+    command = [sys.executable, "-m", "training", "train", str(ROOT / "configs" / f"{config}.yaml"),
                "--output", str(out), "--set", f"name={out.name}",
-               "--set", f"loss.terms=[{{name: {term}, weight: {weight}, layers: {layers}, target: all}}]"]
-    for override in spec.overrides:
+               "--set", f"loss.terms=[{{name: {term}, weight: {weight}, layers: {layers}, target: all, "
+               f"normalize: {str(scaled).lower()}}}]"]
+    for override in (*spec.overrides, *extra):
         command += ["--set", override]
     return command + (["--resume"] if (out / "last.pt").is_file() else ["--overwrite"])
 
@@ -158,6 +174,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
     for kind in KINDS:
         for folder in sorted(RUNS.glob(f"{args.family}_{kind}_*")):
             summary = folder / "summary.json"
+            if folder.name.rsplit("_", 1)[0] != f"{args.family}_{kind}":
+                continue  # another kind whose name starts with this one's
             if not folder.is_dir() or not summary.is_file() or (folder.name in rows and not args.remeasure):
                 continue
             loaded = load_source(str(folder), torch.device("cpu"))
@@ -201,12 +219,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
         kind, weight = item.split("=")
         shipped[kind] = float(weight)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
-    colors = {"l1_final": "#c0392b", "l1_all": "#2471a3", "linf": "#229954"}
-    labels = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf"}
+    colors = {"l1_final": "#f1948a", "l1_all": "#85c1e9", "linf": "#82e0aa", "l1_final_scaled": "#c0392b",
+              "linf_scaled": "#1e8449", "l1_all_pruned": "#1f618d"}
+    labels = LABELS
     for ax, metric, kinds, bar, name in (
-            (axes[0], "n90", ("l1_final", "l1_all"), 0.5,
+            (axes[0], "n90", ("l1_final", "l1_final_scaled", "l1_all", "l1_all_pruned"), 0.5,
              "n90: players holding 90% of |attribution| (fewer = sparser)"),
-            (axes[1], "peak_share", ("linf",), 0.6, "peak share: largest |attribution| / total (lower = spread)")):
+            (axes[1], "peak_share", ("linf", "linf_scaled"), 0.6,
+             "peak share: largest |attribution| / total (lower = spread)")):
         for kind in kinds:
             pts = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["weight"])
             if not pts:

@@ -106,6 +106,9 @@ def stage_fractions(prune: float | Sequence[float], num_stages: int, mode: str =
     fractions = [float(prune)] * num_stages if isinstance(prune, (int, float)) else [float(p) for p in prune]
     if len(fractions) != num_stages:
         raise ValueError(f"{num_stages} stages need {num_stages} pruning fractions, got {len(fractions)}")
-    for p in fractions:
-        _check_fraction(p, mode)
+    for s, p in enumerate(fractions):
+        try:
+            _check_fraction(p, mode)
+        except ValueError as e:
+            raise ValueError(f"pruning fractions (stage {s}): {e}") from None
     return fractions

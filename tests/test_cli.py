@@ -171,15 +171,18 @@ def test_explain_rows_of_a_csv(trained_run: Path, tmp_path: Path, capsys) -> Non
     assert "rows.csv row 1" in out and "rows.csv row 2" in out
     assert "x0 = 2" in out or "x1 = 2" in out, "the header maps columns onto features by name"
     bad = tmp_path / "bad.csv"
-    bad.write_text("1,2,3\n")
+    bad.write_text("1,2,3\n")  # no header: the first row must name the training columns
     assert main(["explain", str(trained_run / "best.pt"), "--input", str(bad)]) == 2
-    assert_one_line_error(capsys, "3 values, expected 8")
+    assert_one_line_error(capsys, "bad.csv", "the file has a header but no data rows")
+    bad.write_text("x0,x1,x2\n1,2,3\n")
+    assert main(["explain", str(trained_run / "best.pt"), "--input", str(bad)]) == 2
+    assert_one_line_error(capsys, "bad.csv", "columns differ from the training ones", "missing ['x3'")
 
 
 def test_explain_raw_rows_round_trip_to_the_printed_values(trained_run: Path, tmp_path: Path, capsys) -> None:
     rows = tmp_path / "raw.csv"
-    rows.write_text("3.5,-2,0,0,0,0,0,0\n")
-    assert main(["explain", str(trained_run / "best.pt"), "--input", str(rows), "--raw", "--top", "8"]) == 0
+    rows.write_text("x0,x1,x2,x3,x4,x5,x6,x7\n3.5,-2,0,0,0,0,0,0\n")  # raw values, standardised by explain
+    assert main(["explain", str(trained_run / "best.pt"), "--input", str(rows), "--top", "8"]) == 0
     out = capsys.readouterr().out
     assert "x0 = 3.5 " in out and "x1 = -2 " in out, out
 

@@ -45,6 +45,8 @@ def test_config_runs_one_step(path: Path, tmp_path: Path, data_root_or_none: Pat
             cfg.model.strict_init = False  # the stand-in's classes/features differ from the weights' data set
         else:
             cfg.data.root = str(data_root_or_none)
+    if cfg.data.name in ("csv", "image_folder"):  # the user's own data: a small stand-in of that shape
+        cfg.data.path = str(_own_data_stand_in(cfg.data, tmp_path))
     bundle = load_data(cfg)
     # Keep evaluation tiny as well (data.limit only cuts the training split).
     small = DataBundle(bundle.train, Subset(bundle.val, range(min(4, len(bundle.val)))),
@@ -64,3 +66,26 @@ def data_root_or_none() -> Path | None:
         if c and Path(c).is_dir():
             return Path(c)
     return None
+
+
+def _own_data_stand_in(data, folder: Path) -> Path:
+    """A generated CSV with the columns a csv config names, or an image folder of two classes."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    if data.name == "csv":
+        extra = [c for c in [*(data.categorical or []), *data.drop] if c != data.target]
+        header = ["a", "b", "colour", *extra, data.target]
+        rows = [[f"{rng.normal():.3f}", f"{rng.normal():.3f}", rng.choice(["red", "blue"]), *(str(i) for _ in extra),
+                 rng.choice(["yes", "no"])] for i in range(40)]
+        path = folder / "table.csv"
+        path.write_text("\n".join(",".join(r) for r in [header, *rows]) + "\n")
+        return path
+    from PIL import Image
+
+    for name in ("cats", "dogs"):
+        (folder / "images" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / "images" / name / f"{i}.png")
+    return folder / "images"

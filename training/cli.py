@@ -16,10 +16,10 @@ Multi-process training: `torchrun --nproc_per_node N -m training train CONFIG`.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,65 +67,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _standardize_raw(values: list[str], info: Any, where: str) -> list[float]:
-    """Raw feature values (numbers, category names for label-encoded columns) -> model input.
+def _read_csv_inputs(path: str, info: Any) -> tuple[Tensor, list[int | None]]:
+    """Raw rows of a CSV file (header of the training columns, target optional) -> model input and labels.
 
-    The forward direction of `training.data.raw_values`, using the same preprocessing record.
+    The model's recorded preprocessing (column order, categories, missing-value fills, standardisation) is
+    applied here; see `zoo.preprocessing.TabularPreprocessor`.
     """
-    record = info.preprocessing.get("standardize")
-    if record is None:
-        raise UserError(f"--raw: {info.name} inputs are not standardized; give model inputs without --raw")
-    categories = info.preprocessing.get("categories", {})
-    out = []
-    for j, (name, text) in enumerate(zip(info.feature_names, values)):
-        text = text.strip()
-        if name in categories:
-            if text not in categories[name]:
-                raise UserError(f"{where}: {name}={text!r} is not a known category ({', '.join(categories[name])})")
-            raw = float(categories[name].index(text))
-        else:
-            try:
-                raw = float(text)
-            except ValueError:
-                raise UserError(f"{where}: {name}={text!r} is not a number") from None
-        out.append((raw - record["mean"][j]) / record["std"][j])
-    return out
+    from zoo.preprocessing import OutOfRangeWarning, PreprocessingError, TabularPreprocessor
 
-
-def _read_csv_inputs(path: str, info: Any, raw: bool) -> Tensor:
-    """Rows of features (standardized model inputs, or raw values with `raw`); a header row, when present, names
-    the features (any order)."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--input: no such CSV file: {path}")
     if len(info.input_shape) != 1 or not info.feature_names:
         raise UserError(f"--input CSV rows need a tabular model; {info.name} inputs have shape {info.input_shape}")
-    with file.open(newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-    if not rows:
-        raise UserError(f"--input: {path} has no rows")
-    names = list(info.feature_names)
-    header = None
-    if sum(c.strip() in names for c in rows[0]) > len(rows[0]) // 2:  # mostly feature names: a header
-        header, rows = [c.strip() for c in rows[0]], rows[1:]
-        unknown, missing = sorted(set(header) - set(names)), sorted(set(names) - set(header))
-        if unknown or missing:
-            raise UserError(f"--input: {path} header has unknown columns {unknown} and lacks {missing}")
-        order = [header.index(n) for n in names]
-        rows = [[r[i] for i in order] if len(r) == len(header) else r for r in rows]
-    values = []
-    for line, row in enumerate(rows, start=2 if header else 1):
-        where = f"{path} line {line}"
-        if len(row) != len(names):
-            raise UserError(f"--input: {where} has {len(row)} values, expected {len(names)}")
-        if raw:
-            values.append(_standardize_raw(row, info, where))
-            continue
-        try:
-            values.append([float(c) for c in row])
-        except ValueError as e:
-            raise UserError(f"--input: {where}: {e} (standardized numbers expected; --raw reads raw values)") from None
-    return torch.tensor(values, dtype=torch.float32)
+    if not Path(path).is_file():
+        raise UserError(f"--input: no such CSV file: {path}")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", OutOfRangeWarning)
+            x, labels = TabularPreprocessor.from_data_info(info).encode(path, source=Path(path).name)
+        for warning in caught:  # one log line each, without warnings' source-line echo
+            log.warning("warning: %s", warning.message)
+        return x, labels
+    except PreprocessingError as e:
+        raise UserError(f"--input: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--input: {path} is not a UTF-8 text file ({e.reason}): is it really a CSV?") from None
 
 
 def _display_values(info: Any, x: Tensor) -> list[str]:
@@ -143,6 +107,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise UserError(f"--top must be >= 1, got {args.top}")
+    if args.raw:
+        raise UserError("--raw is gone: --input rows are always raw values (the training columns by name), "
+                        "preprocessed here with the model's recorded training statistics")
     device = resolve_device(args.device)
     loaded = load_source(args.source, device)
     info = loaded.info
@@ -154,10 +121,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         (indices.append(int(item)) if item.lstrip("-").isdigit() else csv_inputs.append(item))
     labels: list[int | None] = []
     if csv_inputs:
-        xs = [_read_csv_inputs(p, info, args.raw) for p in csv_inputs]
-        x = torch.cat(xs)
-        labels = [None] * len(x)
-        names = [f"{Path(p).name} row {i + 1}" for p, t in zip(csv_inputs, xs) for i in range(len(t))]
+        read = [_read_csv_inputs(p, info) for p in csv_inputs]
+        x = torch.cat([t for t, _ in read])
+        labels = [label for _, rows in read for label in rows]
+        names = [f"{Path(p).name} row {i + 1}" for p, (t, _) in zip(csv_inputs, read) for i in range(len(t))]
     else:
         dataset = load_split(loaded, args.split, args.data_root)
         indices = indices or [0]
@@ -379,9 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_source(p)
     p.add_argument("--index", type=int, action="append", help="sample index in --split (repeatable; default 0)")
     p.add_argument("--input", nargs="+", metavar="CSV_OR_INDEX",
-                   help="CSV files of feature rows (header of feature names optional), or sample indices")
-    p.add_argument("--raw", action="store_true", help="CSV rows hold raw values (numbers, category names), "
-                   "standardized here with the training statistics")
+                   help="CSV files of raw rows (a header row naming the training columns; the target column is "
+                   "optional), preprocessed here as in training; or sample indices")
+    p.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # gone: answered with an explanation
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
     p.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted class)")
     p.add_argument("--top", type=int, default=10, help="how many attributions to print and plot (the rest are "

@@ -70,8 +70,10 @@ class DataConfig:
     """Which data set to load and how to batch it.
 
     Attributes:
-        name: data set name understood by `training.data.load_dataset`.
-        root: folder of the raw files; `None` uses `$SHAPNETS_DATA` (or the loader's default).
+        name: data set name understood by `training.data.load_dataset`; `csv` and `image_folder` read the
+            user's own data from `path` (see `training.data.own`).
+        root: folder of the raw files; `None` uses `$SHAPNETS_DATA` (or the loader's default). For `csv` /
+            `image_folder`, a relative `path` is resolved against it (`None`: the current folder).
         batch_size: global batch size (split evenly across DDP processes).
         eval_batch_size: batch size for validation and test.
         val_fraction: fraction of the training split held out for validation.
@@ -80,6 +82,14 @@ class DataConfig:
         limit: keep at most this many samples per split (smoke runs).
         shift_pixels: translate each training image by a random offset of up to this many pixels per axis
             (edges replicated; the CapsNet paper's 2-pixel shifts); 0 = no augmentation. Images only.
+        path: `csv`: the CSV file (header row); `image_folder`: the folder with one subfolder per class.
+        target: `csv`: the column holding the class.
+        categorical: `csv`: columns treated as categories even when numeric (text columns always are).
+        drop: `csv`: columns left out (ids, leaks).
+        missing: `csv`: `impute` missing cells with train-split median / most frequent value, or `error`.
+        test_fraction: `csv` / `image_folder`: share held out for test (`None`: 0.2).
+        image_size: `image_folder`: size every image is resized to, an int or `[height, width]`.
+        channels: `image_folder`: 1 (grayscale) or 3 (RGB).
     """
 
     name: str = "breast_cancer"
@@ -91,6 +101,14 @@ class DataConfig:
     num_workers: int = 0
     limit: int | None = None
     shift_pixels: int = 0
+    path: str | None = None
+    target: str | None = None
+    categorical: list[str] | None = None
+    drop: list[str] = field(default_factory=list)
+    missing: str = "impute"
+    test_fraction: float | None = None
+    image_size: int | list[int] = 32
+    channels: int = 3
 
 
 @dataclass
@@ -186,6 +204,13 @@ class ExperimentConfig:
 _CHOICES = {
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
+    ("data", "missing"): ("impute", "error"),
+    ("data", "channels"): (1, 3),
+}
+# Data keys that only the own-data loaders read: set for another data set they would be silently ignored.
+_OWN_DATA_KEYS = {
+    "csv": ("path", "target", "categorical", "drop", "missing", "test_fraction"),
+    "image_folder": ("path", "test_fraction", "image_size", "channels"),
 }
 _SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(ExperimentConfig) if f.name in
                               ("model", "data", "optim", "train", "loss")}
@@ -283,7 +308,7 @@ def _build_section(cls: type, values: Any, section: str) -> Any:
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
         choices = _CHOICES.get((section, key))
         if choices is not None and kwargs[key] not in choices:
-            raise ConfigError(f"{section}.{key}: expected one of {', '.join(choices)}, got {kwargs[key]!r}")
+            raise ConfigError(f"{section}.{key}: expected one of {', '.join(map(str, choices))}, got {kwargs[key]!r}")
     return cls(**kwargs)
 
 
@@ -318,12 +343,32 @@ def _validate(cfg: ExperimentConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _validate_own_data(cfg)
     for i, term in enumerate(cfg.loss.terms):
         if "name" not in term:
             raise ConfigError(f"loss.terms[{i}] needs a 'name' key, got keys {sorted(term)}")
         weight = term.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
             raise ConfigError(f"loss.terms[{i}] ({term['name']}): weight must be a number >= 0, got {weight!r}")
+
+
+def _validate_own_data(cfg: ExperimentConfig) -> None:
+    d, defaults = cfg.data, DataConfig()
+    if d.name == "csv" and (not d.path or not d.target):
+        raise ConfigError("data.name=csv needs data.path (the CSV file) and data.target (the class column)")
+    if d.name == "image_folder" and not d.path:
+        raise ConfigError("data.name=image_folder needs data.path (a folder with one subfolder per class)")
+    used = _OWN_DATA_KEYS.get(d.name, ())
+    stray = [k for k in dict.fromkeys(k for keys in _OWN_DATA_KEYS.values() for k in keys)
+             if k not in used and getattr(d, k) != getattr(defaults, k)]
+    if stray:
+        owners = " / ".join(n for n, keys in _OWN_DATA_KEYS.items() if stray[0] in keys)
+        raise ConfigError(f"data.{stray[0]} only applies to data.name={owners}, not to data.name={d.name!r}")
+    if d.test_fraction is not None and not 0.0 < d.test_fraction < 1.0:
+        raise ConfigError("data.test_fraction must lie in (0, 1) or be null")
+    size = [d.image_size] if isinstance(d.image_size, int) else d.image_size
+    if not 1 <= len(size) <= 2 or min(size) < 1:
+        raise ConfigError(f"data.image_size must be a positive int or [height, width], got {d.image_size!r}")
 
 
 def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:

@@ -173,18 +173,22 @@ class ExplanationPenalty(LossTerm):
         target: `"all"` (every output channel), `"label"` (each sample's true class) or `"predicted"` (its argmax),
             for the final layer.
         layer_weights: with `layers="all"`, one weight per layer.
+        normalize: the scale-free version (`R_1 / R_2` or `R_inf / R_1` per map; see `shapnets.regularizers`):
+            the penalty cannot be lowered by shrinking the whole explanation, only by changing its shape.
     """
 
     TARGETS = ("all", "label", "predicted")
 
     def __init__(self, kind: str, weight: float = 1.0, layers: str = "final", target: str = "all",
-                 layer_weights: list[float] | None = None) -> None:
+                 layer_weights: list[float] | None = None, normalize: bool = False) -> None:
         if layers not in ("final", "all"):
             raise ConfigError(f"explanation_{kind}: layers must be 'final' or 'all', got {layers!r}")
         if target not in self.TARGETS:
             raise ConfigError(f"explanation_{kind}: target must be one of {self.TARGETS}, got {target!r}")
         self.kind, self.weight, self.layers, self.target = kind, float(weight), layers, target
-        self.layer_weights = layer_weights
+        if weight < 0:
+            raise ConfigError(f"explanation_{kind}: weight must be >= 0, got {weight}")
+        self.layer_weights, self.normalize = layer_weights, bool(normalize)
         self.name = f"explanation_{kind}" + ("_all_layers" if layers == "all" else "")
         self.needs_explanation = True
         self.needs_layers = layers == "all"
@@ -196,18 +200,18 @@ class ExplanationPenalty(LossTerm):
             raise RuntimeError(f"{self.name} needs the explanation of the forward pass, but none was computed")
         classes = {"all": None, "label": target, "predicted": out.logits.detach().argmax(1)}[self.target]
         return explanation_penalty(out.explanation, self.kind, self.layers, classes,  # type: ignore[arg-type]
-                                   self.layer_weights)
+                                   self.layer_weights, self.normalize)
 
 
 @register_loss_term("explanation_l1")
 def _explanation_l1(weight: float = 1.0, layers: str = "final", target: str = "all",
-                    layer_weights: list[float] | None = None) -> ExplanationPenalty:
+                    layer_weights: list[float] | None = None, normalize: bool = False) -> ExplanationPenalty:
     """L1 sparsity of the explanation (`shapnets.regularizers.l1_sparsity`)."""
-    return ExplanationPenalty("l1", weight, layers, target, layer_weights)
+    return ExplanationPenalty("l1", weight, layers, target, layer_weights, normalize)
 
 
 @register_loss_term("explanation_linf")
 def _explanation_linf(weight: float = 1.0, layers: str = "final", target: str = "all",
-                      layer_weights: list[float] | None = None) -> ExplanationPenalty:
+                    layer_weights: list[float] | None = None, normalize: bool = False) -> ExplanationPenalty:
     """L-infinity spreading of the explanation (`shapnets.regularizers.linf_spreading`)."""
-    return ExplanationPenalty("linf", weight, layers, target, layer_weights)
+    return ExplanationPenalty("linf", weight, layers, target, layer_weights, normalize)

@@ -57,6 +57,7 @@ def load_source(source: str, device: torch.device) -> LoadedModel:
         info = _dataset_info_from_dict(state["data_info"])
         model = build_model(cfg.model, info)
         model.load_state_dict(state["model"])
+        _attach_preprocessing(model, info)
         return LoadedModel(model.to(device).eval(), info, cfg, str(path))
     if not path.exists() and (path.suffix in (".pt", ".pth") or path.parent != Path(".")):
         raise UserError(f"no such checkpoint or folder: {source}")
@@ -72,12 +73,25 @@ def load_source(source: str, device: torch.device) -> LoadedModel:
         info = _dataset_info_from_dict(info)
     if info is None:
         raise UserError(f"{source!r} does not say which data set it was trained on (no data_info)")
+    if not hasattr(model, "preprocess"):
+        _attach_preprocessing(model, info)
     return LoadedModel(model.to(device).eval(), info, None, source)
+
+
+def _attach_preprocessing(model: nn.Module, info: Any) -> None:
+    """`model.preprocess(rows)` and the out-of-range guard on `model(x)`, for tabular models."""
+    from zoo.preprocessing import attach_preprocessing
+
+    attach_preprocessing(model, info)
 
 
 def load_split(loaded: LoadedModel, split: str, data_root: str | None) -> Any:
     from .trainer import load_data
 
+    if loaded.cfg is None and loaded.info.name in ("csv", "image_folder"):
+        hint = " (explain raw rows with --input rows.csv)" if loaded.info.name == "csv" else ""
+        raise UserError(f"{loaded.source} was trained on the user's own {loaded.info.name} data, which an exported "
+                        f"model does not carry: use the training run folder{hint}")
     # A copy: the caller's config must keep describing the run (export records it).
     cfg = copy.deepcopy(loaded.cfg) if loaded.cfg is not None else ExperimentConfig()
     cfg.data.name = loaded.info.name

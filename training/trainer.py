@@ -101,8 +101,14 @@ def load_data(cfg: ExperimentConfig) -> Any:
     from .data import load_dataset
 
     d = cfg.data
+    options: dict[str, Any] = {}
+    if d.name == "csv":
+        options = dict(path=d.path, target=d.target, categorical=d.categorical, drop=d.drop, missing=d.missing,
+                       test_fraction=d.test_fraction)
+    elif d.name == "image_folder":
+        options = dict(path=d.path, image_size=d.image_size, channels=d.channels, test_fraction=d.test_fraction)
     try:
-        return load_dataset(d.name, d.root, seed=d.seed, val_fraction=d.val_fraction, limit=d.limit)
+        return load_dataset(d.name, d.root, seed=d.seed, val_fraction=d.val_fraction, limit=d.limit, **options)
     except (FileNotFoundError, NotADirectoryError, KeyError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise UserError(f"data ({d.name}): {message}") from e

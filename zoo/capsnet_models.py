@@ -49,7 +49,8 @@ def _mnist_cfg(description: str) -> ShapNetCfg:
 
 
 CAPSNET_VARIANT_DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "capsnet_mnist": ("capsnet", dict(in_chans=1, image_size=28, num_classes=10)),
+    # The paper's code differentiates through the routing iterations; `detach_routing=True` stays an option.
+    "capsnet_mnist": ("capsnet", dict(in_chans=1, image_size=28, num_classes=10, detach_routing=False)),
     "capsnet_small_mnist": ("capsnet", dict(in_chans=1, image_size=28, num_classes=10, conv_channels=64,
                                             primary_types=16)),
 }

@@ -312,6 +312,10 @@ def load_weights_into(
         model.checkpoint_config = dict(config)
         if "data_info" in config:
             model.data_info = config["data_info"]
+            # Tabular models: `model.preprocess(rows)` (raw rows -> input) and a guard against raw inputs.
+            from .preprocessing import attach_preprocessing
+
+            attach_preprocessing(model, config["data_info"])
     return model
 
 

@@ -9,6 +9,9 @@ bundle.info.to_dict()                                    # shapes, names, prepro
 
 Tabular sets are z-scored with train statistics (reference 0 = the train mean); images are scaled to [0, 1]
 and normalised with fixed per-channel constants. Nothing is ever downloaded.
+
+Own data: `load_dataset("csv", path="t.csv", target="label")` and `load_dataset("image_folder", path="imgs/")`
+(see `training.data.own` and docs/own_data.md).
 """
 
 from .core import DATA_ENV, ArrayDataset, DataBundle, DatasetInfo

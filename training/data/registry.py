@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from .core import DataBundle
 from .images import load_cifar10, load_fashion_mnist, load_mnist
+from .own import load_csv, load_image_folder
 from .parts import load_parts
 from .synthetic import load_synthetic_images, load_synthetic_tabular
 from .tabular import load_adult, load_sklearn, load_yeast
@@ -38,11 +39,13 @@ _LOADERS: dict[str, _Loader] = {
     "wine": _without_root(functools.partial(load_sklearn, "wine")),
     "yeast": load_yeast,
 }
+# The user's own data: these loaders also take options (path, target, ...), see `training.data.own`.
+_OWN_LOADERS: dict[str, _Loader] = {"csv": load_csv, "image_folder": load_image_folder}
 
 
 def list_datasets() -> list[str]:
     """Names accepted by `load_dataset`, sorted."""
-    return sorted(_LOADERS)
+    return sorted([*_LOADERS, *_OWN_LOADERS])
 
 
 def load_dataset(
@@ -52,6 +55,7 @@ def load_dataset(
     seed: int = 0,
     val_fraction: float = 0.1,
     limit: int | None = None,
+    **options: object,
 ) -> DataBundle:
     """Load a data set as train / val / test `ArrayDataset`s plus its `DatasetInfo`.
 
@@ -64,12 +68,19 @@ def load_dataset(
         val_fraction: share of the training data held out for validation, in [0, 1).
         limit: keep at most this many train samples (a seeded stratified subsample) for smoke runs;
             preprocessing statistics are still those of the full train split.
+        **options: for `csv` (`path`, `target`, `categorical`, `drop`, `missing`, `test_fraction`) and
+            `image_folder` (`path`, `image_size`, `channels`, `test_fraction`); see `training.data.own`.
 
     Raises:
         ValueError: an unknown name (listing the valid ones), or a bad `val_fraction` / `limit`.
         FileNotFoundError: the data set needs files and they are not in `root` / `$SHAPNETS_DATA`.
     """
+    own = _OWN_LOADERS.get(name)
+    if own is not None:
+        return own(root, seed=seed, val_fraction=val_fraction, limit=limit, **options)
     loader = _LOADERS.get(name)
     if loader is None:
         raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(list_datasets())}")
+    if options:
+        raise ValueError(f"data set {name!r} takes no options {sorted(options)} (they are for csv / image_folder)")
     return loader(root, seed=seed, val_fraction=val_fraction, limit=limit)
