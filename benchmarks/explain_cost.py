@@ -24,7 +24,6 @@ Writes nothing unless `--out` is given.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from shapnets import DeepShapNet, ShallowShapNet, butterfly_pairs, exact_shapley
 from training.bench import interleaved_medians, markdown_table
+from training.bench_report import write_report
 
 Row = dict[str, object]
 
@@ -252,11 +252,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     report = "\n".join(sections)
     print(report)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "explain_cost.md").write_text(report + "\n")
-        results = {"settings": {k: str(v) for k, v in vars(args).items()}, "cost": cost, "kernel_shap": comparison}
-        (args.out / "explain_cost.json").write_text(json.dumps(results, indent=2))
+    results = {"settings": {k: str(v) for k, v in vars(args).items()}, "cost": cost, "kernel_shap": comparison}
+    write_report(args.out, "explain_cost", report, results, plot=None)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ MNIST takes ~1 minute per fraction with the defaults (most of it the masked pass
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -51,6 +50,7 @@ from torch import Tensor, nn
 from shapnets.pruning import PRUNE_MODES, stage_fractions
 from shapnets.sparsity import gini, mass_count, peak_share
 from training.bench import interleaved_medians, markdown_table
+from training.bench_report import write_report
 
 Row = dict[str, Any]
 
@@ -407,12 +407,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ]
     report = "\n".join(sections)
     print(report)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "pruning.md").write_text(report + "\n")
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        (args.out / "pruning.json").write_text(json.dumps({"settings": settings, "models": models}, indent=2))
-        plot_curves({label: m["rows"] for label, m in models.items() if label != "headline"}, args.out / "pruning.png")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    write_report(args.out, "pruning", report, {"settings": settings, "models": models},
+                 plot=lambda path: plot_curves({label: m["rows"] for label, m in models.items()
+                                                    if label != "headline"}, path))
     return {"models": models, "report": report}
 
 

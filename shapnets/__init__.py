@@ -17,6 +17,7 @@ Core objects:
 """
 
 from .capsnet import CapsNet, dynamic_routing, margin_loss, reconstruction_loss, squash
+from .contract import LossTerm, SelfExplaining, StepOutput
 from .conv import ConvShapNet, ShapleyConv2d
 from .deep import DeepShapNet, butterfly_pairs
 from .explanation import Explanation, LocalAccuracyError, RankedAttribution
@@ -64,12 +65,15 @@ __all__ = [
     "InterpretableCNN",
     "InterpretableConv2d",
     "LocalAccuracyError",
+    "LossTerm",
     "RankedAttribution",
     "RankedInteraction",
+    "SelfExplaining",
     "ShallowShapNet",
     "ShapleyConv2d",
     "ShapleyModule",
     "ShapleyModuleBank",
+    "StepOutput",
     "butterfly_pairs",
     "coalition_masks",
     "configure_pruning",

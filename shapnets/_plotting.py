@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .explanation import optional_import, signed_sum
+from ._format import optional_import, signed_sum
 
 if TYPE_CHECKING:
     from .explanation import Explanation

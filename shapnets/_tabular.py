@@ -14,6 +14,7 @@ __all__ = ["TabularGame"]
 class TabularGame(nn.Module):
     """Base for models whose players are `D` features of `C` channels: reference, names, input checks."""
 
+    data_args = ("feature_names", "reference")  # what a data set may fill (shapnets.contract)
     in_features: int
     in_channels: int
     feature_names: list[str] | None

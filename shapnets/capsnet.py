@@ -1,62 +1,15 @@
-"""Capsule networks with dynamic routing (CapsNet), with a routing-based attribution map.
+"""Capsule networks with dynamic routing (CapsNet), with a routing-based attribution map (not Shapley values).
 
 Dynamic Routing Between Capsules (Sara Sabour, Nicholas Frosst, Geoffrey E. Hinton), NeurIPS 2017,
 https://arxiv.org/abs/1710.09829 (official TensorFlow code: github.com/Sarasra/models, research/capsules).
 
-Architecture (the paper's MNIST network, every size a constructor argument of `CapsNet`):
-
-* conv1: 256 filters 9x9, stride 1, ReLU (28x28 -> 20x20);
-* PrimaryCaps: a 9x9 stride-2 conv with 32 x 8 channels (20x20 -> 6x6), read as 32 capsule *types* of 8D at
-  every grid cell: 32 x 6 x 6 = 1152 capsules, each squashed. The conv output is NCHW, so the 8 channels of one
-  capsule must be gathered at ONE grid cell: `rearrange(maps, "b (n d) h w -> b (n h w) d")` moves the channels
-  last before grouping (a plain `view(B, -1, 8)` on NCHW would glue 8 neighbouring cells of one channel into a
-  "capsule", a classic bug of public ports). Capsule `i = (type, row, col)` in that order.
-* DigitCaps: one 16D capsule per class; every (primary `i`, class `j`) pair has its own `W_ij` (16x8):
-  votes `u_hat_{j|i} = W_ij u_i`, plus a per-class bias `b_j` (16D) added to `s_j`, as in the official code.
-  `W` starts at std 0.01: with the correct softmax axis, std-1 votes saturate the squash and training stays at
-  chance (see the research notes); the bias starts at 0.
-* Decoder: the poses masked to one class (the true class in training, the longest capsule otherwise),
-  flattened (10 x 16 = 160) -> 512 ReLU -> 1024 ReLU -> 784 sigmoid, reshaped to the image.
-
-Squash: `v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps)`: norms in [0, 1), increasing in `|s|`, and finite
-(value and gradient) at `s = 0`, where the textbook `s / |s|` is 0/0.
-
-Dynamic routing by agreement (`dynamic_routing`): `b_ij = 0`; repeat `iterations` times:
-`c_ij = softmax_j(b_ij)` (over the PARENTS `j`: each child's couplings sum to 1 over the classes; a softmax
-over the children is the other classic bug), `s_j = sum_i c_ij u_hat_{j|i} + bias_j`, `v_j = squash(s_j)`,
-`b_ij += u_hat_{j|i} . v_j`. Gradients: with `detach=True` (our default, as in the XifengGuo/CapsNet-Pytorch
-port) routing is an inference procedure, not a learned path: the agreement updates are computed without
-gradient, so the couplings of the last iteration are constants and gradients flow through the final
-`s_j = sum_i c_ij u_hat_{j|i} + bias_j` only. The official TF code differentiates through every iteration
-(its while loop has no stop-gradient); `detach=False` does that.
-
-Losses: margin loss `sum_k T_k max(0, 0.9 - |v_k|)^2 + 0.5 (1 - T_k) max(0, |v_k| - 0.1)^2`, and the
-reconstruction loss `sum over pixels of (decoded - image)^2`, both averaged over the batch, the latter weighted
-0.0005 (the official `balance_factor`; it is a *sum* over pixels, so the weight depends on the image size).
-The class scores are the capsule lengths `|v_j|`, in [0, 1); `forward` returns them as the "logits" (their
-argmax is the prediction; a softmax of them is not a calibrated probability).
-
-Input normalisation: our loaders feed normalised images `(x - mean) / std`, but the decoder ends in a
-sigmoid, so its target is the image in [0, 1]: the model un-normalises its input with `input_mean` and
-`input_std` (MNIST's 0.1307 / 0.3081 by default) to form the reconstruction target.
-
-Explanation (`CapsNet.explain`) - a normalised routing attribution, NOT a Shapley value (`exact=False`):
-primary capsule `i` contributes `a_ij = c_ij (u_hat_{j|i} . v_j) / |s_j|` to class `j`: its share of
-`|s_j| = (s_j - bias_j) . v_j / |s_j| + bias_j . v_j / |s_j|` (the part of its vote along the parent's pose,
-weighted by the coupling: the agreement share), scaled by the squash's shrink `|v_j| / |s_j|`. Hence
-`sum_i a_ij + bias_j . v_j / |s_j| = |v_j|` exactly: the bias's share is the explanation's `base` (0 for a
-model whose bias is 0) and the class score is the `output`, so local accuracy holds exactly. No division by a
-sum of contributions is needed (such a sum can vanish or change sign), only by `|s_j|`, which is 0 only when
-`v_j` (and every `a_ij`) is. Each grid cell's contributions (summed over the capsule types) are spread over its
-receptive field in the input with fixed weights that sum to 1 per cell: the number of conv paths from each pixel
-to the cell (transposed convolutions of the cell's indicator with all-ones kernels), so pixels at the centre of
-the footprint get more than its rim, and sums are preserved.
+Theory, guarantees and where this departs from the paper or the original code: docs/theory.md#capsnet.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +18,7 @@ from torch import Tensor, nn
 
 from ._streaming import StreamedBatches, streamed
 from ._validation import check_input, finite_output
+from .contract import LossTerm, StepOutput, no_layers
 from .explanation import Explanation
 
 __all__ = [
@@ -264,7 +218,7 @@ class DigitCapsules(nn.Module):
         out_dim: their dimension.
         iterations: routing iterations.
         detach_routing: see `dynamic_routing(detach=...)`.
-        init_std: std of the normal init of `W` (0.01; see the module docstring).
+        init_std: std of the normal init of `W` (0.01; see docs/theory.md#capsnet).
     """
 
     def __init__(self, num_inputs: int, in_dim: int, num_outputs: int, out_dim: int, iterations: int = 3,
@@ -287,28 +241,23 @@ class DigitCapsules(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- loss terms
-class MarginLossTerm:
+class MarginLossTerm(LossTerm):
     """The margin loss as a training term; it replaces the trainer's cross-entropy.
 
     `__call__(out, target)` reads `out.logits` (the capsule lengths).
     """
 
     name = "margin"
-    needs_explanation = False
-    needs_layers = False
     replaces_cross_entropy = True
 
     def __init__(self, weight: float = 1.0, m_plus: float = 0.9, m_minus: float = 0.1, lam: float = 0.5) -> None:
         self.weight, self.m_plus, self.m_minus, self.lam = float(weight), m_plus, m_minus, lam
 
-    def __call__(self, out: Any, target: Tensor) -> Tensor:
+    def __call__(self, out: StepOutput, target: Tensor) -> Tensor:
         return margin_loss(out.logits, target, self.m_plus, self.m_minus, self.lam)
 
-    def __repr__(self) -> str:
-        return f"MarginLossTerm(weight={self.weight})"
 
-
-class ReconstructionLossTerm:
+class ReconstructionLossTerm(LossTerm):
     """The decoder's reconstruction loss as a training term.
 
     `__call__(out, target)` reads `out.extras["reconstruction"]` and `out.extras["image"]` (the un-normalised
@@ -316,29 +265,24 @@ class ReconstructionLossTerm:
     """
 
     name = "reconstruction"
-    needs_explanation = False
-    needs_layers = False
 
     def __init__(self, weight: float = 0.0005) -> None:
         self.weight = float(weight)
 
-    def __call__(self, out: Any, target: Tensor) -> Tensor:
+    def __call__(self, out: StepOutput, target: Tensor) -> Tensor:
         extras = getattr(out, "extras", None) or {}
         if "reconstruction" not in extras or "image" not in extras:
             raise RuntimeError("the reconstruction loss needs extras['reconstruction'] and extras['image'] from "
                                f"CapsNet.forward_train(x, target); got extras {sorted(extras)}")
         return reconstruction_loss(extras["reconstruction"], extras["image"])
 
-    def __repr__(self) -> str:
-        return f"ReconstructionLossTerm(weight={self.weight})"
-
 
 # ---------------------------------------------------------------------------------------------------- model
 class CapsNet(StreamedBatches, nn.Module):
     """The CapsNet of Sabour et al. (2017): conv1, PrimaryCaps, DigitCaps with dynamic routing, and a decoder.
 
-    Defaults give the paper's MNIST network (8,215,728 parameters: 6,804,384 without the decoder). See the
-    module docstring for the layers, the routing's gradient, the losses and the explanation.
+    Defaults give the paper's MNIST network (8,215,728 parameters: 6,804,384 without the decoder). See
+    docs/theory.md#capsnet for the layers, the routing's gradient, the losses and the explanation.
 
     Args:
         in_chans: input channels.
@@ -538,10 +482,10 @@ class CapsNet(StreamedBatches, nn.Module):
     # ------------------------------------------------------------------ explanation
     @streamed
     @finite_output
-    def explain(self, x: Tensor) -> Explanation:
+    def explain(self, x: Tensor, layers: bool = False) -> Explanation:
         """Class scores split over input pixels through the routing (a normalised routing attribution).
 
-        Not Shapley values (`exact=False`); see the module docstring for the definition. Local accuracy holds
+        Not Shapley values (`exact=False`); see docs/theory.md#capsnet for the definition. Local accuracy holds
         exactly: `base + sum over pixels == output`.
 
         Returns:
@@ -554,6 +498,7 @@ class CapsNet(StreamedBatches, nn.Module):
               pixels);
             * `reconstruction` `(B, C, H, W)`, decoded from the pose of the predicted class (with a decoder).
         """
+        no_layers(self, layers)  # one explanation, no per-layer representations
         x = self._check(x)
         votes, routing = self.route(x)
         poses, preactivation = routing.poses, routing.preactivation

@@ -1,21 +1,10 @@
 """Convolutional (vision) ShapNet: a shared Shapley module on every dilated patch, no pooling.
 
+Local accuracy and per-pixel missingness hold exactly.
+
 Shapley Explanation Networks (Wang, Wang, Inouye, ICLR 2021), https://arxiv.org/abs/2104.02297
 
-A `ShapleyConv2d` layer treats every `kh x kw` dilated patch as a game of `kh*kw` players (pixels,
-each a C-channel vector), evaluates one shared Shapley module on all patches (weight sharing, as in
-a convolution) and scatter-adds each player's Shapley vector back onto its pixel. The output keeps
-the input's resolution; per output channel, the layer is a Shallow ShapNet of
-`sum_patches f_c(patch)`, so its map is that function's exact Shapley representation.
-
-`ConvShapNet` stacks such layers with growing dilations (2x2 kernels with dilations 1, 2, 4, ...
-give a 2^L receptive field, the image analogue of the butterfly), optionally splits channels
-RealNVP-style, and sums the last map `(B, H, W, num_classes)` over pixels to get the logits. Local
-accuracy (`logits == spatial sum`, `g(reference) == 0`) and per-pixel missingness hold exactly.
-
-Unlike the original, patches are padded on the bottom/right with reference-valued pixels, so every
-pixel is a player of its own patch at every dilation (with no padding, large dilations leave a band
-of pixels that no patch covers and whose information is lost).
+Theory, guarantees and where this departs from the paper or the original code: docs/theory.md#convolutional-shapnet.
 """
 
 from __future__ import annotations
@@ -28,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ._heads import StagedHead, bank_like
 from ._streaming import StreamedBatches, streamed
 from ._validation import check_input, check_reference, finite_output
 from .explanation import Explanation
@@ -146,7 +136,7 @@ class ShapleyConv2d(nn.Module):
                                               player_shape=(height, width), method=type(self).__name__)
 
 
-class ConvShapNet(StreamedBatches, nn.Module):
+class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
     """Deep convolutional ShapNet for images.
 
     Args:
@@ -173,6 +163,8 @@ class ConvShapNet(StreamedBatches, nn.Module):
         zero_init_output: start the last stage's output layer at zero, so the logits start at 0
             (the spatial sum over many pixels otherwise starts with large logits).
     """
+
+    data_args = ("reference",)  # what a data set may fill (shapnets.contract)
 
     def __init__(
         self,
@@ -249,16 +241,45 @@ class ConvShapNet(StreamedBatches, nn.Module):
         """Every stage's Shapley map, channel-last `(B, H, W, C_l)`."""
         z = self._input_offsets(x)
         layers = []
-        for s, (stage, take) in enumerate(zip(self.stages, self.channel_split)):
-            head, tail = z[..., :take], z[..., take:]
-            phi = stage(head, self.reference[:take] if s == 0 else None, skip_inactive=self.skip_inactive)
-            if self.residual and phi.shape[-1] == take:
-                phi = phi + head
-            z = torch.cat([phi, tail], dim=-1) if tail.shape[-1] else phi
-            if self.prune[s] and (self.prune_during_training or not self.training):
-                z = prune_players(z, self.prune[s], mode=self.prune_mode)
+        for s in range(self.num_stages):
+            z = self._stage(s, z)
             layers.append(z)
         return layers
+
+    def _stage(self, s: int, z: Tensor) -> Tensor:
+        """Stage `s` on the channel-last map `z` `(B, H, W, C)`: its Shapley map (channel split, residual, pruned)."""
+        take = self.channel_split[s]
+        head, tail = z[..., :take], z[..., take:]
+        phi = self.stages[s](head, self.reference[:take] if s == 0 else None, skip_inactive=self.skip_inactive)
+        if self.residual and phi.shape[-1] == take:
+            phi = phi + head
+        z = torch.cat([phi, tail], dim=-1) if tail.shape[-1] else phi
+        if self.prune[s] and (self.prune_during_training or not self.training):
+            z = prune_players(z, self.prune[s], mode=self.prune_mode)
+        return z
+
+    # ------------------------------------------------------------------ timm's model interface (head = last stage)
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The channel-last map the head reads, `(B, H, W, num_features)` (the input offsets for one stage)."""
+        z = self._input_offsets(self._check(x))
+        for s in range(self.num_stages - 1):
+            z = self._stage(s, z)
+        return z
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits from `forward_features(x)`; `pre_logits=True`: the map summed over pixels `(B, num_features)`."""
+        if not pre_logits:
+            features = self._stage(self.num_stages - 1, features)
+        return features.sum((1, 2))
+
+    def _head_in_channels(self) -> int:
+        return self.channel_split[-1]  # the last stage reads every channel (checked in __init__)
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        old = self.stages[-1]
+        new = ShapleyConv2d(old.bank.in_channels, num_classes, old.kernel_size, old.dilation)
+        new.bank = bank_like(old.bank, num_classes)  # the old stage's hidden widths and activation
+        return new
 
     def working_elements(self, x: Tensor) -> int:
         pixels = x.shape[-2] * x.shape[-1]

@@ -1,24 +1,10 @@
 """Deep ShapNet: butterfly-wired stacks of pairwise Shapley modules for tabular data.
 
+Local accuracy and missingness hold exactly; every layer is the exact Shapley representation of its own function.
+
 Shapley Explanation Networks (Wang, Wang, Inouye, ICLR 2021), https://arxiv.org/abs/2104.02297
 
-Layer `l` maps the representation `Z^(l-1)` `(B, D, C_{l-1})` to its Shapley representation: the
-D rows are paired FFT-style (stage s pairs rows `a` and `a + 2^s`), each pair goes through its own
-two-player Shapley module, and every row receives its player's Shapley value. After log2(D) stages
-every output row depends on every input feature. The logits are the sum of the last
-representation over the D rows, and the bias of every module is discarded, so:
-
-* local accuracy: `sum_i Z^(L)_i == g(x)` and `g(reference) == 0` exactly;
-* missingness: a feature at its reference has a zero row at every layer (up to the rounding of
-  batched matrix products, ~1e-17 in float64; rows set to the reference by pruning are exactly 0);
-* every layer is the exact Shapley representation of its own function (reference 0), so the
-  network explains itself layer by layer; end to end the attributions are *not* the exact Shapley
-  values of `g` (Shapley values do not compose through non-linear layers).
-
-Differences from the original code, all deliberate: any number of features (padded to a power of
-two with reference-valued players, which get exactly 0), any reference, residual connections that
-check channels (not D), stages batched over their pairs, and more stages than log2(D) allowed (the
-butterfly strides then repeat).
+Theory, guarantees and where this departs from the paper or the original code: docs/theory.md#deep-shapnet.
 """
 
 from __future__ import annotations
@@ -30,6 +16,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ._heads import StagedHead, bank_like
 from ._streaming import StreamedBatches, streamed
 from ._tabular import TabularGame
 from ._validation import finite_output
@@ -106,7 +93,7 @@ def _from_pairs(z: Tensor, stride: int) -> Tensor:
     return rearrange(z, "... (hi lo) two c -> ... (hi two lo) c", two=2, lo=stride)
 
 
-class DeepShapNet(StreamedBatches, TabularGame):
+class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
     """Deep ShapNet with butterfly wiring: local accuracy and missingness at every layer.
 
     Args:
@@ -200,18 +187,46 @@ class DeepShapNet(StreamedBatches, TabularGame):
         """
         z, reference = self._padded_input(self._check(x))
         layers = []
-        for s, stage in enumerate(self.stages):
-            stride = self.stage_stride(s)
-            # Stage 0 sees the input game (reference r); deeper stages see Shapley representations,
-            # whose reference is 0 (the representation of the reference input is identically 0).
-            ref = _to_pairs(reference, stride) if s == 0 else None
-            phi, _, _ = stage.shapley(_to_pairs(z, stride), ref, skip_inactive=self.skip_inactive)
-            phi = _from_pairs(phi, stride)
-            z = z + phi if self.residual and phi.shape[-1] == z.shape[-1] else phi
-            if self.prune[s] and (self.prune_during_training or not self.training):
-                z = prune_players(z, self.prune[s], self.live_rows, self.prune_mode)
+        for s in range(self.num_stages):
+            z = self._stage(s, z, reference)
             layers.append(z)
         return layers
+
+    def _stage(self, s: int, z: Tensor, reference: Tensor | None) -> Tensor:
+        """Stage `s` on the padded representation `z` `(B, P, C)`: its Shapley representation (residual, pruned)."""
+        stride = self.stage_stride(s)
+        # Stage 0 sees the input game (reference r); deeper stages see Shapley representations,
+        # whose reference is 0 (the representation of the reference input is identically 0).
+        ref = _to_pairs(reference, stride) if s == 0 else None
+        phi, _, _ = self.stages[s].shapley(_to_pairs(z, stride), ref, skip_inactive=self.skip_inactive)
+        phi = _from_pairs(phi, stride)
+        z = z + phi if self.residual and phi.shape[-1] == z.shape[-1] else phi
+        if self.prune[s] and (self.prune_during_training or not self.training):
+            z = prune_players(z, self.prune[s], self.live_rows, self.prune_mode)
+        return z
+
+    # ------------------------------------------------------------------ timm's model interface (head = last stage)
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The padded representation the head reads, `(B, P, num_features)` (the input offsets for one stage)."""
+        z, reference = self._padded_input(self._check(x))
+        for s in range(self.num_stages - 1):
+            z = self._stage(s, z, reference)
+        return z
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits from `forward_features(x)`; `pre_logits=True`: the features summed over rows `(B, num_features)`."""
+        if not pre_logits:
+            last = self.num_stages - 1
+            reference = self._padded_input(self.reference[None])[1] if last == 0 else None
+            features = self._stage(last, features, reference)
+        return features.index_select(1, self.live_rows).sum(1)
+
+    def _head_in_channels(self) -> int:
+        return self.stage_channels[-2]
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        self.stage_channels[-1] = num_classes
+        return bank_like(self.stages[-1], num_classes)
 
     def working_elements(self, x: Tensor) -> int:
         return max(stage.coalition_elements() for stage in self.stages)

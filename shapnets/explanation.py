@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 import torch
 from torch import Tensor
 
+from ._format import optional_import, signed_sum
+
 if TYPE_CHECKING:  # optional extras: imported inside the methods that need them
     import matplotlib.figure
     import pandas
@@ -68,23 +70,6 @@ class RankedAttribution(NamedTuple):
     """The player's index along each player axis (`(j,)` for features, `(h, w)` for pixels)."""
     name: str
     value: float
-
-
-def optional_import(module: str, extra: str, what: str) -> Any:
-    """Import an optional dependency, or raise an `ImportError` that names the extra to install."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"{what} needs {module.split('.')[0]}, which is not installed: "
-                          f'pip install "shapnets[{extra}]" (or pip install {module.split(".")[0]})') from e
-
-
-def signed_sum(base: float, total: float, digits: int = 3) -> str:
-    """`"base 1.037 + 10.908"` / `"base 1.037 - 2.100"`: one sign between the terms, never `+ +` or `+ -`."""
-    sign = "-" if total < 0 else "+"
-    return f"base {base:.{digits}f} {sign} {abs(total):.{digits}f}"
 
 
 class TensorFields:

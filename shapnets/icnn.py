@@ -3,63 +3,7 @@
 Interpretable Convolutional Neural Networks (Quanshi Zhang, Ying Nian Wu, Song-Chun Zhu), CVPR 2018,
 https://arxiv.org/abs/1710.00935 (journal version: TPAMI 2020, https://arxiv.org/abs/1901.02413).
 
-An `InterpretableConv2d` is a conv layer + ReLU whose `M` output maps `x` (each `n x n`, here `H x W`) are
-*masked* around their own peak before they reach the next layer, and which carries a *filter loss* that
-pushes every filter to (a) fire only on images of the class it is assigned to and (b) fire at a single place.
-`InterpretableCNN` puts such a layer on the top feature map of any backbone and reads the logits off its
-masked maps with a linear head, so that `explain` splits every logit exactly over filters and pixels.
-
-Templates (paper notation; `d(p, mu) = |p_i - mu_i| / H + |p_j - mu_j| / W`, the paper's `||p - mu||_1 / n`):
-
-* positive template of part position `mu`: `T_mu[p] = tau * max(1 - beta * d(p, mu), -1)` (one per cell);
-* negative template (the filter should stay silent): `T^-[p] = -tau` everywhere;
-* `tau = 0.5 / (H W)`, `beta = 4`; priors `p(T_mu) = alpha / (H W)`, `p(T^-) = 1 - alpha`, `alpha = HW / (1 + HW)`.
-
-Forward mask: `mu_hat = argmax_p x[p]` and `x_masked = max(x * m, 0)` with `m[p] = max(1 - beta d(p, mu_hat), -1)`,
-the template's shape at the map's own peak. `m` is a constant of the backward pass (it is built from an index,
-so no gradient flows through the argmax or the mask), as in the paper and in the released MatConvNet code.
-
-Filter loss of filter `f` over a batch `X = {x_1 .. x_B}` (its post-ReLU, *unmasked* maps):
-
-    p(x|T) = exp(tr(x . T)) / Z_T,   Z_T = sum_{x' in X} exp(tr(x' . T))      (normalised over the batch)
-    MI(X; T) = sum_T p(T) sum_{x in X} p(x|T) log[p(x|T) / p(x)],   p(x) = sum_T p(T) p(x|T)
-
-Every map has a *target template* `T_x`: `T_{mu_hat}` (its own peak) when the image belongs to the filter's
-class, `T^-` when it does not; this is where the labels enter. The paper learns with the approximation that
-only the target template explains a map (`exp(tr(x . T)) << exp(tr(x . T_x))` for the others, so
-`p(x) ~= p(T_x) p(x|T_x)` and the other terms vanish), under which the mutual information becomes
-
-    MI(X; T) ~= sum_{x in X} p(T_x) log(1 / p(T_x)) p(x|T_x),      Loss_f = -MI(X; T)
-
-and it treats `Z_T` as a constant when differentiating. We compute exactly that: the value is the
-approximated `-MI` with `Z_T` normalised over the batch (log-sum-exp), in `[-H(T), 0]`; in the backward pass
-`Z_T` is a constant (detached), so the gradient is the paper's, `dLoss_f/dx = -p(T_x) log(1 / p(T_x)) p(x|T_x)
-T_x`: it pushes every negative image's map down and every positive image's map towards the template at its
-own peak, one image at a time. `normalizer="batch"` differentiates through the batch `Z_T` instead (same
-value): the images then compete within each template, so nothing pushes all activations down at once (gentler
-from scratch), but a firing negative image merely takes `T^-` mass from the other negatives, at no cost, and
-an all-negative batch gives no gradient. On a tiny model trained from scratch the paper's gradient with a large
-weight silences filters for good (dead ReLUs), so the weight needs tuning against the classification loss.
-`Loss_f` is summed over filters, as in the paper's `lambda sum_f Loss_f`. The loss reads the *unmasked* maps:
-the mask zeroes activations far from the peak, so a loss on masked maps could not push them down (a pitfall of
-one public port). Its gradient is small in absolute terms (at most `tau log(1 + n^2) / (1 + n^2)` per cell and
-image), but consistent in sign, which adaptive optimisers amplify.
-
-Filter-to-class assignment: a buffer keeps, per filter and class, an exponential moving average (momentum
-0.9) of the per-image peak activation over images of that class; each filter is assigned to the class where
-that average is largest (the released code's `sliceMag`). Classes not seen yet are skipped; before any update
-filter `f` is assigned to class `f mod C`. `assignment="fixed"` keeps that round-robin assignment for good.
-
-Paper vs released code: the released MatConvNet code (and its faithful PyTorch port) masks two layers, centres
-the mask at the activation-weighted centroid, learns `beta` per filter and never forms the loss, adding a
-hand-written gradient instead. We implement the *paper*: one masked layer on the top feature map, the argmax
-peak, a fixed `beta`, and the filter loss as the scalar above, so that autograd, mixed precision and any
-optimiser work unchanged. One choice follows the released code: the forward mask has no `tau` (`tau` lives in
-the loss templates only; a mask scaled by `tau` would shrink the activations by ~1/(2 n^2) before the head).
-
-Location instability (`location_instability`): for every filter, its top-`k` images by peak activation, the
-distance from the filter's inferred part location to each annotated landmark, its standard deviation across
-those images, averaged over landmarks and divided by the image diagonal; lower is better.
+Theory, guarantees and where this departs from the paper or the original code: docs/theory.md#interpretable-cnns.
 """
 
 from __future__ import annotations
@@ -75,6 +19,7 @@ from torch import Tensor, nn
 
 from ._streaming import StreamedBatches, streamed
 from ._validation import check_input, finite_output, image_size_errors
+from .contract import LossTerm, StepOutput, no_layers
 from .explanation import Explanation
 
 __all__ = [
@@ -196,7 +141,7 @@ def filter_loss(
     normalizer: str = "constant",
     reduction: str = "sum",
 ) -> Tensor:
-    """The filter loss: the paper's approximated negative mutual information (see the module docstring).
+    """The filter loss: the paper's approximated negative mutual information (see docs/theory.md#interpretable-cnns).
 
     Args:
         maps: `(B, M, H, W)` post-ReLU maps (not masked) of the interpretable filters.
@@ -206,7 +151,7 @@ def filter_loss(
         beta: template decay.
         alpha: prior mass of the positive templates; default `H W / (1 + H W)`.
         normalizer: `"constant"`: `Z_T` is a constant of the backward pass (the paper's gradient); `"batch"`:
-            the gradient also flows through the batch `Z_T` (the same value; see the module docstring).
+            the gradient also flows through the batch `Z_T` (the same value; see docs/theory.md#interpretable-cnns).
         reduction: `"sum"` over filters (the paper), `"mean"` over filters, or `"none"` (`(M,)`, one `Loss_f`
             per filter).
 
@@ -352,7 +297,7 @@ class InterpretableConv2d(nn.Module):
 
     @property
     def filter_classes(self) -> Tensor:
-        """`(M,)` the class each filter is assigned to (see the module docstring)."""
+        """`(M,)` the class each filter is assigned to (see docs/theory.md#interpretable-cnns)."""
         round_robin = torch.arange(self.num_filters, device=self.class_activation.device) % self.num_classes
         if self.assignment == "fixed" or not bool(self.class_seen.any()):
             return round_robin
@@ -422,8 +367,8 @@ def _check_labels(labels: Tensor, batch: int, num_classes: int, who: str) -> Ten
     return labels
 
 
-class FilterLossTerm:
-    """The filter loss as a training loss term (`training.losses.LossTerm` protocol), from the same forward.
+class FilterLossTerm(LossTerm):
+    """The filter loss as a training loss term (`shapnets.contract.LossTerm`), from the same forward.
 
     It reads the maps the model's `InterpretableConv2d` kept from the step's forward pass (so it needs no
     explanation and no second pass) and, in training mode, updates the running filter-to-class assignment.
@@ -434,17 +379,12 @@ class FilterLossTerm:
     """
 
     name = "filter_loss"
-    needs_explanation = False
-    needs_layers = False
 
     def __init__(self, layer: InterpretableConv2d, weight: float = 0.1) -> None:
         self.layer, self.weight = layer, float(weight)
 
-    def __call__(self, out: Any, target: Tensor) -> Tensor:
+    def __call__(self, out: StepOutput, target: Tensor) -> Tensor:
         return self.layer.filter_loss(target)
-
-    def __repr__(self) -> str:
-        return f"FilterLossTerm(weight={self.weight})"
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -569,7 +509,7 @@ class InterpretableCNN(StreamedBatches, nn.Module):
     # ------------------------------------------------------------------ explanation
     @streamed
     @finite_output
-    def explain(self, x: Tensor) -> Explanation:
+    def explain(self, x: Tensor, layers: bool = False) -> Explanation:
         """Logits split exactly over input pixels through the interpretable filters.
 
         Returns:
@@ -584,6 +524,7 @@ class InterpretableCNN(StreamedBatches, nn.Module):
               `output - base`;
             * `masked_maps` `(B, M, H, W)`: the masked filter maps.
         """
+        no_layers(self, layers)  # one explanation, no per-layer representations
         x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
         masked = self.interpretable_layer(self.top_features(x))
         peaks = self.interpretable_layer.last_peaks

@@ -37,8 +37,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from .coalitions import coalition_table
 from .explanation import LocalAccuracyError, TensorFields, class_indices
-from .modules import _coalition_table
 from .oracle import coalition_values
 
 __all__ = [
@@ -118,7 +118,7 @@ def shapley_interaction_index(dividends: Tensor, k: int) -> Tensor:
     _check_arity(dividends, k, "dividends")
     if dividends.dim() < 2:
         raise ValueError(f"dividends must be (2^k, *batch, C), got shape {tuple(dividends.shape)}")
-    masks, with_, _, _ = _coalition_table(k)
+    masks, with_, _, _ = coalition_table(k)
     masks = masks.to(device=dividends.device, dtype=dividends.dtype)
     sizes = masks.sum(1)
     flat = dividends.reshape(2**k, -1)

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from ._validation import check_reference
+from .coalitions import shapley_from_values
 from .explanation import Explanation
-from .modules import shapley_from_values
 
 __all__ = ["coalition_values", "exact_shapley", "pixel_players"]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from ._streaming import StreamedBatches, streamed
 from ._tabular import TabularGame
 from ._validation import finite_output
+from .contract import no_layers, rename_args
 from .explanation import Explanation
 from .interactions import Interactions
 from .modules import MAX_PLAYERS, ShapleyModuleBank
@@ -70,7 +72,7 @@ class ShallowShapNet(StreamedBatches, TabularGame):
 
     Args:
         in_features: `D`, the number of features (players).
-        out_features: number of outputs (classes).
+        num_classes: number of outputs (classes).
         groups: `"singles"`, `"pairs"` or a list of feature-index tuples (mixed arities, overlaps).
         hidden: hidden widths of every module's inner MLP.
         reference: the reference input: `None` (zeros: the training mean for standardized data), a
@@ -79,14 +81,18 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         act_layer: activation of the inner MLPs.
         feature_names: optional names used in explanations and plots.
         max_players: the largest group size accepted.
+        out_features: the old name of `num_classes`, accepted for one release with a `DeprecationWarning`.
 
-    Input is `(B, D)` (when `in_channels == 1`) or `(B, D, C)`; `forward` returns `(B, out_features)`.
+    Input is `(B, D)` (when `in_channels == 1`) or `(B, D, C)`; `forward` returns `(B, num_classes)`.
     """
+
+    # Old -> new constructor names, accepted for one release (shapnets.contract).
+    renamed_args: ClassVar[dict[str, str]] = {"out_features": "num_classes"}
 
     def __init__(
         self,
         in_features: int,
-        out_features: int,
+        num_classes: int | None = None,
         groups: GroupSpec = "pairs",
         hidden: Sequence[int] = (32,),
         reference: Tensor | float | None = None,
@@ -94,12 +100,16 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         act_layer: Callable[[], nn.Module] = nn.GELU,
         feature_names: Sequence[str] | None = None,
         max_players: int = MAX_PLAYERS,
+        out_features: int | None = None,
     ) -> None:
         super().__init__()
-        if in_features < 1 or out_features < 1 or in_channels < 1:
-            raise ValueError(f"in_features, out_features, in_channels must be >= 1, got "
-                             f"{in_features}, {out_features}, {in_channels}")
-        self.num_classes = out_features
+        num_classes = rename_args(type(self), dict(num_classes=num_classes, out_features=out_features))["num_classes"]
+        if num_classes is None:
+            raise TypeError("ShallowShapNet needs num_classes (the number of outputs)")
+        if in_features < 1 or num_classes < 1 or in_channels < 1:
+            raise ValueError(f"in_features, num_classes, in_channels must be >= 1, got "
+                             f"{in_features}, {num_classes}, {in_channels}")
+        self.num_classes = num_classes
         self.groups = make_groups(groups, in_features)
         self._init_game(in_features, in_channels, reference, feature_names)
 
@@ -111,11 +121,11 @@ class ShallowShapNet(StreamedBatches, TabularGame):
             members = [g for g in self.groups if len(g) == k]
             self.register_buffer(f"index_{k}", torch.tensor(members, dtype=torch.long), persistent=False)
             self.banks.append(
-                ShapleyModuleBank(len(members), k, in_channels, out_features, hidden, act_layer, max_players)
+                ShapleyModuleBank(len(members), k, in_channels, num_classes, hidden, act_layer, max_players)
             )
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.num_classes}, modules={len(self.groups)}"
+        return f"in_features={self.in_features}, num_classes={self.num_classes}, modules={len(self.groups)}"
 
     def _index(self, k: int) -> Tensor:
         return getattr(self, f"index_{k}")
@@ -135,13 +145,18 @@ class ShallowShapNet(StreamedBatches, TabularGame):
 
     @streamed
     @finite_output
-    def explain(self, x: Tensor) -> Explanation:
+    def explain(self, x: Tensor, layers: bool = False) -> Explanation:
         """Exact Shapley values of every output w.r.t. every feature.
 
+        Args:
+            x: `(B, D)` or `(B, D, C)`.
+            layers: must be false: a Shallow ShapNet has one layer of modules (`TypeError` otherwise).
+
         Returns:
-            `Explanation` with attributions `(B, D, out_features)`, base `g(reference)`, output
+            `Explanation` with attributions `(B, D, num_classes)`, base `g(reference)`, output
             `g(x)` (equal to `forward(x)`), `exact=True`.
         """
+        no_layers(self, layers)
         x = self._check(x)
         B = x.shape[0]
         attributions = x.new_zeros(B, self.in_features, self.num_classes)
@@ -179,7 +194,7 @@ class ShallowShapNet(StreamedBatches, TabularGame):
             max_order: list only subsets of at most this many features.
 
         Returns:
-            `Interactions` with dividends `(B, S, out_features)`, sii `(B, D, D, out_features)` (the exact
+            `Interactions` with dividends `(B, S, num_classes)`, sii `(B, D, D, num_classes)` (the exact
             Shapley values of `explain` on its diagonal), base `g(reference)`, output `g(x)`.
         """
         x = self._check(x)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_cli import assert_one_line_error  # the CLI tests' check of a one-line error message
 
 import zoo
 from training.cli import load_source, load_split, main
@@ -53,15 +54,6 @@ def exported(request, tmp_path_factory) -> tuple[str, Path, Path]:
 
 def exported_config(out: Path) -> dict:
     return json.loads((out / "config.json").read_text())
-
-
-def assert_one_line_error(capsys, *fragments: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 def test_export_writes_weights_config_and_card(exported) -> None:

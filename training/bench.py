@@ -1,77 +1,16 @@
 """`shapnets bench`: fidelity against the exact Shapley oracle, post-hoc baselines, speed, scaling, accuracy and
 the sparsity of exact interactions.
 
-Five benchmarks. Each is a function that returns its rows and, given `out`, writes `<out>/<kind>.md` (the tables,
-headed by the date, the hardware and the command), `<out>/<kind>.json` (settings, environment, rows) and
-`<out>/<kind>.png` (a figure; skipped without matplotlib). `shapnets bench KIND... [--quick]` runs them.
-
-**fidelity** - how close every explanation is to the exact Shapley values, on the same samples and the same game.
-    Cases: every shipped tabular zoo model (inputs: the first test samples, or N(0, 1) draws when the data are not
-    found) and small synthetic models (random weights, N(0, 1) inputs, zero reference): Shallow ShapNets, a Deep
-    ShapNet, a Conv ShapNet on 4x4 images (16 pixel players) and a plain ReLU MLP (no explanation of its own).
-    The game: a case with more than `max_players` players keeps the `max_players` players with the largest mean
-    |x - reference| over the samples and puts the others at the reference. Those are then null players (Shapley
-    value 0, and 0 in every ShapNet explanation by missingness), so the kept players' values are those of the
-    smaller game, which `shapnets.exact_shapley` enumerates (float64, 2^K coalitions). Every method explains that
-    same game, written in offsets from the reference (`fn(d) = model(reference + d)`, baseline `d = 0`), for the
-    class the model predicts. Methods: the model's own `explain()` (float32); `exact_shapley` itself (its cost);
-    captum's KernelShap at 64 / 256 / 1024 / 4096 coalitions (one sample at a time, all coalitions in one batch:
-    `perturbations_per_eval = n_samples`, its fastest setting), ShapleyValueSampling (25 permutations), Lime (1024
-    samples, captum's defaults: Lasso, exponential kernel), Occlusion (one element at a time), Saliency (the raw
-    gradient), Gradient x Input (here x is the offset, so it is relative to the reference), IntegratedGradients
-    (50 steps), DeepLift, DeepLiftShap (the reference twice: captum needs a distribution), GradientShap (20 samples,
-    no noise) and LRP (only models made of layers it has rules for). Gradient methods give one value per input
-    element: a player's attribution is the sum over its elements. Captum has DeepLift rules for ReLU-like
-    activations but none for GELU (the ShapNets' default): on GELU networks DeepLift falls back to the gradient
-    and equals Gradient x Input.
-    Columns: `rel. L2 error` = ||a - phi||_F / ||phi||_F over samples and players (phi exact); `Spearman` = the
-    rank correlation of a and phi over the players, averaged over samples; `top-k` = the share of the k players
-    with the largest |phi| that are also among the k largest |a| (k = K // 4, at least 1); `ms / sample` = wall time
-    of explaining all samples / samples (batched methods after a one-sample warm-up; the own explanation: median
-    of repeats); `x own` = that time over the own explanation's. Captum's one-time import costs are paid before
-    any timing. Deep and Conv ShapNets are *not* exact by construction: each
-    layer is the exact Shapley representation of its own function, but Shapley values do not compose through
-    non-linear layers, so their row says how close the intrinsic explanation comes to the network's exact values.
-
-**speed** - explain time of each family against its plain forward and against KernelShap(1024).
-    Every shipped ShapNet (and other zoo model with `explain`), or the synthetic models without the zoo. Columns:
-    forward and explain ms / sample on a batch of `batch` (median of interleaved repeats), explain on a batch of
-    one, KernelShap(1024) ms / sample on the full game (all players, pixels grouped by `feature_mask`), the
-    speed-ups (KernelShap over explain, batched and batch of one), and the relative L2 errors of the own
-    explanation and of KernelShap(1024) against the exact values on the fidelity game (tabular models only). The
-    bars: a Shallow ShapNet must be >= 10^4 x faster (batched) at lower error, a Deep ShapNet faster at lower error.
-
-**scaling** - time and peak memory as players and batch grow: Shallow ShapNets with disjoint groups of size
-    k = 1..10 (D = 20 features), Deep ShapNets with D = 8..1024, Conv ShapNets on 28x28 to 224x224 images, and
-    batches of 1 to 1024 for a Deep ShapNet (D = 64), 1 to 128 for a Conv ShapNet (28x28) and 1 to 256 for
-    `exact_shapley` (which streams coalitions in chunks of `max_batch`). Peak memory is that of tensors allocated
-    during one explain call, above what existed before: on CUDA `torch.cuda.max_memory_allocated`; on CPU the
-    allocator's events recorded by `torch.profiler` (`profile_memory=True`), replayed to find the running maximum.
-    That is exact for tensor memory, unlike `resource.getrusage` (process-wide maxrss, never decreases) or
-    tracemalloc (which does not see torch's allocator). A model whose peak per sample stays flat as the batch grows
-    materializes the whole batch: memory is bounded only if the peak stops growing. On CUDA the grid also runs
-    under bf16 autocast.
-
-**accuracy** - test accuracies of the shipped zoo models (as recorded in their config.json) next to the published
-    anchors we know (HarsanyiNet: MNIST 98.79%, Census/Adult 84.85%; CapsNet: MNIST 99.75%) and plain baselines of
-    similar size trained by the same trainer on the same split (`configs/baseline_*.yaml`, read from the run's
-    `summary.json`; "not trained" with the command otherwise).
-
-**interactions** - how sparse the exact interactions (Harsanyi dividends) of the tabular ShapNets are: the share
-    of |dividend| mass in the top 5% of the listed subsets, for the predicted class, mean over test samples, with
-    the float64 `exact_interactions` oracle alongside (D <= 16). See `training/interactions_bench.py`.
-
-Timings are wall clock on whatever else the machine runs; use `threads=1` (the CLI default) for stable numbers.
+Five benchmarks. Each is a function that returns its rows and, given `out`, writes `<out>/<kind>.md`, `.json` and
+`.png` (`training.bench_report`); `shapnets bench KIND... [--quick]` runs them. What each one measures, its
+columns and its bars: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
-import copy
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -79,16 +18,25 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from shapnets import ConvShapNet, DeepShapNet, InterpretableCNN, ShallowShapNet, exact_shapley, pixel_players
+from shapnets import ConvShapNet, DeepShapNet, ShallowShapNet, exact_shapley
 
-from .curves import format_duration
+from .bench_cases import Case, Game, _chunk_groups, _own_attributions, make_game, synthetic_cases, zoo_cases
+
+# The cases' helpers lived here before bench_cases.py; tests and scripts still reach them as `bench.<name>`.
+from .bench_cases import _family as _family
+from .bench_cases import _for_target as _for_target
+from .bench_cases import _tabular_case as _tabular_case
+from .bench_report import Progress, Row, environment, markdown_table
+from .bench_report import progress as _progress
+from .bench_report import report_header as _header
+from .bench_report import write_report as _write
 
 __all__ = [
     "ANCHORS",
@@ -114,7 +62,6 @@ __all__ = [
     "zoo_cases",
 ]
 
-Row = dict[str, Any]
 
 KINDS = ("fidelity", "speed", "scaling", "accuracy", "interactions")
 KERNEL_SHAP_SAMPLES = (64, 256, 1024, 4096)
@@ -131,124 +78,6 @@ ANCHORS: list[Row] = [
      "source": "Sabour et al., NeurIPS 2017 (0.25% error)"},
 ]
 """Published test accuracies the accuracy table shows next to ours (fractions)."""
-
-
-# ------------------------------------------------------------------------------------------------ reporting helpers
-def markdown_table(rows: Sequence[Row], columns: Sequence[str]) -> str:
-    """A Markdown table of `rows` (missing keys and None print as `n/a`, floats with 3 significant digits)."""
-
-    def cell(value: object) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "n/a"
-        if isinstance(value, bool):
-            return "yes" if value else "no"
-        if isinstance(value, float):
-            return f"{value:.3g}" if 1e-3 <= abs(value) < 1e5 or value == 0 else f"{value:.2e}"
-        return str(value).replace("|", "/")
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _json_safe(value: Any) -> Any:
-    """Rows -> strict JSON: NaN/inf become null, tensors lists, paths strings."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Tensor):
-        return value.tolist()
-    if isinstance(value, Path | torch.device | torch.dtype):
-        return str(value)
-    return value
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return f"{platform.machine()} CPU"
-
-
-def environment(device: torch.device | None = None, command: str | None = None) -> dict[str, Any]:
-    """Date, hardware, library versions and the command line (default `sys.argv`): the header of every report."""
-    device = device or torch.device("cpu")
-    hardware = f"{_cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s)"
-    if device.type == "cuda":
-        hardware += f"; {torch.cuda.get_device_name(device)}"
-    try:
-        import captum
-
-        captum_version = captum.__version__
-    except ImportError:
-        captum_version = None
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "hardware": hardware,
-        "device": str(device),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "captum": captum_version,
-        "command": command or " ".join(sys.argv),
-    }
-
-
-def _header(title: str, env: dict[str, Any]) -> str:
-    return (f"## {title}\n\n{env['date'][:10]}, {env['hardware']}, torch {env['torch']}"
-            + (f", captum {env['captum']}" if env["captum"] else "") + f". Command: `{env['command']}`\n")
-
-
-def _write(out: str | Path | None, kind: str, report: str, payload: dict[str, Any],
-           plot: Callable[[Path], None] | None) -> None:
-    """`<out>/<kind>.md`, `.json` and (with matplotlib) `.png`."""
-    if out is None:
-        return
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{kind}.md").write_text(report + "\n")
-    (folder / f"{kind}.json").write_text(json.dumps(_json_safe(payload), indent=2))
-    if plot is None:
-        return
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-    except ImportError:
-        print(f"matplotlib is not installed: no {kind}.png written", file=sys.stderr)
-        return
-    plot(folder / f"{kind}.png")
-
-
-def _progress(message: str, verbose: bool) -> None:
-    if verbose:
-        print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-class Progress:
-    """One stderr line as each of `total` items starts: `[bench] speed 2/7: name (elapsed 1m03s, ETA 2m10s)`.
-
-    The ETA is the mean time of the finished items times the items left (the current one included): a guess that
-    is `?` until one item has finished.
-    """
-
-    def __init__(self, label: str, total: int, verbose: bool) -> None:
-        self.label, self.total, self.verbose = label, total, verbose
-        self.done = 0
-        self.start = time.perf_counter()
-
-    def __call__(self, name: str) -> None:
-        """Announce the next item (the previous one, if any, has finished)."""
-        elapsed = time.perf_counter() - self.start
-        eta = format_duration(elapsed / self.done * (self.total - self.done)) if self.done else "?"
-        _progress(f"{self.label} {self.done + 1}/{self.total}: {name} (elapsed {format_duration(elapsed)}, "
-                  f"ETA {eta})", self.verbose)
-        self.done += 1
 
 
 # ------------------------------------------------------------------------------------------------ measurement helpers
@@ -317,153 +146,6 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
 
 def _sync(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-
-# ------------------------------------------------------------------------------------------------ cases and games
-@dataclass
-class Case:
-    """A model and the samples to explain.
-
-    Attributes:
-        name: row label.
-        family: "Shallow ShapNet", "Deep ShapNet", "Conv ShapNet", "MLP", ... (what the bars apply to).
-        model: float32, eval mode; `explain()` when it has its own explanation.
-        x: `(B, *S)` samples.
-        reference: `S`: the input every absent player takes.
-        players: integer map of shape `S`: the player of every input element (the model's own numbering: feature
-            `i`, or pixel `h * W + w`).
-        inputs: where `x` came from (printed with the table).
-        max_players: the largest game of this case (default: the benchmark's `max_players`); the synthetic cases
-            are small enough to keep all their players (<= 16).
-    """
-
-    name: str
-    family: str
-    model: nn.Module
-    x: Tensor
-    reference: Tensor
-    players: Tensor
-    inputs: str
-    max_players: int | None = None
-
-    @property
-    def num_players(self) -> int:
-        return int(self.players.max()) + 1
-
-    @property
-    def own_explanation(self) -> bool:
-        return callable(getattr(self.model, "explain", None))
-
-
-class OffsetGame(nn.Module):
-    """`d (N, M) -> model(reference + d placed on the kept elements)`: the restricted game, in offsets.
-
-    Every other element sits at the reference, so the non-kept players are absent from every coalition.
-    """
-
-    def __init__(self, model: nn.Module, reference: Tensor, elements: Tensor, sample_shape: tuple[int, ...]) -> None:
-        super().__init__()
-        self.model, self.sample_shape = model, sample_shape
-        self.register_buffer("background", reference.reshape(1, -1).clone())
-        self.register_buffer("elements", elements.clone())
-        self.register_buffer("kept_reference", reference.reshape(-1)[elements].clone())
-
-    def forward(self, d: Tensor) -> Tensor:
-        index = self.elements.expand(d.shape[0], -1)
-        # Out of place, so gradients flow back to `d` (the gradient methods differentiate through this).
-        full = self.background.expand(d.shape[0], -1).scatter(1, index, self.kept_reference + d)
-        return self.model(full.reshape(d.shape[0], *self.sample_shape))
-
-
-@dataclass
-class Game:
-    """The <= `max_players` game of a case that every method explains (see the module docstring).
-
-    Attributes:
-        case: the case.
-        kept: `(K,)` the kept players (the model's numbering).
-        element_player: `(M,)` the kept elements' players, numbered 0..K-1 in the order of `kept`.
-        d: `(B, M)` the kept elements' offsets from the reference (float32).
-        full: `(B, *S)` the input with the non-kept players at the reference (float32).
-        fn: the game on offsets, float32; `fn64` the same in float64.
-        target: `(B,)` the class the model predicts at `full` (float64).
-        exact: `(B, K)` the exact Shapley values of `target` (float64), and `oracle_s` the seconds it took.
-    """
-
-    case: Case
-    kept: Tensor
-    element_player: Tensor
-    d: Tensor
-    full: Tensor
-    fn: nn.Module
-    fn64: nn.Module
-    target: Tensor
-    exact: Tensor = field(default_factory=lambda: torch.empty(0))
-    oracle_s: float = math.nan
-
-    @property
-    def num_kept(self) -> int:
-        return int(self.kept.numel())
-
-    def per_player(self, element_values: Tensor, grouped: bool) -> Tensor:
-        """`(B, M)` per-element attributions -> `(B, K)` per player: the sum over the player's elements, or
-        (`grouped`, for methods that already give every element of a player its player's value) their mean."""
-        out = element_values.new_zeros(element_values.shape[0], self.num_kept)
-        out.index_add_(1, self.element_player, element_values)
-        if grouped:
-            counts = torch.bincount(self.element_player, minlength=self.num_kept).to(out.dtype)
-            out = out / counts
-        return out
-
-
-@torch.no_grad()
-def make_game(case: Case, max_players: int = 12, oracle: bool = True) -> Game:
-    """The case's game with at most `max_players` players (the others at the reference), its targets and, with
-    `oracle`, its exact Shapley values."""
-    x = case.x.float()
-    sample_shape = tuple(x.shape[1:])
-    reference = case.reference.float().expand(sample_shape)
-    players = case.players.reshape(-1)
-    n = case.num_players
-    if n > max_players:
-        # The players that move the most from the reference: the game keeps most of what the model sees.
-        spread = (x - reference).abs().reshape(x.shape[0], -1).mean(0)
-        per_player = torch.zeros(n).index_add_(0, players, spread)
-        kept = per_player.topk(max_players).indices.sort().values
-    else:
-        kept = torch.arange(n)
-    position = torch.full((n,), -1, dtype=torch.long)
-    position[kept] = torch.arange(len(kept))
-    elements = torch.nonzero(position[players] >= 0).flatten()
-    element_player = position[players[elements]]
-    offsets = (x - reference).reshape(x.shape[0], -1)
-    d = offsets[:, elements]
-    full = (reference.reshape(1, -1).expand(x.shape[0], -1)
-            .scatter(1, elements.expand(x.shape[0], -1), x.reshape(x.shape[0], -1)[:, elements])
-            .reshape(x.shape))
-    model = case.model.eval()
-    fn = OffsetGame(model, reference, elements, sample_shape).eval()
-    fn64 = OffsetGame(copy.deepcopy(model).double().eval(), reference.double(), elements, sample_shape).eval()
-    target = fn64(d.double()).argmax(1)
-    game = Game(case, kept, element_player, d, full, fn, fn64, target)
-    if oracle:
-        start = time.perf_counter()
-        expl = exact_shapley(fn64, d.double(), players=element_player, max_players=max(20, len(kept)))
-        game.oracle_s = time.perf_counter() - start
-        game.exact = _for_target(expl.attributions, game.target)
-    return game
-
-
-def _for_target(attributions: Tensor, target: Tensor) -> Tensor:
-    """`(B, K, C)` -> `(B, K)`: each sample's target class."""
-    return attributions.gather(2, target.view(-1, 1, 1).expand(-1, attributions.shape[1], 1))[..., 0]
-
-
-def _own_attributions(game: Game) -> Tensor:
-    """The model's own explanation of the game's input, `(B, K)` for the target class (float32)."""
-    expl = game.case.model.explain(game.full)
-    flat = expl.attributions.reshape(expl.attributions.shape[0], -1, expl.attributions.shape[-1])
-    return _for_target(flat[:, game.kept], game.target)
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -618,96 +300,10 @@ def _scores(estimate: Tensor, game: Game) -> Row:
             "top-k": top_k_overlap(estimate, game.exact, k)}
 
 
-# ------------------------------------------------------------------------------------------------ cases
-def _chunk_groups(in_features: int, size: int) -> list[tuple[int, ...]]:
-    """Disjoint groups of consecutive features (the last one shorter when `size` does not divide D)."""
-    return [tuple(range(a, min(a + size, in_features))) for a in range(0, in_features, size)]
-
-
-def _tabular_case(name: str, family: str, model: nn.Module, x: Tensor, reference: Tensor | None, inputs: str) -> Case:
-    D = x.shape[1]
-    reference = torch.zeros(D) if reference is None else reference.reshape(x.shape[1:])
-    players = torch.arange(D).view(-1, *([1] * (x.dim() - 2))).expand(x.shape[1:])
-    return Case(name, family, model.eval(), x, reference, players, inputs)
-
-
-def synthetic_cases(samples: int = 8, quick: bool = False, seed: int = 0) -> list[Case]:
-    """Small random-weight models with <= 16 players and N(0, 1) inputs, zero reference: one per family, plus a
-    plain ReLU MLP (no explanation of its own; every captum method applies to it)."""
-    from zoo.baselines import BaselineMLP  # training -> zoo is the allowed direction
-
-    generator = torch.Generator().manual_seed(seed)
-    D = 8 if quick else 12
-    inputs = "N(0, 1) draws"
-    torch.manual_seed(seed)
-    cases = [
-        _tabular_case(f"synthetic Shallow, groups of 3 (D={D})", "Shallow ShapNet",
-                      ShallowShapNet(D, 2, _chunk_groups(D, 3)), torch.randn(samples, D, generator=generator), None,
-                      inputs),
-        _tabular_case(f"synthetic Shallow, all pairs (D={D})", "Shallow ShapNet", ShallowShapNet(D, 2, "pairs"),
-                      torch.randn(samples, D, generator=generator), None, inputs),
-        _tabular_case(f"synthetic Deep (D={D})", "Deep ShapNet", DeepShapNet(D, 2, channels=16),
-                      torch.randn(samples, D, generator=generator), None, inputs),
-        _tabular_case(f"synthetic MLP, ReLU (D={D})", "MLP", BaselineMLP(D, 2, hidden=(32, 32)),
-                      torch.randn(samples, D, generator=generator), None, inputs),
-    ]
-    side = 3 if quick else 4
-    conv = ConvShapNet(1, 2, channels=(8,), hidden=(16,))  # 2 stages, dilations 1, 2: every pixel reaches every map
-    cases.append(Case(f"synthetic Conv ({side}x{side} pixels)", "Conv ShapNet", conv.eval(),
-                      torch.randn(samples, 1, side, side, generator=generator), torch.zeros(1, side, side),
-                      pixel_players(1, side, side), inputs))
-    for case in cases:  # small and cheap: the oracle enumerates all their players (<= 2^16 coalitions)
-        case.max_players = case.num_players
-    return cases
-
-
-def _family(model: nn.Module) -> str:
-    names = {ShallowShapNet: "Shallow ShapNet", DeepShapNet: "Deep ShapNet", ConvShapNet: "Conv ShapNet",
-             InterpretableCNN: "Interpretable CNN"}
-    return next((label for cls, label in names.items() if isinstance(model, cls)), type(model).__name__)
-
-
-def zoo_cases(names: Sequence[str] | None = None, samples: int = 8, data_root: str | None = None,
-              tabular_only: bool = True, seed: int = 0) -> list[Case]:
-    """Shipped zoo models with their own explanation (tabular only by default) and their first test samples; when
-    the data are not found, N(0, 1) draws for tabular models (standardized features) and the model's reference plus
-    N(0, 1) noise for images."""
-    import zoo
-
-    from .cli import load_source, load_split
-    from .config import UserError
-
-    cases = []
-    for name in names if names is not None else zoo.list_models(pretrained=True):
-        loaded = load_source(name, torch.device("cpu"))
-        model, info = loaded.model, loaded.info
-        tabular = len(info.input_shape) == 1
-        if (tabular_only and not tabular) or not callable(getattr(model, "explain", None)):
-            continue
-        try:
-            dataset = load_split(loaded, "test", data_root)
-            x = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(min(samples, len(dataset)))]).float()
-            inputs = f"first {len(x)} test samples of {info.name}"
-        except UserError:
-            generator = torch.Generator().manual_seed(seed)
-            x = torch.randn(samples, *info.input_shape, generator=generator)
-            inputs = f"N(0, 1) draws ({info.name} data not found)"
-        reference = getattr(model, "reference", None)
-        if tabular:
-            cases.append(_tabular_case(name, _family(model), model, x, reference, inputs))
-        else:
-            C, H, W = info.input_shape
-            ref = (reference if reference is not None else torch.zeros(C)).float().reshape(-1, 1, 1).expand(C, H, W)
-            if inputs.startswith("N(0"):
-                x = x + ref
-            cases.append(Case(name, _family(model), model, x, ref.clone(), pixel_players(C, H, W), inputs))
-    return cases
-
-
 # ------------------------------------------------------------------------------------------------ 1. fidelity
 def compare(game: Game, methods: Sequence[Method], repeats: int = 5) -> list[Row]:
     """One row per method on one game (the own explanation and the oracle first): error, rank agreement, time per
-    sample (see the module docstring). A method that fails on the model (LRP without rules for its layers, captum
+    sample (see docs/benchmarks.md). A method that fails on the model (LRP without rules for its layers, captum
     not installed) gives a row with the reason in `status` and no numbers."""
     case = game.case
     samples = game.d.shape[0]
@@ -777,7 +373,7 @@ def fidelity(
     command: str | None = None,
     verbose: bool = False,
 ) -> list[Row]:
-    """The fidelity benchmark (module docstring): one row per case and method; writes `fidelity.md/.json/.png`.
+    """The fidelity benchmark (docs/benchmarks.md): one row per case and method; writes `fidelity.md/.json/.png`.
 
     Args:
         cases: what to explain; default the synthetic cases and every shipped tabular zoo model, or only the zoo
@@ -918,7 +514,7 @@ def speed(
     command: str | None = None,
     verbose: bool = False,
 ) -> list[Row]:
-    """The speed benchmark (module docstring): one row per model; writes `speed.md/.json/.png`.
+    """The speed benchmark (docs/benchmarks.md): one row per model; writes `speed.md/.json/.png`.
 
     Args:
         cases: default every shipped zoo model with `explain()` (tabular and images); `quick`: the synthetic ones.
@@ -1093,7 +689,7 @@ def scaling(
     command: str | None = None,
     verbose: bool = False,
 ) -> list[Row]:
-    """The scaling benchmark (module docstring): time and peak memory as players and batch grow; writes
+    """The scaling benchmark (docs/benchmarks.md): time and peak memory as players and batch grow; writes
     `scaling.md/.json/.png`.
 
     Args:
@@ -1224,7 +820,7 @@ def _repo_root() -> Path:
 
 def _zoo_accuracy_rows() -> list[Row]:
     import zoo
-    from zoo._paths import shipped_dir
+    from zoo import shipped_dir
 
     rows = []
     for name in zoo.list_models(pretrained=True):
@@ -1269,7 +865,7 @@ def accuracy(
     command: str | None = None,
     verbose: bool = False,
 ) -> list[Row]:
-    """The accuracy table (module docstring); writes `accuracy.md/.json/.png`.
+    """The accuracy table (docs/benchmarks.md); writes `accuracy.md/.json/.png`.
 
     Args:
         configs_dir: where `baseline_*.yaml` are (default the repository's `configs/`).

@@ -3,7 +3,7 @@
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no pickled objects), so
 `torch.load(path, weights_only=True)` reads it. Keys:
 
-    version, model, optimizer, scheduler, scaler, ema, epoch, step, batch_in_epoch, rng (one entry per process),
+    version, model, optimizer, scheduler, ema, epoch, step, batch_in_epoch, rng (one entry per process),
     config, data_info, metrics, best, trainer (early-stopping counters and running sums of the current epoch)
 
 `epoch`/`batch_in_epoch` say where training continues: epoch `epoch`, after skipping its first `batch_in_epoch`

@@ -16,7 +16,6 @@ Multi-process training: `torchrun --nproc_per_node N -m training train CONFIG`.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
@@ -25,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .config import ConfigError, ExperimentConfig, UserError, config_from_dict, load_config
+from .config import UserError, load_config
+from .sources import load_source, load_split  # re-exported: `training.cli.load_source` was their home
 
 __all__ = ["build_parser", "main"]
 
@@ -35,103 +35,6 @@ log = logging.getLogger("training")
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 1
-
-
-# ------------------------------------------------------------------------------------------------ model sources
-class _Loaded:
-    """A model ready for inference plus what is known about its data and training config."""
-
-    def __init__(self, model: nn.Module, info: Any, cfg: ExperimentConfig | None, source: str) -> None:
-        self.model, self.info, self.cfg, self.source = model, info, cfg, source
-
-
-def _dataset_info_from_dict(d: dict[str, Any]) -> Any:
-    from .data import DatasetInfo
-
-    return DatasetInfo.from_dict(d)
-
-
-def load_source(source: str, device: torch.device) -> _Loaded:
-    """A training checkpoint (.pt), a run folder (best.pt/last.pt), a pretrained folder or a zoo name."""
-    from . import checkpoint as ckpt
-    from .trainer import build_model
-
-    path = Path(source)
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                path = path / name
-                break
-    if path.is_file():
-        state = ckpt.load_checkpoint(path)
-        if "config" not in state or "data_info" not in state:
-            raise UserError(f"{path} has no config/data_info: not written by `shapnets train`")
-        try:
-            cfg = config_from_dict(state["config"])
-        except ConfigError as e:
-            raise UserError(f"{path}: the stored config is invalid: {e}") from e
-        info = _dataset_info_from_dict(state["data_info"])
-        model = build_model(cfg.model, info)
-        model.load_state_dict(state["model"])
-        _attach_preprocessing(model, info)
-        return _Loaded(model.to(device).eval(), info, cfg, str(path))
-    if not path.exists() and (path.suffix in (".pt", ".pth") or path.parent != Path(".")):
-        raise UserError(f"no such checkpoint or folder: {source}")
-    zoo = _zoo()  # a pretrained folder (model.safetensors + config.json) or a registered name
-    try:
-        model = zoo.load_pretrained(source) if hasattr(zoo, "load_pretrained") else zoo.create_model(
-            source, pretrained=True)
-    except (KeyError, ValueError, RuntimeError, FileNotFoundError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise UserError(f"cannot load {source!r}: {message}") from e
-    info = getattr(model, "data_info", None)
-    if isinstance(info, dict):
-        info = _dataset_info_from_dict(info)
-    if info is None:
-        raise UserError(f"{source!r} does not say which data set it was trained on (no data_info)")
-    if not hasattr(model, "preprocess"):
-        _attach_preprocessing(model, info)
-    return _Loaded(model.to(device).eval(), info, None, source)
-
-
-def _attach_preprocessing(model: nn.Module, info: Any) -> None:
-    """`model.preprocess(rows)` and the out-of-range guard on `model(x)`, for tabular models."""
-    from zoo.preprocessing import attach_preprocessing
-
-    attach_preprocessing(model, info)
-
-
-def _zoo() -> Any:
-    try:
-        import zoo
-    except ImportError as e:
-        raise UserError(f"the model zoo is not available: {e}") from e
-    return zoo
-
-
-def load_split(loaded: _Loaded, split: str, data_root: str | None) -> Any:
-    from .trainer import load_data
-
-    if loaded.cfg is None and loaded.info.name in ("csv", "image_folder"):
-        hint = " (explain raw rows with --input rows.csv)" if loaded.info.name == "csv" else ""
-        raise UserError(f"{loaded.source} was trained on the user's own {loaded.info.name} data, which an exported "
-                        f"model does not carry: use the training run folder{hint}")
-    # A copy: the caller's config must keep describing the run (export records it).
-    cfg = copy.deepcopy(loaded.cfg) if loaded.cfg is not None else ExperimentConfig()
-    cfg.data.name = loaded.info.name
-    cfg.data.limit = None
-    if data_root is not None:
-        cfg.data.root = data_root
-    if loaded.cfg is None:  # a zoo model: use the split its data_info recorded
-        cfg.data.seed = int(loaded.info.split.get("seed", 0))
-        cfg.data.val_fraction = float(loaded.info.split.get("val_fraction", cfg.data.val_fraction))
-    bundle = load_data(cfg)
-    if bundle.info.preprocessing != loaded.info.preprocessing:
-        log.warning("the data's preprocessing differs from the one the model was trained with: results may be off")
-    dataset = getattr(bundle, split)
-    if dataset is None or len(dataset) == 0:
-        raise UserError(f"the {split} split of {loaded.info.name} is empty")
-    return dataset
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -191,11 +94,11 @@ def _read_csv_inputs(path: str, info: Any) -> tuple[Tensor, list[int | None]]:
 
 def _display_values(info: Any, x: Tensor) -> list[str]:
     """Per-feature values for printing: raw (un-standardized, category names) when the data set allows it."""
-    try:
-        from .data import raw_values
+    from .data import raw_values
 
+    try:
         return [v if isinstance(v, str) else f"{v:.4g}" for v in raw_values(info, x)]
-    except (ImportError, ValueError, KeyError):
+    except (ValueError, KeyError):
         return [f"{float(v):.4g}" for v in x]
 
 
@@ -345,14 +248,16 @@ def _cmd_interactions(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo_list(args: argparse.Namespace) -> int:
-    zoo = _zoo()
+    import zoo
+
     for name in zoo.list_models(args.pattern or "", pretrained=args.pretrained):
         print(name)
     return 0
 
 
 def _cmd_zoo_info(args: argparse.Namespace) -> int:
-    zoo = _zoo()
+    import zoo
+
     try:
         info = zoo.model_info(args.name)
     except (KeyError, ValueError, RuntimeError) as e:

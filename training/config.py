@@ -288,11 +288,17 @@ def _unknown_key_error(key: str, section: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown key {key!r} in {where}{hint} (valid keys: {', '.join(valid)})")
 
 
-def _build_section(cls: type, values: Any, section: str) -> Any:
+def _as_mapping(values: Any, what: str) -> dict[str, Any]:
+    """`values` as a dict (`None`: empty), or a `ConfigError` saying `what` it must be and what it is."""
     if values is None:
-        values = {}
+        return {}
     if not isinstance(values, dict):
-        raise ConfigError(f"section {section!r} must be a mapping of keys to values, got {_given_name(values)}")
+        raise ConfigError(f"{what}, got {_given_name(values)}")
+    return values
+
+
+def _build_section(cls: type, values: Any, section: str) -> Any:
+    values = _as_mapping(values, f"section {section!r} must be a mapping of keys to values")
     hints = _hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -371,10 +377,7 @@ def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
     Raises:
         ConfigError: unknown key (with the valid keys and a suggestion), wrong type, or invalid value.
     """
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"a config must be a mapping of sections, got {_given_name(values)}")
+    values = _as_mapping(values, "a config must be a mapping of sections")
     top_hints = _hints(ExperimentConfig)
     valid = [f.name for f in dataclasses.fields(ExperimentConfig)]
     kwargs: dict[str, Any] = {}

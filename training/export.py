@@ -121,10 +121,10 @@ def export_to_zoo(
         UserError (from the CLI helpers): the source cannot be loaded or has no data information.
     """
     import zoo
-    from zoo._paths import card_path, shipped_dir
+    from zoo import card_path, shipped_dir
 
-    from .cli import load_source, load_split
     from .config import config_to_dict
+    from .sources import load_source, load_split
     from .trainer import evaluate
 
     loaded = load_source(source, torch.device("cpu"))

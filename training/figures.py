@@ -125,7 +125,7 @@ def regularizers_figure(
     Raises:
         UserError: a non-image model, models of different data sets, bad labels or indices, no matplotlib.
     """
-    from .cli import load_source, load_split
+    from .sources import load_source, load_split
 
     if not sources:
         raise UserError("regularizers figure: give at least one model")
@@ -224,7 +224,7 @@ def capsule_poses_figure(
     Raises:
         UserError: not a CapsNet with a decoder, a bad index or dimension, no matplotlib.
     """
-    from .cli import load_source, load_split
+    from .sources import load_source, load_split
 
     loaded = load_source(source, torch.device(device))
     model = loaded.model.eval()

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from shapnets import DeepShapNet, Interactions, ShallowShapNet, exact_interactions
 
-from .bench import Case, Progress, Row, _header, _write, environment, markdown_table, zoo_cases
+from .bench_cases import Case, zoo_cases
+from .bench_report import Progress, Row, environment, markdown_table, report_header, write_report
 from .config import UserError
 
 __all__ = ["COLUMNS", "ORACLE_LIMIT", "benchmark_model", "conv_pictures", "default_models", "interactions",
@@ -146,7 +147,7 @@ def interactions(
     command: str | None = None,
     verbose: bool = False,
 ) -> list[Row]:
-    """The interactions sparsity table (module docstring); writes `interactions.md/.json/.png` and the charts.
+    """The interactions sparsity table (docs/benchmarks.md); writes `interactions.md/.json/.png` and the charts.
 
     Args:
         cases: tabular Shallow or Deep ShapNets and their samples; default the zoo models `zoo_models` names
@@ -184,7 +185,7 @@ def interactions(
             rows.append(row)
             found_by_row.append(found)
     report = "\n".join([
-        _header("Sparsity of exact interactions (Harsanyi dividends), predicted class", env),
+        report_header("Sparsity of exact interactions (Harsanyi dividends), predicted class", env),
         f"First {samples} samples per zoo model (`inputs`); means over samples. `mass in top`: share of sum |d_T| "
         f"held by the `top subsets` = ceil({share:g} S) largest |d_T| of the S listed subsets; `order k`: share of "
         "|d| mass on subsets of k players. Shallow: the network's own subsets (others are 0 by construction; "
@@ -199,7 +200,7 @@ def interactions(
         for row, found in zip(rows, found_by_row):  # the first sample's predicted class
             row["chart"] = plot_interactions(found, Path(out) / _chart_name(row), k=10).name
     settings = {"samples": samples, "oracle_samples": oracle_samples, "share": share, "quick": quick}
-    _write(out, "interactions", report, {"settings": settings, "environment": env, "rows": rows},
+    write_report(out, "interactions", report, {"settings": settings, "environment": env, "rows": rows},
            lambda path: _plot_sparsity(rows, path))
     return rows
 
@@ -234,8 +235,8 @@ def conv_pictures(source: str, data_root: str | None, out: str | Path) -> list[P
     Returns:
         The pictures written, `<out>/<name>_layer<L>_pixel_pairs.png` per stage.
     """
-    from .cli import load_source, load_split
     from .plots import plot_pixel_interactions
+    from .sources import load_source, load_split
 
     loaded = load_source(source, torch.device("cpu"))
     model = loaded.model

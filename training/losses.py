@@ -1,7 +1,8 @@
 """The training objective: cross-entropy plus weighted extra terms, from one forward pass.
 
 A loss term is any object with `name`, `weight`, `needs_explanation`, `needs_layers` and
-`__call__(out: StepOutput, target) -> scalar Tensor`. Terms come from two places:
+`__call__(out: StepOutput, target) -> scalar Tensor`; `shapnets.contract.LossTerm` is their base class (re-exported
+here with `StepOutput`). Terms come from two places:
 
 * the config (`loss.terms: [{name: ..., weight: ..., **kwargs}]`), built from the `LOSS_TERMS` registry that
   `@register_loss_term("name")` fills;
@@ -21,13 +22,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shapnets import Explanation
+from shapnets.contract import LossTerm, StepOutput
 
 from .config import ConfigError, LossConfig
 
@@ -41,35 +42,6 @@ __all__ = [
     "build_loss_terms",
     "register_loss_term",
 ]
-
-
-@dataclass
-class StepOutput:
-    """What one forward pass produced.
-
-    Attributes:
-        logits: `(B, num_classes)`.
-        explanation: the model's explanation of `logits` when a term asked for it, else `None`.
-        extras: anything else a model or term wants to pass along.
-    """
-
-    logits: Tensor
-    explanation: Explanation | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-@runtime_checkable
-class LossTerm(Protocol):
-    """One weighted part of the training objective."""
-
-    name: str
-    weight: float
-    needs_explanation: bool
-    needs_layers: bool
-
-    def __call__(self, out: StepOutput, target: Tensor) -> Tensor:
-        """A scalar loss (unweighted; the objective multiplies by `weight`)."""
-        ...
 
 
 LOSS_TERMS: dict[str, Callable[..., LossTerm]] = {}
@@ -119,11 +91,6 @@ def build_loss_terms(cfg: LossConfig, model: nn.Module | None = None) -> list[Lo
     return terms
 
 
-def _explain_accepts_layers(model: nn.Module) -> bool:
-    explain = getattr(model, "explain", None)
-    return explain is not None and "layers" in inspect.signature(explain).parameters
-
-
 class ModelStep(nn.Module):
     """The training forward pass as a module: `forward(x, need_explanation, layers) -> (logits, explanation)`.
 
@@ -134,7 +101,6 @@ class ModelStep(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.explain_takes_layers = _explain_accepts_layers(model)
         self.has_forward_train = callable(getattr(model, "forward_train", None))
 
     def forward(self, x: Tensor, need_explanation: bool = False, layers: bool = False, target: Tensor | None = None
@@ -149,9 +115,7 @@ class ModelStep(nn.Module):
             return self.model(x), None, {}
         if not hasattr(self.model, "explain"):
             raise TypeError(f"a loss term needs explanations but {type(self.model).__name__} has no explain()")
-        if layers and not self.explain_takes_layers:
-            raise TypeError(f"a loss term needs per-layer explanations but {type(self.model).__name__}.explain() "
-                            "has no `layers` argument")
+        # The model contract (shapnets.contract): a family without layers refuses layers=True with a TypeError.
         explanation = self.model.explain(x, layers=True) if layers else self.model.explain(x)
         return explanation.output, explanation, {}
 
@@ -199,7 +163,7 @@ class Objective:
 
 
 # ---------------------------------------------------------------------------------------- explanation regularizers
-class ExplanationPenalty:
+class ExplanationPenalty(LossTerm):
     """A `shapnets.regularizers` penalty as a loss term, read from the explanation of the training forward pass.
 
     Args:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import fnmatch
-import inspect
 import json
 import logging
 import math
@@ -36,7 +35,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
-from shapnets import ConvShapNet, DeepShapNet, ShallowShapNet
+import zoo
+from shapnets.contract import rename_args
 
 from . import checkpoint as ckpt
 from .config import ExperimentConfig, ModelConfig, OptimConfig, UserError, config_to_dict, save_config
@@ -77,15 +77,6 @@ RUN_FILES = ("last.pt", "best.pt", "config.yaml", "data_info.json", "metrics.csv
              "explanation_effect.json", "curves.png")
 """Files a run writes into its output folder (the ones `--overwrite` replaces)."""
 
-# Generic architectures built directly when the zoo registry is not importable (see `build_model`).
-_FALLBACK_ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "shapnet_shallow": ShallowShapNet,
-    "shapnet_deep": DeepShapNet,
-    "shapnet_conv": ConvShapNet,
-}
-_ACT_LAYERS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "elu": nn.ELU}
-
-
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the last good checkpoint is kept."""
 
@@ -107,10 +98,8 @@ def _seed_worker(worker_id: int) -> None:
 
 def load_data(cfg: ExperimentConfig) -> Any:
     """`training.data.load_dataset` for the config's data section; loader errors become one-line `UserError`s."""
-    try:
-        from .data import load_dataset
-    except ImportError as e:  # pragma: no cover - only while training.data is being written
-        raise UserError(f"training.data is not available: {e}") from e
+    from .data import load_dataset
+
     d = cfg.data
     options: dict[str, Any] = {}
     if d.name == "csv":
@@ -125,65 +114,38 @@ def load_data(cfg: ExperimentConfig) -> Any:
         raise UserError(f"data ({d.name}): {message}") from e
 
 
-def _architecture_class(name: str) -> type[nn.Module] | None:
-    """The shapnets class behind a generic or named model (`shapnet_shallow_adult` -> ShallowShapNet)."""
-    for generic, cls in _FALLBACK_ARCHITECTURES.items():
-        if name == generic or name.startswith(generic + "_"):
-            return cls
-    return None
+def _model_kwargs(model_cls: type[nn.Module], model_cfg: ModelConfig, info: Any) -> dict[str, Any]:
+    """Config args plus what the data set implies: classes and input size, and the class's `data_args`.
 
-
-def _model_kwargs(model_cfg: ModelConfig, info: Any) -> dict[str, Any]:
-    """Config args plus what the data set implies (classes, input size, feature names, reference)."""
-    kwargs = dict(model_cfg.args)
-    cls = _architecture_class(model_cfg.name)
-    accepted = set(inspect.signature(cls).parameters) if cls is not None else {"num_classes"}
+    Every family takes `num_classes` and `in_features` (tabular) or `in_chans` (images); `feature_names` and the
+    data set's `reference` only where the class lists them in `data_args` (the contract in `shapnets.contract`).
+    """
+    kwargs = rename_args(model_cls, model_cfg.args)
     tabular = len(info.input_shape) == 1
-    classes_key = "num_classes" if "num_classes" in accepted else "out_features"
-    defaults: dict[str, Any] = {classes_key: info.num_classes}
-    if tabular:
-        defaults["in_features"] = info.input_shape[0]
-        if info.feature_names is not None:
-            defaults["feature_names"] = list(info.feature_names)
-    else:
-        defaults["in_chans"] = info.input_shape[0]
-    if info.reference is not None:
+    defaults: dict[str, Any] = {"num_classes": info.num_classes}
+    defaults["in_features" if tabular else "in_chans"] = info.input_shape[0]
+    optional = set(getattr(model_cls, "data_args", ()))
+    if tabular and info.feature_names is not None and "feature_names" in optional:
+        defaults["feature_names"] = list(info.feature_names)
+    if info.reference is not None and "reference" in optional:
         defaults["reference"] = torch.tensor(info.reference, dtype=torch.float32)
     for key, value in defaults.items():
-        if key in accepted or (cls is None and key in ("num_classes", "in_features", "in_chans")):
-            kwargs.setdefault(key, value)
+        kwargs.setdefault(key, value)
     return kwargs
 
 
 def build_model(model_cfg: ModelConfig, info: Any) -> nn.Module:
-    """Build the configured model for a data set.
+    """Build the configured zoo model for a data set.
 
-    Fills `num_classes` (`out_features` for Shallow ShapNets), `in_features` (tabular) or `in_chans` (images),
-    `feature_names` and the data set's `reference` unless `model.args` gives them. Uses `zoo.create_model`
-    when the zoo is importable, else the three generic shapnets architectures directly.
+    Fills `num_classes`, `in_features` (tabular) or `in_chans` (images), and `feature_names` and the data set's
+    `reference` where the class takes them, unless `model.args` gives them.
 
     Raises:
         UserError: unknown model name or constructor arguments it rejects.
     """
-    kwargs = _model_kwargs(model_cfg, info)
     try:
-        import zoo
-
-        create = getattr(zoo, "create_model", None)
-    except ImportError:
-        create = None
-    try:
-        if create is not None:
-            return create(model_cfg.name, pretrained=False, **kwargs)
-        cls = _FALLBACK_ARCHITECTURES.get(model_cfg.name)
-        if cls is None:
-            raise UserError(f"unknown model {model_cfg.name!r} (available without the zoo: "
-                            f"{', '.join(_FALLBACK_ARCHITECTURES)})")
-        if isinstance(kwargs.get("act_layer"), str):
-            kwargs["act_layer"] = _ACT_LAYERS[kwargs["act_layer"].lower()]
-        return cls(**kwargs)
-    except UserError:
-        raise
+        kwargs = _model_kwargs(zoo.model_class(model_cfg.name), model_cfg, info)
+        return zoo.create_model(model_cfg.name, pretrained=False, **kwargs)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise UserError(f"model {model_cfg.name!r}: {message}") from e
@@ -208,14 +170,7 @@ def _state_dict_from(source: str) -> dict[str, Tensor]:
             return load_file(path)
         return ckpt.load_checkpoint(path)["model"]
     try:
-        import zoo
-    except ImportError:
-        zoo = None
-    loader = getattr(zoo, "load_pretrained", None) if zoo is not None else None
-    if loader is None:
-        raise UserError(f"model.init_from={source!r}: no such file or folder (and the zoo is not available)")
-    try:
-        return loader(source).state_dict()
+        return zoo.load_pretrained(source).state_dict()
     except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
         raise UserError(f"model.init_from={source!r}: not a file, a folder or a zoo model with weights ({e})") from e
 
@@ -622,7 +577,6 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "scaler": None,  # bf16 needs no loss scaling; kept for the documented layout
                     "ema": ema.state_dict() if ema is not None else None,
                     "epoch": at_epoch,
                     "step": step,

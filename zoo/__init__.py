@@ -27,42 +27,61 @@ from timm.models import is_model
 from timm.models import list_models as _timm_list_models
 from torch import nn
 
-from . import capsnet_models, icnn_models, shapnets_models  # noqa: F401  (imported for their timm registrations)
-from ._args import ACT_LAYERS
-from .baselines import BASELINE_ARCHITECTURES  # baseline_mlp / baseline_cnn: plain accuracy baselines
+# The family files register their names (with timm too) when imported.
+from . import baselines, capsnet_models, icnn_models, shapnets_models  # noqa: F401
+from ._args import ACT_LAYERS, jsonable
+from ._builder import build_model_with_cfg, register, register_variant
+from ._paths import card_path, shipped_dir
+from ._registry import (
+    ARCHITECTURES,
+    VARIANT_DEFAULTS,
+    Family,
+    ShapNetCfg,
+    model_cfg,
+    model_class,
+    weights_available,
+)
 from .cards import model_info, write_model_card
 from .hub import load_pretrained, read_config, save_pretrained, sha256_of
-from .shapnets_models import ARCHITECTURES, VARIANT_DEFAULTS, ShapNetCfg, weights_available
 from .summary import model_summary
 
 __all__ = [
     "ACT_LAYERS",
     "ARCHITECTURES",
+    "VARIANT_DEFAULTS",
+    "Family",
     "ShapNetCfg",
+    "build_model_with_cfg",
+    "card_path",
     "create_model",
     "did_you_mean",
+    "jsonable",
     "list_models",
     "load_pretrained",
+    "model_cfg",
+    "model_class",
     "model_info",
     "model_summary",
     "read_config",
+    "register",
+    "register_variant",
     "save_pretrained",
     "sha256_of",
+    "shipped_dir",
     "write_model_card",
 ]
 
-ARCHITECTURES.update(icnn_models.ICNN_ARCHITECTURES)  # the hub rebuilds icnn_* checkpoints through this table
-ARCHITECTURES.update(BASELINE_ARCHITECTURES)  # listed and rebuilt like the others; they have no explain()
-VARIANT_DEFAULTS.update(icnn_models.ICNN_VARIANT_DEFAULTS)  # trained icnn_* variants: listed, shipped, rebuilt
-ARCHITECTURES.update(capsnet_models.CAPSNET_ARCHITECTURES)  # capsnet_* rebuilt by the hub like icnn_*
-VARIANT_DEFAULTS.update(capsnet_models.CAPSNET_VARIANT_DEFAULTS)  # capsnet_mnist, capsnet_small_mnist
-_ZOO_NAMES = tuple(sorted([*ARCHITECTURES, *VARIANT_DEFAULTS]))
+
+
+def _zoo_names() -> list[str]:
+    """Every registered name, now (families registered after import included)."""
+    return sorted([*ARCHITECTURES, *VARIANT_DEFAULTS])
 
 
 def did_you_mean(name: str) -> str:
     """`"Did you mean 'shapnet_shallow_adult'?"` for a misspelt zoo name ('' when nothing is close), naming the
     next-closest zoo names too."""
-    close = difflib.get_close_matches(name, _ZOO_NAMES, n=3, cutoff=0.75)
+    close = difflib.get_close_matches(name, _zoo_names(), n=3, cutoff=0.75)
     if not close:
         return ""
     others = f" (or {', '.join(repr(c) for c in close[1:])})" if len(close) > 1 else ""
@@ -75,7 +94,7 @@ def _unknown_model(name: str) -> ValueError:
         close = difflib.get_close_matches(name, _timm_list_models(), n=3, cutoff=0.75)
         hint = f"Close timm models: {close}." if close else ""
     return ValueError(f"unknown model {name!r}. {hint + ' ' if hint else ''}zoo.list_models() lists the "
-                      f"{len(_ZOO_NAMES)} zoo models (zoo.list_models(pretrained=True): those with weights).")
+                      f"{len(_zoo_names())} zoo models (zoo.list_models(pretrained=True): those with weights).")
 
 
 def _hint_unknown_timm_models() -> None:
@@ -134,5 +153,5 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
         pattern: an fnmatch pattern, e.g. `"shapnet_deep*"`; empty means all (as in timm).
         pretrained: only names whose weights ship in the package (checked on disk now).
     """
-    names = weights_available() if pretrained else list(_ZOO_NAMES)
+    names = weights_available() if pretrained else [*ARCHITECTURES, *VARIANT_DEFAULTS]
     return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern or "*"))

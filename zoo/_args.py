@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -114,14 +115,21 @@ def full_model_args(model_cls: type[nn.Module], kwargs: Mapping[str, Any]) -> di
     return dict(bound.arguments)
 
 
-def jsonable(value: Any) -> Any:
-    """Loose conversion for metadata and cfgs: tuples -> lists, tensors -> lists, inf/nan -> strings."""
+def jsonable(value: Any, nonfinite: Callable[[float], Any] = str) -> Any:
+    """Loose conversion for metadata, cfgs and reports: tuples and tensors -> lists, paths, devices, dtypes -> strings.
+
+    Args:
+        value: nested mappings, lists and tuples of plain values, tensors, paths, devices or dtypes.
+        nonfinite: what an inf / nan float becomes (default its string, `"inf"`; strict JSON reports use `None`).
+    """
     if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v, nonfinite) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
+        return [jsonable(v, nonfinite) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+        return nonfinite(value)
     if isinstance(value, Tensor):
         return value.detach().cpu().tolist()
+    if isinstance(value, os.PathLike | torch.device | torch.dtype):
+        return str(value)
     return value

@@ -15,15 +15,14 @@ baseline lives in its run folder (`runs/<name>/`), and `pretrained_cfg_overlay=d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from timm.models import PretrainedCfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from shapnets._validation import check_input, finite_output, image_size_errors
+from shapnets.validation import check_input, finite_output, image_size_errors
 
-from ._args import ACT_LAYERS, full_model_args
-from ._build import finish_model, pop_timm_kwargs
+from ._args import ACT_LAYERS
+from ._builder import register
+from ._registry import MNIST_CFG, Family, model_cfg
 
 __all__ = ["BASELINE_ARCHITECTURES", "BaselineCNN", "BaselineMLP"]
 
@@ -71,7 +70,33 @@ class BaselineMLP(nn.Module):
 
     @finite_output
     def forward(self, x: Tensor) -> Tensor:
-        return self.layers(check_input(x, [(None, self.in_features)], type(self).__name__, self))
+        return self.forward_head(self.forward_features(x))
+
+    # timm's model interface: the head is the last linear layer; num_classes=0 leaves the last hidden layer's output.
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last hidden layer's output `(B, num_features)`."""
+        return self.layers[:-1](check_input(x, [(None, self.in_features)], type(self).__name__, self))
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        return features if pre_logits else self.layers[-1](features)
+
+    @property
+    def num_features(self) -> int:
+        return self.head_hidden_size
+
+    @property
+    def head_hidden_size(self) -> int:
+        return int(self.layers[0].in_features if len(self.layers) == 1 else
+                   next(m.out_features for m in reversed(self.layers[:-1]) if isinstance(m, nn.Linear)))
+
+    def get_classifier(self) -> nn.Module:
+        return self.layers[-1]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new last layer with `num_classes` outputs (`0`: none, the model returns `forward_features`)."""
+        width = self.head_hidden_size
+        self.layers[-1] = (nn.Linear(width, num_classes) if num_classes else nn.Identity()).to(self.layers[0].weight)
+        self.num_classes = num_classes
 
 
 class BaselineCNN(nn.Module):
@@ -102,42 +127,48 @@ class BaselineCNN(nn.Module):
 
     @finite_output
     def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # timm's model interface: the head is the linear layer after global average pooling.
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last stage's map `(B, num_features, H', W')`."""
         x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
         with image_size_errors(x, type(self).__name__):
-            features = self.features(x)
-        return self.head(self.pool(features).flatten(1))
+            return self.features(x)
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        pooled = self.pool(features).flatten(1)
+        return pooled if pre_logits else self.head(pooled)
+
+    @property
+    def num_features(self) -> int:
+        return self.head_hidden_size
+
+    @property
+    def head_hidden_size(self) -> int:
+        return int(self.features[-2].num_features)  # the last stage's BatchNorm
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new linear head with `num_classes` outputs (`0`: none, the model returns the pooled features)."""
+        self.head = (nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()).to(
+            self.features[0].weight)
+        self.num_classes = num_classes
 
 
 BASELINE_ARCHITECTURES: dict[str, type[nn.Module]] = {"baseline_mlp": BaselineMLP, "baseline_cnn": BaselineCNN}
-"""Registered name -> class, in the form of `zoo.shapnets_models.ARCHITECTURES`."""
+"""Registered name -> class."""
 
-default_cfgs = generate_default_cfgs({
-    name: PretrainedCfg(description=description, input_size=None, fixed_input_size=False, interpolation=None,
-                        crop_pct=None, crop_mode=None, mean=None, std=None, num_classes=None, license="mit")
-    for name, description in [
-        ("baseline_mlp", "Plain MLP for tabular data (pass in_features, num_classes, hidden): an accuracy baseline"),
-        ("baseline_cnn", "Plain small CNN for images (pass in_chans, num_classes, channels): an accuracy baseline"),
-    ]
-})
-
-
-def _create_baseline(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
-    """Build a baseline, record its arguments and cfg as the ShapNet builders do, then load weights if asked."""
-    cfg = pop_timm_kwargs(variant, kwargs)
-    cls = BASELINE_ARCHITECTURES[variant]
-    model_args = full_model_args(cls, kwargs)
-    return finish_model(cls(**model_args), variant, model_args, cfg, pretrained,
-                        "none ship: train one (configs/baseline_*.yaml) and pass "
-                        "pretrained_cfg_overlay=dict(file=<folder or .safetensors>)")
-
-
-@register_model
-def baseline_mlp(pretrained: bool = False, **kwargs: Any) -> BaselineMLP:
-    """Plain MLP baseline; kwargs of `BaselineMLP` (`in_features`, `num_classes`, `hidden`, ...)."""
-    return _create_baseline("baseline_mlp", pretrained, kwargs)
-
-
-@register_model
-def baseline_cnn(pretrained: bool = False, **kwargs: Any) -> BaselineCNN:
-    """Plain small CNN baseline; kwargs of `BaselineCNN` (`in_chans`, `num_classes`, `channels`)."""
-    return _create_baseline("baseline_cnn", pretrained, kwargs)
+_HINT = ("none ship: train one (configs/baseline_*.yaml) and pass "
+         "pretrained_cfg_overlay=dict(file=<folder or .safetensors>)")
+register("baseline_mlp", BaselineMLP, model_cfg(
+    description="Plain MLP for tabular data (pass in_features, num_classes, hidden; bare: 8 features, 2 classes): "
+                "an accuracy baseline", fixed_input_size=False, input_size=(8,), num_classes=2),
+    family=Family(missing_hint=_HINT, defaults=dict(in_features=8, num_classes=2)))
+register("baseline_cnn", BaselineCNN, model_cfg(
+    description="Plain small CNN for images (pass in_chans, num_classes, channels; bare: 1x28x28, 10 classes): "
+                "an accuracy baseline", fixed_input_size=False, input_size=(1, 28, 28), num_classes=10,
+    mean=MNIST_CFG["mean"], std=MNIST_CFG["std"]),
+    family=Family(missing_hint=_HINT, defaults=dict(in_chans=1, num_classes=10)))

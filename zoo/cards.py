@@ -17,8 +17,9 @@ from timm.models import get_pretrained_cfg, is_model
 
 from ._args import decode_model_args, encode_model_args, full_model_args, jsonable
 from ._paths import CONFIG_NAME, WEIGHTS_NAME, card_path, shipped_dir
+from ._registry import ARCHITECTURES, VARIANT_DEFAULTS, architecture_of, known_names_hint
 from .hub import RESERVED_KEYS, read_config, sha256_of
-from .shapnets_models import ARCHITECTURES, PAPER, VARIANT_DEFAULTS, architecture_of, known_names_hint
+from .shapnets_models import PAPER
 
 __all__ = ["model_info", "write_model_card"]
 

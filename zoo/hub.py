@@ -55,7 +55,7 @@ import shapnets
 
 from ._args import encode_model_args, jsonable
 from ._paths import CONFIG_NAME, WEIGHTS_NAME, shipped_dir
-from .shapnets_models import (
+from ._registry import (
     ARCHITECTURES,
     VARIANT_DEFAULTS,
     ShapNetCfg,
@@ -226,20 +226,12 @@ def _state_differences(
         problems.append(f"missing keys {missing}")
     if unexpected:
         problems.append(f"unexpected keys {unexpected}")
-    shapes = [
-        f"{k}: {given_label} {tuple(given[k].shape)} vs {expected_label} {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(given))
-        if given[k].shape != expected[k].shape
-    ]
-    if shapes:
-        problems.append("shape mismatches: " + "; ".join(shapes))
-    dtypes = [
-        f"{k}: {given_label} {given[k].dtype} vs {expected_label} {expected[k].dtype}"
-        for k in sorted(set(expected) & set(given))
-        if given[k].dtype != expected[k].dtype
-    ]
-    if dtypes:
-        problems.append("dtype mismatches: " + "; ".join(dtypes))
+    common = sorted(set(expected) & set(given))
+    for what, of in (("shape", lambda t: tuple(t.shape)), ("dtype", lambda t: t.dtype)):
+        differ = [f"{k}: {given_label} {of(given[k])} vs {expected_label} {of(expected[k])}"
+                  for k in common if of(given[k]) != of(expected[k])]
+        if differ:
+            problems.append(f"{what} mismatches: " + "; ".join(differ))
     return problems
 
 

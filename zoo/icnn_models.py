@@ -29,20 +29,20 @@ architecture in `ICNN_VARIANT_DEFAULTS`, trained by `configs/<...>.yaml`):
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import timm
-from timm.models import generate_default_cfgs, is_model, register_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import is_model
 from torch import Tensor, nn
 
 from shapnets.icnn import InterpretableCNN
 
-from ._args import full_model_args
-from ._build import finish_model, pop_timm_kwargs, variant_kwargs
-from .shapnets_models import ShapNetCfg, _shipped_file
-from .shapnets_models import _cfg as zoo_cfg
+from ._builder import register, register_variant
+from ._registry import MNIST_CFG, Family, architecture_of, model_cfg
 
 __all__ = [
     "ICNN_ARCHITECTURES",
@@ -152,21 +152,11 @@ class TimmInterpretableCNN(InterpretableCNN):
 
     Args:
         backbone: `"vgg_small"` or a timm CNN name.
-        num_classes: classes.
-        in_chans: input channels.
-        num_filters: interpretable filters; default the backbone's top-map channels.
         out_index: timm feature stage to put the layer on (`-1`: the top).
-        pool: `"avg"` or `"max"`.
-        beta: template decay (paper: 4).
-        tau: template scale; `None`: `0.5 / (H W)`.
-        alpha: positive-template prior; `None`: `H W / (1 + H W)`.
-        normalizer: `"constant"` (the paper's gradient) or `"batch"` (see `shapnets.icnn.filter_loss`).
-        momentum: of the running filter-to-class assignment.
-        assignment: `"running"` or `"fixed"`.
-        interpretable: `False` gives the baseline (plain conv layer, no filter loss).
-        filter_loss_weight: weight of the filter loss handed to the trainer through `loss_terms()`.
         backbone_args: extra constructor arguments of the backbone (e.g. `drop_path_rate`).
         backbone_checkpoint_path: local checkpoint file to start a timm backbone from (see the module docstring).
+        num_classes, in_chans, num_filters, pool, beta, tau, alpha, normalizer, momentum, assignment, interpretable,
+            filter_loss_weight: as `shapnets.InterpretableCNN`.
     """
 
     def __init__(
@@ -200,55 +190,41 @@ class TimmInterpretableCNN(InterpretableCNN):
         self.backbone_name = backbone
 
 
-def _cfg(description: str, **kwargs: Any) -> ShapNetCfg:
-    """The zoo's cfg (`zoo.shapnets_models._cfg`) with this family's paper, pixel players and explanation."""
-    family = dict(
-        description=description,
-        fixed_input_size=False,
-        num_classes=None,
-        paper_name=PAPER,
-        paper_ids=PAPER_ID,
-        origin_url="https://github.com/zqs1022/interpretableCNN",
-        players="one player per pixel (all its channels)",
-        player_axes=("height", "width"),
-        explanation=("local accuracy holds exactly: each logit is split over the interpretable filters (linear "
-                     "head on pooled masked maps) and each filter's share over the pixels of its masked map"),
-    )
-    return zoo_cfg(**{**family, **kwargs})
+# `zoo.model_cfg` with this family's paper, pixel players and explanation.
+_cfg = functools.partial(
+    model_cfg, fixed_input_size=False, num_classes=None, paper_name=PAPER, paper_ids=PAPER_ID,
+    origin_url="https://github.com/zqs1022/interpretableCNN", players="one player per pixel (all its channels)",
+    player_axes=("height", "width"), classifier="head",
+    explanation=("local accuracy holds exactly: each logit is split over the interpretable filters (linear head on "
+                 "pooled masked maps) and each filter's share over the pixels of its masked map"))
 
 
-default_cfgs = generate_default_cfgs(
-    {
-        "icnn_vgg_small": _cfg("Interpretable CNN on a small VGG-style backbone (stride 8), any image size"),
-        "icnn_vgg16": _cfg("Interpretable CNN on VGG-16 (the paper's backbone), any image size"),
-        "icnn_resnet18": _cfg("Interpretable CNN on ResNet-18, any image size"),
-        "icnn_resnet34": _cfg("Interpretable CNN on ResNet-34, any image size"),
-        "icnn_timm": _cfg("Interpretable CNN on any timm CNN (pass backbone=<timm name>)"),
-        "icnn_vgg_small_parts": _cfg(
-            "Interpretable CNN (small VGG) for the synthetic parts data: 3x64x64 images, 4 classes",
-            file=_shipped_file("icnn_vgg_small_parts"),
-            input_size=(3, 64, 64),
-            num_classes=4,
-            mean=(0.19, 0.19, 0.19),
-            std=(0.15, 0.15, 0.15),
-            dataset=("synthetic parts (training.data.parts): 4 classes of 3-part objects with landmarks, clutter, "
-                     "random position and scale; 2,000 train (10% held out for validation) / 500 test images"),
-            preprocessing="pixels scaled to [0, 1], then normalized with mean 0.19 and std 0.15 (every channel)",
-            label_names=("tower", "face", "kite", "cart"),
-        ),
-        "icnn_vgg_small_mnist": _cfg(
-            "Interpretable CNN (small VGG, stride 4) for MNIST: 1x28x28 images, 10 classes",
-            file=_shipped_file("icnn_vgg_small_mnist"),
-            input_size=(1, 28, 28),
-            num_classes=10,
-            mean=(0.1307,),
-            std=(0.3081,),
-            dataset="MNIST, official train (60,000) / test (10,000) split",
-            preprocessing="pixels scaled to [0, 1] (uint8 / 255), then normalized with mean 0.1307 and std 0.3081",
-            label_names=tuple(str(d) for d in range(10)),
-        ),
-    }
-)
+# Generic names build bare like timm's backbones: 3x224x224 ImageNet-normalised images, 1000 classes.
+_IMAGENET = dict(input_size=(3, 224, 224), num_classes=1000, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
+_CFGS = {
+    "icnn_vgg_small": _cfg(
+        description="Interpretable CNN on a small VGG-style backbone (stride 8), any image size", **_IMAGENET),
+    "icnn_vgg16": _cfg(description="Interpretable CNN on VGG-16 (the paper's backbone), any image size", **_IMAGENET),
+    "icnn_resnet18": _cfg(description="Interpretable CNN on ResNet-18, any image size", **_IMAGENET),
+    "icnn_resnet34": _cfg(description="Interpretable CNN on ResNet-34, any image size", **_IMAGENET),
+    "icnn_timm": _cfg(description="Interpretable CNN on any timm CNN (needs backbone=<timm name>)", **_IMAGENET),
+    "icnn_vgg_small_parts": _cfg(
+        description="Interpretable CNN (small VGG) for the synthetic parts data: 3x64x64 images, 4 classes",
+        input_size=(3, 64, 64),
+        num_classes=4,
+        mean=(0.19, 0.19, 0.19),
+        std=(0.15, 0.15, 0.15),
+        dataset=("synthetic parts (training.data.parts): 4 classes of 3-part objects with landmarks, clutter, "
+                 "random position and scale; 2,000 train (10% held out for validation) / 500 test images"),
+        preprocessing="pixels scaled to [0, 1], then normalized with mean 0.19 and std 0.15 (every channel)",
+        label_names=("tower", "face", "kite", "cart"),
+    ),
+    "icnn_vgg_small_mnist": _cfg(
+        description="Interpretable CNN (small VGG, stride 4) for MNIST: 1x28x28 images, 10 classes",
+        **{**MNIST_CFG, "num_players": None},  # players depend on the backbone's stride: not recorded
+    ),
+}
 
 _DEFAULT_BACKBONES = {
     "icnn_vgg_small": "vgg_small",
@@ -258,7 +234,8 @@ _DEFAULT_BACKBONES = {
 }
 
 ICNN_VARIANT_DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
-    # Kept in step with configs/icnn_parts.yaml and configs/icnn_mnist.yaml, which train the shipped weights.
+    # configs/icnn_parts.yaml and configs/icnn_mnist.yaml train the shipped weights, whose config.json must
+    # agree with these arguments (tests/test_architecture.py checks it).
     "icnn_vgg_small_parts": ("icnn_vgg_small", dict(
         num_classes=4, in_chans=3, num_filters=64, filter_loss_weight=0.1,
         backbone_args=dict(channels=(16, 32, 64, 128), convs_per_stage=(1, 1, 2, 2)))),
@@ -270,68 +247,31 @@ ICNN_VARIANT_DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 ICNN_ARCHITECTURES: dict[str, type[nn.Module]] = {name: TimmInterpretableCNN for name in [*_DEFAULT_BACKBONES,
                                                                                             "icnn_timm"]}
-"""Registered name -> class, in the form of `zoo.shapnets_models.ARCHITECTURES` (for the hub's rebuild)."""
+"""Registered generic name -> class."""
 
 
-def _create_icnn(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> TimmInterpretableCNN:
-    """Build an ICNN, record its arguments and cfg as the ShapNet builders do, then load whole-model weights."""
-    cfg = pop_timm_kwargs(variant, kwargs)
-    base = variant
-    if variant in ICNN_VARIANT_DEFAULTS:
-        base, defaults = ICNN_VARIANT_DEFAULTS[variant]
-        kwargs = variant_kwargs(variant, defaults, kwargs)
+def _prepare(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The backbone a name implies: fixed for `icnn_vgg16` and the like, required for `icnn_timm`."""
+    base = architecture_of(name)
     if base in _DEFAULT_BACKBONES:
-        given = kwargs.setdefault("backbone", _DEFAULT_BACKBONES[base])
+        given = args.setdefault("backbone", _DEFAULT_BACKBONES[base])
         if given != _DEFAULT_BACKBONES[base]:
-            raise ValueError(f"{variant} is built on {_DEFAULT_BACKBONES[base]!r}, got backbone={given!r}; "
+            raise ValueError(f"{name} is built on {_DEFAULT_BACKBONES[base]!r}, got backbone={given!r}; "
                              f"use icnn_timm for another backbone")
-    elif "backbone" not in kwargs:
-        raise TypeError(f"{variant} needs backbone=<timm CNN name>, e.g. backbone='resnet50'")
-    model_args = full_model_args(TimmInterpretableCNN, kwargs)
-    model = TimmInterpretableCNN(**model_args)
+    elif "backbone" not in args:
+        raise TypeError(f"{name} needs backbone=<timm CNN name>, e.g. backbone='resnet50'")
+    return args
+
+
+_FAMILY = Family(
+    prepare=_prepare,
     # The backbone checkpoint only seeds the weights: a rebuild from config.json must not need the file.
-    return finish_model(model, variant, {**model_args, "backbone_checkpoint_path": None}, cfg, pretrained,
-                        "use pretrained=False, pretrained_cfg_overlay=dict(file=<folder or .safetensors>), or "
-                        "backbone_checkpoint_path=<file> to start only the backbone from a checkpoint")
-
-
-@register_model
-def icnn_vgg_small(pretrained: bool = False, **kwargs: Any) -> TimmInterpretableCNN:
-    """Interpretable CNN on a small VGG-style backbone (4 stages, stride 8); kwargs of `TimmInterpretableCNN`."""
-    return _create_icnn("icnn_vgg_small", pretrained, kwargs)
-
-
-@register_model
-def icnn_vgg16(pretrained: bool = False, **kwargs: Any) -> TimmInterpretableCNN:
-    """Interpretable CNN on timm's VGG-16 (the paper's backbone); kwargs of `TimmInterpretableCNN`."""
-    return _create_icnn("icnn_vgg16", pretrained, kwargs)
-
-
-@register_model
-def icnn_resnet18(pretrained: bool = False, **kwargs: Any) -> TimmInterpretableCNN:
-    """Interpretable CNN on timm's ResNet-18 (after the last residual addition); kwargs of `TimmInterpretableCNN`."""
-    return _create_icnn("icnn_resnet18", pretrained, kwargs)
-
-
-@register_model
-def icnn_resnet34(pretrained: bool = False, **kwargs: Any) -> TimmInterpretableCNN:
-    """Interpretable CNN on timm's ResNet-34 (after the last residual addition); kwargs of `TimmInterpretableCNN`."""
-    return _create_icnn("icnn_resnet34", pretrained, kwargs)
-
-
-@register_model
-def icnn_timm(pretrained: bool = False, **kwargs: Any) -> TimmInterpretableCNN:
-    """Interpretable CNN on any timm CNN: `backbone=<timm name>` plus kwargs of `TimmInterpretableCNN`."""
-    return _create_icnn("icnn_timm", pretrained, kwargs)
-
-
-@register_model
-def icnn_vgg_small_parts(pretrained: bool = False, **kwargs: Any) -> TimmInterpretableCNN:
-    """Interpretable CNN trained on the synthetic parts data (configs/icnn_parts.yaml); 3x64x64 in, 4 classes."""
-    return _create_icnn("icnn_vgg_small_parts", pretrained, kwargs)
-
-
-@register_model
-def icnn_vgg_small_mnist(pretrained: bool = False, **kwargs: Any) -> TimmInterpretableCNN:
-    """Interpretable CNN trained on MNIST (configs/icnn_mnist.yaml); 1x28x28 in, 10 classes."""
-    return _create_icnn("icnn_vgg_small_mnist", pretrained, kwargs)
+    transient_args=("backbone_checkpoint_path",),
+    missing_hint="Use pretrained=False, pretrained_cfg_overlay=dict(file=<folder or .safetensors>), or "
+                 "backbone_checkpoint_path=<file> to start only the backbone from a checkpoint",
+    defaults=dict(num_classes=1000),
+)
+for _name in ICNN_ARCHITECTURES:
+    register(_name, TimmInterpretableCNN, _CFGS[_name], family=_FAMILY)
+for _name, (_arch, _defaults) in ICNN_VARIANT_DEFAULTS.items():
+    register_variant(_name, _arch, _defaults, _CFGS[_name])
