@@ -39,7 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "regularizers"
-KINDS = ("l1_final", "l1_all", "linf", "l1_final_scaled", "linf_scaled", "l1_all_pruned")
+KINDS = ("l1_final", "l1_all", "linf", "l1_final_scaled", "linf_scaled", "l1_all_pruned", "l1_all_pruned30")
 
 
 @dataclass(frozen=True)
@@ -58,14 +58,15 @@ FAMILIES = {
         configs={"l1_final": "finetune_conv_mnist_l1_final", "l1_all": "finetune_conv_mnist_l1_all",
                  "linf": "finetune_conv_mnist_linf"},
         weights={"l1_final": [0.005, 0.02], "l1_all": [0.0003, 0.001], "linf": [0.3, 1.0],
-                 "l1_final_scaled": [0.005, 0.02], "linf_scaled": [1.0, 5.0], "l1_all_pruned": [0.001]},
+                 "l1_final_scaled": [0.005, 0.02], "linf_scaled": [1.0, 5.0], "l1_all_pruned": [0.001], "l1_all_pruned30": [0.001]},
         overrides=("data.limit=10000",),
     ),
     "deep_yeast": Family(
         base="shapnet_deep_yeast",
         configs={kind: "finetune_deep_yeast_l1" for kind in KINDS},
         weights={"l1_final": [0.01, 0.03, 0.1, 0.3], "l1_all": [0.002, 0.01, 0.03], "linf": [0.1, 0.3, 1.0, 3.0],
-                 "l1_final_scaled": [0.01, 0.03, 0.1], "linf_scaled": [0.3, 1.0, 3.0], "l1_all_pruned": []},
+                 "l1_final_scaled": [0.01, 0.03, 0.1], "linf_scaled": [0.3, 1.0, 3.0], "l1_all_pruned": [],
+                 "l1_all_pruned30": []},
     ),
 }
 # kind -> (loss term, layers, scale-free?, extra overrides)
@@ -79,9 +80,13 @@ TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
     "l1_all_pruned": ("explanation_l1", "all", False, ("model.args.prune=[0.5,0.5,0.5,0.5,0.0]",
                                                        "model.args.prune_mode=active",
                                                        "model.args.prune_during_training=true")),
+    "l1_all_pruned30": ("explanation_l1", "all", False, ("model.args.prune=[0.3,0.3,0.3,0.3,0.0]",
+                                                         "model.args.prune_mode=active",
+                                                         "model.args.prune_during_training=true")),
 }
 LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l1_final_scaled": "L1/L2 final",
-          "linf_scaled": "L-inf/L1 final", "l1_all_pruned": "L1 all layers + pruning in training"}
+          "linf_scaled": "L-inf/L1 final", "l1_all_pruned": "L1 all layers + pruning (p=0.5) in training",
+          "l1_all_pruned30": "L1 all layers + pruning (p=0.3) in training"}
 
 
 def run_dir(family: str, kind: str, weight: float) -> Path:
@@ -220,10 +225,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
         shipped[kind] = float(weight)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     colors = {"l1_final": "#f1948a", "l1_all": "#85c1e9", "linf": "#82e0aa", "l1_final_scaled": "#c0392b",
-              "linf_scaled": "#1e8449", "l1_all_pruned": "#1f618d"}
+              "linf_scaled": "#1e8449", "l1_all_pruned": "#1f618d", "l1_all_pruned30": "#1f618d"}
     labels = LABELS
     for ax, metric, kinds, bar, name in (
-            (axes[0], "n90", ("l1_final", "l1_final_scaled", "l1_all", "l1_all_pruned"), 0.5,
+            (axes[0], "n90", ("l1_final", "l1_final_scaled", "l1_all", "l1_all_pruned30"), 0.5,
              "n90: players holding 90% of |attribution| (fewer = sparser)"),
             (axes[1], "peak_share", ("linf", "linf_scaled"), 0.6,
              "peak share: largest |attribution| / total (lower = spread)")):
