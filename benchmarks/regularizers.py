@@ -58,7 +58,8 @@ FAMILIES = {
         configs={"l1_final": "finetune_conv_mnist_l1_final", "l1_all": "finetune_conv_mnist_l1_all",
                  "linf": "finetune_conv_mnist_linf"},
         weights={"l1_final": [0.005, 0.02], "l1_all": [0.0003, 0.001], "linf": [0.3, 1.0],
-                 "l1_final_scaled": [0.005, 0.02], "linf_scaled": [1.0, 5.0], "l1_all_pruned": [0.001], "l1_all_pruned30": [0.001]},
+                 "l1_final_scaled": [0.005, 0.02], "linf_scaled": [1.0, 5.0], "l1_all_pruned": [0.001],
+                 "l1_all_pruned30": [0.001]},
         overrides=("data.limit=10000",),
     ),
     "deep_yeast": Family(
