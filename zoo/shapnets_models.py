@@ -124,6 +124,12 @@ for _name, _arch, _defaults, _variant_cfg in [
      _tabular_cfg("shapnet_deep_adult", _ADULT, 12, 2, _LAYERWISE, **_ADULT_LABELS)),
     ("shapnet_conv_mnist", "shapnet_conv", _MNIST_CONV, _mnist_conv_cfg("Convolutional ShapNet for MNIST")),
     ("shapnet_conv_mnist_l1", "shapnet_conv", _MNIST_CONV,
-     _mnist_conv_cfg("Convolutional ShapNet for MNIST fine-tuned with L1 sparsity on its explanation")),
+     _mnist_conv_cfg("Convolutional ShapNet for MNIST fine-tuned with scale-free L1 (L1/L2) sparsity on its "
+                     "explanation")),
+    ("shapnet_conv_mnist_l1_all", "shapnet_conv", _MNIST_CONV,
+     _mnist_conv_cfg("Convolutional ShapNet for MNIST fine-tuned with L1 sparsity on every layer's representation")),
+    ("shapnet_conv_mnist_linf", "shapnet_conv", _MNIST_CONV,
+     _mnist_conv_cfg("Convolutional ShapNet for MNIST fine-tuned with scale-free L-inf (L-inf/L1) spreading of its "
+                     "explanation")),
 ]:
     register_variant(_name, _arch, _defaults, _variant_cfg)
