@@ -15,6 +15,7 @@ Core objects:
   and reconstruction losses, and a routing-based attribution map (exact local accuracy, not Shapley values).
 """
 
+from .and_or import AndOrInteractions, and_or_interactions, or_transform
 from .capsnet import CapsNet, dynamic_routing, margin_loss, reconstruction_loss, squash
 from .conv import ConvShapNet, ShapleyConv2d
 from .deep import DeepShapNet, butterfly_pairs
@@ -53,6 +54,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MAX_PLAYERS",
+    "AndOrInteractions",
     "CapsNet",
     "ConvShapNet",
     "DecompositionError",
@@ -68,6 +70,7 @@ __all__ = [
     "ShapleyConv2d",
     "ShapleyModule",
     "ShapleyModuleBank",
+    "and_or_interactions",
     "butterfly_pairs",
     "coalition_masks",
     "dynamic_routing",
@@ -83,6 +86,7 @@ __all__ = [
     "margin_loss",
     "mask_at_peak",
     "moebius_transform",
+    "or_transform",
     "part_templates",
     "pixel_players",
     "prune_players",

@@ -33,6 +33,7 @@ __all__ = [
     "config_to_dict",
     "load_config",
     "save_config",
+    "track_interactions_options",
 ]
 
 
@@ -131,6 +132,9 @@ class TrainConfig:
         deterministic: `torch.use_deterministic_algorithms(True)` and no cuDNN benchmarking.
         max_steps: stop after this many optimisation steps (smoke runs); `None` runs all epochs.
         checkpoint_every_steps: also write `last.pt` every this many steps mid-epoch; `None`: once per epoch.
+        track_interactions: watch AND/OR interactions during training (`training.interaction_tracking`):
+            `{samples: 32, players: 10, every: 1}` plus optional `kind` (`and`, `or`, `and_or`), `split`
+            (`half`, `sparse`), `tau` (salience threshold) and `output` (`log_odds`, `logit`); `None`: off.
     """
 
     epochs: int = 50
@@ -145,6 +149,7 @@ class TrainConfig:
     deterministic: bool = False
     max_steps: int | None = None
     checkpoint_every_steps: int | None = None
+    track_interactions: dict[str, Any] | None = None
 
 
 @dataclass
@@ -277,6 +282,41 @@ def _build_section(cls: type, values: Any, section: str) -> Any:
     return cls(**kwargs)
 
 
+#: `train.track_interactions` keys: default value and allowed values (a tuple) or lower bound (a number).
+TRACK_INTERACTIONS_DEFAULTS: dict[str, Any] = {
+    "samples": 32, "players": 10, "every": 1, "kind": "and_or", "split": "half", "tau": 0.05, "output": "log_odds",
+}
+_TRACK_CHOICES = {"kind": ("and", "or", "and_or"), "split": ("half", "sparse"), "output": ("log_odds", "logit")}
+
+
+def track_interactions_options(values: dict[str, Any]) -> dict[str, Any]:
+    """`train.track_interactions` with defaults filled in, or a `ConfigError` naming the bad key or value."""
+    from shapnets.interactions import MAX_ORACLE_PLAYERS
+
+    where = "train.track_interactions"
+    options = dict(TRACK_INTERACTIONS_DEFAULTS)
+    for key, value in values.items():
+        if key not in options:
+            raise _unknown_key_error(str(key), where, list(TRACK_INTERACTIONS_DEFAULTS))
+        expected = type(TRACK_INTERACTIONS_DEFAULTS[key])
+        options[key] = _coerce(value, expected, f"{where}.{key}")
+    for key in ("samples", "players", "every"):
+        if options[key] < 1:
+            raise ConfigError(f"{where}.{key} must be >= 1, got {options[key]}")
+    if options["players"] > MAX_ORACLE_PLAYERS:
+        raise ConfigError(f"{where}.players={options['players']} is above the exact oracle's limit of "
+                          f"{MAX_ORACLE_PLAYERS} players (2^players coalitions per sample)")
+    if options["split"] == "sparse" and options["players"] > 12:
+        raise ConfigError(f"{where}.split=sparse solves a linear program per sample: at most 12 players, got "
+                          f"{options['players']}")
+    if not 0.0 <= options["tau"] < 1.0:
+        raise ConfigError(f"{where}.tau must lie in [0, 1), got {options['tau']}")
+    for key, choices in _TRACK_CHOICES.items():
+        if options[key] not in choices:
+            raise ConfigError(f"{where}.{key}: expected one of {', '.join(choices)}, got {options[key]!r}")
+    return options
+
+
 def _validate(cfg: ExperimentConfig) -> None:
     """Value checks that types alone cannot express."""
     checks = [
@@ -307,6 +347,8 @@ def _validate(cfg: ExperimentConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if cfg.train.track_interactions is not None:
+        cfg.train.track_interactions = track_interactions_options(cfg.train.track_interactions)
     for i, term in enumerate(cfg.loss.terms):
         if "name" not in term:
             raise ConfigError(f"loss.terms[{i}] needs a 'name' key, got keys {sorted(term)}")

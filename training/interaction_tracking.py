@@ -1,0 +1,332 @@
+"""Watch AND/OR interactions while a model trains (`train.track_interactions` in a config).
+
+Every `every` epochs (and once before the first step) `InteractionTracker` computes the exact interactions of a
+fixed set of `samples` training and `samples` test samples over `players` input players:
+
+* tables: the `players` features that differ most from the reference on the training set (largest mean
+  `|x - reference|`; the inputs are z-scored, so their variances are all 1); the other features stay at the
+  reference;
+* images: a coarse `gh x gw` grid of patches covering the image, `gh * gw = players` (`gh` the largest divisor of
+  `players` not above its square root: 9 players give 3 x 3 patches of about 9 x 9 pixels on MNIST);
+* the game of a sample is `v(S) = out(x_S ; reference_rest)` where `out` is the log-odds of the sample's true class,
+  `z_y - logsumexp_{c != y} z_c` (`output: log_odds`, the papers' choice), or its logit (`output: logit`);
+* a Shallow ShapNet with `output: logit` gives its dividends from its own modules (exact, no masking: restricting a
+  game to some players keeps the dividends of their subsets); every other model - and a Shallow ShapNet's
+  log-odds, which are not a sum of module games - goes through the oracle, `2^players` forward rows per sample.
+
+Each evaluation appends one JSON line to `<run>/interactions.jsonl` (epoch, the trainer's training and validation
+loss and their gap, per-order strengths and counts of salient interactions of the training and test samples, the
+train/test Jaccard similarity per order, the largest universal-matching error, the cost in seconds);
+`finish()` draws `<run>/interaction_dynamics.png`. The statistics are defined in `shapnets.interaction_stats`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from shapnets import ShallowShapNet
+from shapnets.and_or import and_or_interactions, or_interactions_from_values, zeta_transform
+from shapnets.interaction_stats import jaccard_by_order, order_statistics
+from shapnets.interactions import Interactions
+from shapnets.oracle import coalition_values
+
+from .config import UserError
+
+__all__ = ["DYNAMICS_FIGURE", "RECORDS_FILE", "InteractionTracker", "grid_players", "plot_dynamics",
+           "read_records"]
+
+log = logging.getLogger("training")
+
+RECORDS_FILE = "interactions.jsonl"
+DYNAMICS_FIGURE = "interaction_dynamics.png"
+
+
+def grid_players(height: int, width: int, players: int) -> tuple[Tensor, tuple[int, int]]:
+    """`(H, W)` map of pixels to `players` patches of a near-square grid, and the grid's `(gh, gw)`."""
+    gh = max(d for d in range(1, math.isqrt(players) + 1) if players % d == 0)
+    gw = players // gh
+    if gh > height or gw > width:
+        raise UserError(f"train.track_interactions.players={players}: a {gh} x {gw} grid of patches does not fit "
+                        f"images of {height} x {width} pixels")
+    rows = torch.div(torch.arange(height) * gh, height, rounding_mode="floor")
+    cols = torch.div(torch.arange(width) * gw, width, rounding_mode="floor")
+    return rows[:, None] * gw + cols[None, :], (gh, gw)
+
+
+def _balanced_indices(labels: Tensor, count: int, seed: int) -> Tensor:
+    """`count` indices (fewer if the split is smaller) taking the classes in turn, each in a seeded random order."""
+    g = torch.Generator().manual_seed(seed)
+    queues = [idx[torch.randperm(len(idx), generator=g)].tolist()
+              for c in labels.unique().tolist() if len(idx := (labels == c).nonzero().flatten())]
+    picked: list[int] = []
+    while len(picked) < count and any(queues):
+        for q in queues:
+            if q and len(picked) < count:
+                picked.append(q.pop(0))
+    return torch.tensor(sorted(picked), dtype=torch.long)
+
+
+def _split_tensors(dataset: Any) -> tuple[Tensor, Tensor]:
+    if hasattr(dataset, "features") and hasattr(dataset, "labels"):
+        return dataset.features, dataset.labels
+    xs, ys = zip(*[dataset[i] for i in range(len(dataset))])
+    return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys, dtype=torch.long)
+
+
+class InteractionTracker:
+    """The `train.track_interactions` hook: checked when built (before training), then run by the trainer.
+
+    Args:
+        options: the validated `train.track_interactions` mapping (`training.config.track_interactions_options`).
+        model: the model being trained (its `reference`, when it has one, is the masking reference).
+        bundle: the `DataBundle`; samples come from `train` and from `test` (`val` if the test split is empty).
+        device: where the model lives.
+        out: the run folder.
+
+    Raises:
+        UserError: the inputs have fewer players than asked, or an input layout the tracker cannot split.
+    """
+
+    def __init__(self, options: dict[str, Any], model: nn.Module, bundle: Any, device: torch.device,
+                 out: Path) -> None:
+        self.options = dict(options)
+        self.samples, self.players, self.every = options["samples"], options["players"], options["every"]
+        self.kind, self.split, self.tau, self.output = options["kind"], options["split"], options["tau"], \
+            options["output"]
+        self.device, self.path, self.figure = device, Path(out) / RECORDS_FILE, Path(out) / DYNAMICS_FIGURE
+        info = bundle.info
+        shape = tuple(info.input_shape)
+        train_x, train_y = _split_tensors(bundle.train)
+        test_set = bundle.test if bundle.test is not None and len(bundle.test) else bundle.val
+        if test_set is None or not len(test_set):
+            raise UserError("train.track_interactions needs test (or validation) samples: the data set has none")
+        test_x, test_y = _split_tensors(test_set)
+
+        reference = getattr(model, "reference", None)
+        if not isinstance(reference, Tensor):
+            reference = torch.tensor(info.reference) if info.reference is not None else torch.zeros(shape[0])
+        reference = reference.detach().float().cpu()
+        if len(shape) == 3 and reference.dim() == 1:
+            reference = reference.view(-1, 1, 1)  # one value per channel
+        try:
+            self.reference = torch.broadcast_to(reference, shape).clone()
+        except RuntimeError as e:
+            raise UserError(f"train.track_interactions: the reference of shape {tuple(reference.shape)} does not fit "
+                            f"inputs of shape {shape}") from e
+
+        self.chosen: Tensor | None = None  # tabular: the tracked features
+        self.player_map: Tensor | None = None  # images: pixel -> patch
+        if len(shape) == 1:
+            if shape[0] < self.players:
+                raise UserError(f"train.track_interactions.players={self.players}, but the inputs of {info.name} have "
+                                f"only {shape[0]} features: ask for at most {shape[0]}")
+            spread = (train_x - self.reference).abs().mean(0)
+            self.chosen = spread.argsort(descending=True, stable=True)[: self.players].sort().values
+            names = info.feature_names
+            self.player_names = [names[i] for i in self.chosen.tolist()] if names else None
+            self.layout = f"{self.players} features with the largest mean |x - reference|"
+        elif len(shape) == 3:
+            _, H, W = shape
+            if self.players > H * W:
+                raise UserError(f"train.track_interactions.players={self.players}, but the images of {info.name} have "
+                                f"only {H * W} pixels")
+            pixel_map, (gh, gw) = grid_players(H, W, self.players)
+            self.player_map = pixel_map.expand(shape[0], H, W)
+            self.player_names = None
+            self.layout = f"a {gh} x {gw} grid of patches"
+        else:
+            raise UserError(f"train.track_interactions supports tables (D,) and images (C, H, W), got inputs of shape "
+                            f"{shape}")
+        self.structural = isinstance(model, ShallowShapNet) and self.output == "logit"
+        seed = 0
+        i_train, i_test = _balanced_indices(train_y, self.samples, seed), _balanced_indices(test_y, self.samples, seed)
+        self.train_x, self.train_y = train_x[i_train].float(), train_y[i_train]
+        self.test_x, self.test_y = test_x[i_test].float(), test_y[i_test]
+        self.total_cost = 0.0
+
+    # ------------------------------------------------------------------ the games
+    def _values(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """`(2^players, B, 1)`: the tracked output of every sample on every coalition of the players."""
+        x, ref = x.to(self.device), self.reference.to(self.device)
+        if self.structural:
+            logits = self._structural_values(model, x)
+        elif self.chosen is not None:
+            chosen = self.chosen.to(self.device)
+
+            def fn(z: Tensor) -> Tensor:  # the chosen features from z, every other one at the reference
+                return model(ref.expand(z.shape[0], -1).index_copy(1, chosen, z)).float()
+
+            logits, _ = coalition_values(fn, x[:, chosen], ref[chosen], None, self.players, 8192, "track_interactions")
+        else:
+            logits, _ = coalition_values(lambda z: model(z).float(), x, ref, self.player_map.to(self.device),
+                                         self.players, 8192, "track_interactions")
+        logits = logits.double()
+        target = y.to(self.device).view(1, -1, 1).expand(logits.shape[0], -1, 1)
+        true = logits.gather(2, target)
+        if self.output == "logit":
+            return true
+        others = logits.scatter(2, target, -math.inf).logsumexp(2, keepdim=True)
+        return true - others
+
+    def _structural_values(self, model: nn.Module, x: Tensor) -> Tensor:
+        """A Shallow ShapNet's logits on every coalition of the chosen features, from its own dividends."""
+        full = model.interactions(x)  # dividends of every subset of every module, no masking
+        position = {f: j for j, f in enumerate(self.chosen.tolist())}
+        rows = [sum(1 << position[f] for f in s) if all(f in position for f in s) else -1 for s in full.subsets]
+        keep = torch.tensor([t for t, r in enumerate(rows) if r >= 0], dtype=torch.long, device=x.device)
+        target = torch.tensor([r for r in rows if r >= 0], dtype=torch.long, device=x.device)
+        dividends = full.base.new_zeros(2**self.players, *full.base.shape)
+        dividends[0] = full.base
+        dividends.index_add_(0, target, full.dividends[:, keep].transpose(0, 1))
+        return zeta_transform(dividends, self.players)
+
+    def _records(self, values: Tensor) -> tuple[dict[str, list[Interactions]], float]:
+        """The interaction records of each tracked kind, and the largest universal-matching error."""
+        meta = dict(player_names=self.player_names, method="track_interactions")
+        if self.kind == "and":
+            record = Interactions.from_coalition_values(values, **meta)
+            return {"and": [record]}, record.decomposition_error()
+        if self.kind == "or":
+            record = or_interactions_from_values(values, **meta)
+            return {"or": [record]}, record.decomposition_error()
+        both = and_or_interactions(values, self.split, **meta)
+        return {"and": [both.and_], "or": [both.or_], "and_or": [both.and_, both.or_]}, both.matching_error()
+
+    # ------------------------------------------------------------------ the hook
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, epoch: int, row: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Compute, append and return the record of `epoch` (0: before training); `row` is the trainer's."""
+        t0 = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        try:
+            train_records, train_err = self._records(self._values(model, self.train_x, self.train_y))
+            test_records, test_err = self._records(self._values(model, self.test_x, self.test_y))
+        finally:
+            model.train(was_training)
+        record: dict[str, Any] = {"epoch": epoch}
+        row = row or {}
+        train_loss, val_loss = row.get("train_ce", row.get("train_loss")), row.get("val_loss")
+        record.update(train_loss=train_loss, val_loss=val_loss,
+                      loss_gap=val_loss - train_loss if train_loss is not None and val_loss is not None
+                      and not math.isnan(val_loss) else None,
+                      val_acc=row.get("val_acc"))
+        for name in train_records:
+            record[name] = {
+                "train": order_statistics(train_records[name], self.tau, self.players).to_dict(),
+                "test": order_statistics(test_records[name], self.tau, self.players).to_dict(),
+                "jaccard": jaccard_by_order(train_records[name], self.train_y, test_records[name], self.test_y,
+                                            self.players)["mean"],
+            }
+        record["matching_error"] = max(train_err, test_err)
+        cost = time.perf_counter() - t0
+        record["cost_s"] = cost
+        self.total_cost += cost
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def start(self, model: nn.Module, resume: bool) -> None:
+        """A fresh run: empty `interactions.jsonl` and record the initial model (epoch 0)."""
+        log.info("tracking %s interactions of %d train + %d test samples over %s (%s), every %d epoch(s), via %s",
+                 self.kind, len(self.train_y), len(self.test_y), self.layout, self.output, self.every,
+                 "the model's own modules" if self.structural else f"the oracle (2^{self.players} forward rows each)")
+        if resume and self.path.is_file():
+            return
+        self.path.write_text("")
+        rec = self.evaluate(model, 0)
+        log.info("interactions at init: %.2fs", rec["cost_s"])
+
+    def after_epoch(self, model: nn.Module, epoch: int, row: dict[str, Any], is_last: bool) -> None:
+        """Record epoch `epoch` (1-based, completed) when it is a multiple of `every`, and the last one."""
+        if epoch % self.every and not is_last:
+            return
+        rec = self.evaluate(model, epoch, row)
+        epoch_time = row.get("epoch_time_s")
+        log.info("interactions at epoch %d: %.2fs%s, matching error %.1e", epoch, rec["cost_s"],
+                 f" ({rec['cost_s'] / epoch_time:.2f}x the epoch's {epoch_time:.2f}s)" if epoch_time else "",
+                 rec["matching_error"])
+
+    def finish(self) -> Path | None:
+        """Draw `interaction_dynamics.png` from the records; None (and a log line) without matplotlib."""
+        log.info("interaction tracking: %.1fs in all", self.total_cost)
+        try:
+            return plot_dynamics(read_records(self.path), self.figure)
+        except ImportError:
+            log.warning("matplotlib is not installed: %s not drawn", self.figure)
+            return None
+
+
+# ------------------------------------------------------------------ reading and drawing
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of an `interactions.jsonl`, in file order (the last one wins for a repeated epoch)."""
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_epoch[rec["epoch"]] = rec
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def plot_dynamics(records: list[dict[str, Any]], path: str | Path, title: str | None = None,
+                  split: str = "train") -> Path:
+    """Strength of salient interactions per order against epoch, Jaccard per order, and the loss gap.
+
+    One column per tracked kind (`and`, `or`); rows: relative strength of the salient positive (above 0) and
+    negative (below 0) interactions of each order of the `split` samples; the train/test Jaccard similarity per
+    order; the trainer's training and validation loss and their gap.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("and", "or") if records and k in records[0]]
+    epochs = [r["epoch"] for r in records]
+    K = len(records[0][kinds[0]][split]["positive"])
+    colors = plt.get_cmap("viridis")(torch.linspace(0, 1, K).tolist())
+    fig, axes = plt.subplots(3, len(kinds), figsize=(5.5 * len(kinds), 9), sharex=True, squeeze=False)
+    for col, kind in enumerate(kinds):
+        ax = axes[0, col]
+        for k in range(K):
+            pos = [r[kind][split]["relative_positive"][k] for r in records]
+            neg = [r[kind][split]["relative_negative"][k] for r in records]
+            ax.plot(epochs, pos, color=colors[k], label=f"order {k + 1}")
+            ax.plot(epochs, neg, color=colors[k], linestyle="--")
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_title(f"{kind.upper()}: salient strength per order ({split} samples)")
+        ax.set_ylabel("share of salient |I| (+ solid, - dashed)")
+        if col == len(kinds) - 1:
+            ax.legend(fontsize=7, ncol=2)
+        ax = axes[1, col]
+        for k in range(K):
+            ax.plot(epochs, [r[kind]["jaccard"][k] for r in records], color=colors[k])
+        ax.set_ylabel("train/test Jaccard per order")
+        ax.set_ylim(0, 1)
+        ax = axes[2, col]
+        pts = [(r["epoch"], r["train_loss"], r["val_loss"], r["loss_gap"]) for r in records
+               if r.get("loss_gap") is not None]
+        if pts:
+            e, tr, va, gap = zip(*pts)
+            ax.plot(e, tr, label="train loss")
+            ax.plot(e, va, label="val loss")
+            ax.plot(e, gap, label="gap (val - train)", color="black")
+            ax.legend(fontsize=7)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("cross-entropy")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
