@@ -34,6 +34,7 @@ __all__ = [
     "and_or_interactions",
     "check_kind",
     "or_interactions_from_values",
+    "or_inverse_transform",
     "or_transform",
     "zeta_transform",
 ]
@@ -78,8 +79,8 @@ def or_transform(values: Tensor, k: int) -> Tensor:
     return out
 
 
-def _or_values(or_rows: Tensor, k: int) -> Tensor:
-    """Coalition values from OR rows (`or_transform`'s output): the inverse of `or_transform`."""
+def or_inverse_transform(or_rows: Tensor, k: int) -> Tensor:
+    """Coalition values from OR rows (`or_transform`'s output, row 0 the base): the inverse of `or_transform`."""
     m = -or_rows
     m[0] = or_rows.sum(0)  # the dividend of w at ∅ is w(∅) = v(N) = v(∅) + sum of all OR interactions
     return zeta_transform(m, k).flip(0)
@@ -124,10 +125,11 @@ class AndOrInteractions:
     def reconstruct(self) -> Tensor:
         """`(2^n, B, C_out)`: `v(∅) + sum_{T ⊆ S} I_and(T) + sum_{T ∩ S ≠ ∅} I_or(T)` for every coalition `S`."""
         n = self.num_players
-        and_rows, or_rows = self._rows(self.and_), self._rows(self.or_)
-        return zeta_transform(and_rows, n) + _or_values(or_rows, n)
+        and_rows, or_rows = self.coalition_rows(self.and_), self.coalition_rows(self.or_)
+        return zeta_transform(and_rows, n) + or_inverse_transform(or_rows, n)
 
-    def _rows(self, record: Interactions) -> Tensor:
+    def coalition_rows(self, record: Interactions) -> Tensor:
+        """`(2^n, B, C_out)`: `record`'s base in row 0, its interactions in coalition row order (`or_transform`'s)."""
         if not record.complete:
             raise ValueError("reconstruct needs every interaction: compute them without max_order")
         n = self.num_players

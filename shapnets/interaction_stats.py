@@ -34,13 +34,26 @@ __all__ = ["DEFAULT_TAU", "OrderStatistics", "interaction_matrix", "jaccard_by_o
 DEFAULT_TAU = 0.05
 
 
-def interaction_matrix(records: Interactions | Sequence[Interactions]) -> tuple[Tensor, Tensor]:
+Records = Interactions | Sequence[Interactions] | tuple[Tensor, Tensor]
+
+
+def interaction_matrix(records: Records) -> tuple[Tensor, Tensor]:
     """`(B, S_total)` values and `(S_total,)` orders of one or several single-output records, side by side.
+
+    Args:
+        records: one `Interactions` or several over the same samples, or directly a pair `(values (B, S),
+            orders (S,))` (what this function returns).
 
     Raises:
         ValueError: a record has several outputs (pick one with `Interactions.select`), or the records disagree on
             the batch size.
     """
+    if isinstance(records, tuple) and len(records) == 2 and isinstance(records[0], Tensor):
+        values, orders = records
+        if values.dim() != 2 or orders.shape != (values.shape[1],):
+            raise ValueError(f"expected values (B, S) and orders (S,), got {tuple(values.shape)} and "
+                             f"{tuple(orders.shape)}")
+        return values, orders.to(values.device)
     records = [records] if isinstance(records, Interactions) else list(records)
     if not records:
         raise ValueError("need at least one Interactions record")
@@ -90,13 +103,14 @@ def _check_tau(tau: float) -> float:
     return float(tau)
 
 
-def order_statistics(records: Interactions | Sequence[Interactions], tau: float = DEFAULT_TAU,
+def order_statistics(records: Records, tau: float = DEFAULT_TAU,
                      max_order: int | None = None) -> OrderStatistics:
     """Strength (positive and negative) and count of salient interactions per order over a batch.
 
     Args:
         records: one single-output `Interactions`, or several (AND and OR) over the same samples: their
-            interactions are pooled (one threshold per sample) and counted per order together.
+            interactions are pooled (one threshold per sample) and counted per order together; or a pair
+            `(values (B, S), orders (S,))`.
         tau: salient means `|I(T)| > tau * max |I|` of the sample (`DEFAULT_TAU` = 0.05).
         max_order: the number of orders reported (default the largest listed order).
 
@@ -138,9 +152,9 @@ def _nonnegative(v: Tensor) -> Tensor:
 
 
 def jaccard_by_order(
-    train: Interactions | Sequence[Interactions],
+    train: Records,
     train_labels: Tensor,
-    test: Interactions | Sequence[Interactions],
+    test: Records,
     test_labels: Tensor,
     max_order: int | None = None,
 ) -> dict[str, list[float] | dict[int, list[float]]]:

@@ -43,6 +43,8 @@ def test_config_runs_one_step(path: Path, tmp_path: Path, data_root_or_none: Pat
         if data_root_or_none is None:
             cfg.data.name = NEEDS_FILES[cfg.data.name]
             cfg.model.strict_init = False  # the stand-in's classes/features differ from the weights' data set
+            if cfg.train.track_interactions:  # the tabular stand-in has 8 features
+                cfg.train.track_interactions["players"] = min(cfg.train.track_interactions["players"], 8)
         else:
             cfg.data.root = str(data_root_or_none)
     bundle = load_data(cfg)

@@ -33,9 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from shapnets import ShallowShapNet
-from shapnets.and_or import and_or_interactions, or_interactions_from_values, zeta_transform
+from shapnets.and_or import and_or_interactions, or_inverse_transform, or_transform, zeta_transform
 from shapnets.interaction_stats import jaccard_by_order, order_statistics
-from shapnets.interactions import Interactions
+from shapnets.interactions import moebius_transform
 from shapnets.oracle import coalition_values
 
 from .config import UserError
@@ -114,7 +114,9 @@ class InteractionTracker:
         if not isinstance(reference, Tensor):
             reference = torch.tensor(info.reference) if info.reference is not None else torch.zeros(shape[0])
         reference = reference.detach().float().cpu()
-        if len(shape) == 3 and reference.dim() == 1:
+        if reference.numel() == math.prod(shape):
+            reference = reference.reshape(shape)  # e.g. a ShapNet's (D, 1): one value per feature and channel
+        elif len(shape) == 3 and reference.dim() == 1:
             reference = reference.view(-1, 1, 1)  # one value per channel
         try:
             self.reference = torch.broadcast_to(reference, shape).clone()
@@ -155,18 +157,19 @@ class InteractionTracker:
     # ------------------------------------------------------------------ the games
     def _values(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """`(2^players, B, 1)`: the tracked output of every sample on every coalition of the players."""
-        x, ref = x.to(self.device), self.reference.to(self.device)
+        x = x.to(self.device)
+        ref = self.reference.to(self.device, x.dtype)
         if self.structural:
             logits = self._structural_values(model, x)
         elif self.chosen is not None:
             chosen = self.chosen.to(self.device)
 
             def fn(z: Tensor) -> Tensor:  # the chosen features from z, every other one at the reference
-                return model(ref.expand(z.shape[0], -1).index_copy(1, chosen, z)).float()
+                return model(ref.expand(z.shape[0], -1).index_copy(1, chosen, z))
 
             logits, _ = coalition_values(fn, x[:, chosen], ref[chosen], None, self.players, 8192, "track_interactions")
         else:
-            logits, _ = coalition_values(lambda z: model(z).float(), x, ref, self.player_map.to(self.device),
+            logits, _ = coalition_values(model, x, ref, self.player_map.to(self.device),
                                          self.players, 8192, "track_interactions")
         logits = logits.double()
         target = y.to(self.device).view(1, -1, 1).expand(logits.shape[0], -1, 1)
@@ -188,17 +191,28 @@ class InteractionTracker:
         dividends.index_add_(0, target, full.dividends[:, keep].transpose(0, 1))
         return zeta_transform(dividends, self.players)
 
-    def _records(self, values: Tensor) -> tuple[dict[str, list[Interactions]], float]:
-        """The interaction records of each tracked kind, and the largest universal-matching error."""
-        meta = dict(player_names=self.player_names, method="track_interactions")
-        if self.kind == "and":
-            record = Interactions.from_coalition_values(values, **meta)
-            return {"and": [record]}, record.decomposition_error()
-        if self.kind == "or":
-            record = or_interactions_from_values(values, **meta)
-            return {"or": [record]}, record.decomposition_error()
-        both = and_or_interactions(values, self.split, **meta)
-        return {"and": [both.and_], "or": [both.or_], "and_or": [both.and_, both.or_]}, both.matching_error()
+    def _records(self, values: Tensor) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
+        """`(values (B, S), orders (S,))` of each tracked kind, and the largest universal-matching error.
+
+        The half split is done here on plain tensors (the records' Shapley interaction indices are not needed);
+        the sparse split goes through `shapnets.and_or.and_or_interactions`.
+        """
+        n = self.players
+        orders = torch.tensor([bin(t).count("1") for t in range(1, 2**n)], device=values.device)
+        if self.kind == "and_or" and self.split == "sparse":
+            both = and_or_interactions(values, "sparse")
+            and_rows, or_rows = both.coalition_rows(both.and_), both.coalition_rows(both.or_)
+        else:
+            share = {"and": 1.0, "or": 0.0, "and_or": 0.5}[self.kind]
+            and_rows = moebius_transform(share * values, n)
+            or_rows = or_transform((1 - share) * values, n)
+        err = (zeta_transform(and_rows, n) + or_inverse_transform(or_rows, n) - values).abs().max().item()
+        found = {"and": (and_rows[1:, :, 0].T, orders), "or": (or_rows[1:, :, 0].T, orders)}
+        if self.kind == "and_or":
+            found["and_or"] = (torch.cat([found["and"][0], found["or"][0]], 1), torch.cat([orders, orders]))
+        else:
+            found = {self.kind: found[self.kind]}
+        return found, err
 
     # ------------------------------------------------------------------ the hook
     @torch.no_grad()
