@@ -40,8 +40,8 @@ from shapnets.oracle import coalition_values
 
 from .config import UserError
 
-__all__ = ["DYNAMICS_FIGURE", "RECORDS_FILE", "InteractionTracker", "grid_players", "plot_dynamics",
-           "read_records"]
+__all__ = ["DYNAMICS_FIGURE", "RECORDS_FILE", "InteractionTracker", "grid_players", "mean_order", "plot_dynamics",
+           "read_records", "summarize"]
 
 log = logging.getLogger("training")
 
@@ -290,13 +290,54 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def mean_order(stats: dict[str, Any]) -> float:
+    """Strength-weighted mean order of the salient interactions of one record's statistics (`OrderStatistics`)."""
+    shares = [p - n for p, n in zip(stats["relative_positive"], stats["relative_negative"])]
+    total = sum(shares)
+    return sum((k + 1) * w for k, w in enumerate(shares)) / total if total > 0 else math.nan
+
+
+def summarize(records: list[dict[str, Any]], kind: str = "and", split: str = "train") -> dict[str, Any]:
+    """Numbers that say whether the two phases appear: mean order at init, its minimum and the end; loss turn.
+
+    Returns:
+        `init_order`, `min_order` and `min_order_epoch` (the end of phase 1: the lowest strength-weighted mean order
+        after initialisation), `final_order`, `best_val_epoch` (lowest validation loss: where the gap starts to
+        widen), `low_share` / `high_share` (share of salient strength at orders <= 2 / >= n/2 + 1) at init, at the
+        phase-1 minimum and at the end, and the final train/test Jaccard per order.
+    """
+    orders = [mean_order(r[kind][split]) for r in records]
+    K = len(records[0][kind][split]["positive"])
+    later = [(o, r["epoch"]) for o, r in zip(orders, records) if r["epoch"] > 0 and not math.isnan(o)]
+    low_order, low_epoch = min(later) if later else (math.nan, None)
+    with_val = [(r["val_loss"], r["epoch"]) for r in records if r.get("val_loss") is not None]
+
+    def shares(rec: dict[str, Any]) -> tuple[float, float]:
+        st = rec[kind][split]
+        w = [p - n for p, n in zip(st["relative_positive"], st["relative_negative"])]
+        total = sum(w) or math.nan
+        return sum(w[:2]) / total, sum(w[K // 2:]) / total
+
+    at_min = next(r for r in records if r["epoch"] == low_epoch) if low_epoch is not None else records[-1]
+    return {
+        "kind": kind, "split": split, "orders": K,
+        "init_order": orders[0], "min_order": low_order, "min_order_epoch": low_epoch, "final_order": orders[-1],
+        "best_val_epoch": min(with_val)[1] if with_val else None,
+        "low_share": [shares(records[0])[0], shares(at_min)[0], shares(records[-1])[0]],
+        "high_share": [shares(records[0])[1], shares(at_min)[1], shares(records[-1])[1]],
+        "final_jaccard": records[-1][kind]["jaccard"],
+        "final_gap": records[-1].get("loss_gap"),
+    }
+
+
 def plot_dynamics(records: list[dict[str, Any]], path: str | Path, title: str | None = None,
                   split: str = "train") -> Path:
-    """Strength of salient interactions per order against epoch, Jaccard per order, and the loss gap.
+    """Interaction dynamics against epoch (symlog axis: most of the change is early), one column per kind.
 
-    One column per tracked kind (`and`, `or`); rows: relative strength of the salient positive (above 0) and
-    negative (below 0) interactions of each order of the `split` samples; the train/test Jaccard similarity per
-    order; the trainer's training and validation loss and their gap.
+    Rows: the strength-weighted mean order of the salient interactions (training and test samples); the relative
+    strength of the salient positive (above 0) and negative (below 0) interactions of each order of the `split`
+    samples; the train/test Jaccard similarity per order; the trainer's training and validation loss and their gap.
+    A dotted line marks the epoch of the lowest validation loss.
     """
     import matplotlib
 
@@ -307,25 +348,33 @@ def plot_dynamics(records: list[dict[str, Any]], path: str | Path, title: str | 
     epochs = [r["epoch"] for r in records]
     K = len(records[0][kinds[0]][split]["positive"])
     colors = plt.get_cmap("viridis")(torch.linspace(0, 1, K).tolist())
-    fig, axes = plt.subplots(3, len(kinds), figsize=(5.5 * len(kinds), 9), sharex=True, squeeze=False)
+    with_val = [(r["val_loss"], r["epoch"]) for r in records if r.get("val_loss") is not None]
+    turn = min(with_val)[1] if with_val else None
+    fig, axes = plt.subplots(4, len(kinds), figsize=(5.5 * len(kinds), 11), sharex=True, squeeze=False)
     for col, kind in enumerate(kinds):
         ax = axes[0, col]
+        for which, style in (("train", "-"), ("test", "--")):
+            ax.plot(epochs, [mean_order(r[kind][which]) for r in records], style, color="black",
+                    label=f"{which} samples")
+        ax.set_title(f"{kind.upper()} interactions")
+        ax.set_ylabel("mean order of salient |I|")
+        ax.legend(fontsize=7)
+        ax = axes[1, col]
         for k in range(K):
-            pos = [r[kind][split]["relative_positive"][k] for r in records]
-            neg = [r[kind][split]["relative_negative"][k] for r in records]
-            ax.plot(epochs, pos, color=colors[k], label=f"order {k + 1}")
-            ax.plot(epochs, neg, color=colors[k], linestyle="--")
+            ax.plot(epochs, [r[kind][split]["relative_positive"][k] for r in records], color=colors[k],
+                    label=f"order {k + 1}")
+            ax.plot(epochs, [r[kind][split]["relative_negative"][k] for r in records], color=colors[k],
+                    linestyle="--")
         ax.axhline(0, color="grey", linewidth=0.5)
-        ax.set_title(f"{kind.upper()}: salient strength per order ({split} samples)")
-        ax.set_ylabel("share of salient |I| (+ solid, - dashed)")
+        ax.set_ylabel(f"share of salient |I| ({split})\n+ solid, - dashed")
         if col == len(kinds) - 1:
             ax.legend(fontsize=7, ncol=2)
-        ax = axes[1, col]
+        ax = axes[2, col]
         for k in range(K):
             ax.plot(epochs, [r[kind]["jaccard"][k] for r in records], color=colors[k])
         ax.set_ylabel("train/test Jaccard per order")
         ax.set_ylim(0, 1)
-        ax = axes[2, col]
+        ax = axes[3, col]
         pts = [(r["epoch"], r["train_loss"], r["val_loss"], r["loss_gap"]) for r in records
                if r.get("loss_gap") is not None]
         if pts:
@@ -336,11 +385,16 @@ def plot_dynamics(records: list[dict[str, Any]], path: str | Path, title: str | 
             ax.legend(fontsize=7)
         ax.set_xlabel("epoch")
         ax.set_ylabel("cross-entropy")
+        for row in axes[:, col]:
+            if turn is not None:
+                row.axvline(turn, color="red", linestyle=":", linewidth=1)
+            if max(epochs) > 20:
+                row.set_xscale("symlog", linthresh=1)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
