@@ -216,3 +216,22 @@ def test_jaccard_is_one_for_the_same_interactions_and_zero_for_opposite_ones() -
     # A class missing from one side is left out.
     assert set(jaccard_by_order(a, torch.tensor([0, 1]), half, torch.tensor([1]))["per_class"]) == {1}
     assert not math.isnan(partial["mean"][0])
+
+
+@pytest.mark.parametrize("groups", ["pairs", [[0, 1, 2], [2, 3, 4]]])
+def test_shallow_shapnet_or_interactions_from_its_modules_match_the_oracle(groups) -> None:
+    from shapnets import ShallowShapNet
+
+    torch.manual_seed(0)
+    model = ShallowShapNet(5, 3, groups=groups, hidden=[8]).double()
+    x = torch.randn(4, 5, dtype=F64)
+    mine = model.interactions(x, kind="or")
+    oracle = exact_interactions(model, x, model.reference, kind="or")
+    assert mine.kind == "or" and len(mine.subsets) < len(oracle.subsets)
+    found = listed(mine)
+    for subset, value in listed(oracle).items():
+        torch.testing.assert_close(found.get(subset, torch.zeros_like(value)), value, atol=1e-12, rtol=0)
+    torch.testing.assert_close(mine.sii, oracle.sii, atol=1e-12, rtol=0)
+    mine.check_decomposition()
+    with pytest.raises(ValueError, match="exact_interactions"):
+        model.interactions(x, kind="and_or")
