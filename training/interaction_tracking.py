@@ -47,6 +47,9 @@ log = logging.getLogger("training")
 
 RECORDS_FILE = "interactions.jsonl"
 DYNAMICS_FIGURE = "interaction_dynamics.png"
+# Masked copies per forward pass: small enough to stay in cache (a 3-stage CNN on 28 x 28 images ran ~1.5x faster
+# in chunks of 1024 than of 8192 on one CPU core), large enough for the per-call overhead not to matter.
+_CHUNK = 1024
 
 
 def grid_players(height: int, width: int, players: int) -> tuple[Tensor, tuple[int, int]]:
@@ -167,10 +170,11 @@ class InteractionTracker:
             def fn(z: Tensor) -> Tensor:  # the chosen features from z, every other one at the reference
                 return model(ref.expand(z.shape[0], -1).index_copy(1, chosen, z))
 
-            logits, _ = coalition_values(fn, x[:, chosen], ref[chosen], None, self.players, 8192, "track_interactions")
+            logits, _ = coalition_values(fn, x[:, chosen], ref[chosen], None, self.players, _CHUNK,
+                                         "track_interactions")
         else:
             logits, _ = coalition_values(model, x, ref, self.player_map.to(self.device),
-                                         self.players, 8192, "track_interactions")
+                                         self.players, _CHUNK, "track_interactions")
         logits = logits.double()
         target = y.to(self.device).view(1, -1, 1).expand(logits.shape[0], -1, 1)
         true = logits.gather(2, target)
