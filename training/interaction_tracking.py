@@ -306,9 +306,10 @@ def summarize(records: list[dict[str, Any]], kind: str = "and", split: str = "tr
 
     Returns:
         `init_order`, `min_order` and `min_order_epoch` (the end of phase 1: the lowest strength-weighted mean order
-        after initialisation), `final_order`, `best_val_epoch` (lowest validation loss: where the gap starts to
-        widen), `low_share` / `high_share` (share of salient strength at orders <= 2 / >= n/2 + 1) at init, at the
-        phase-1 minimum and at the end, and the final train/test Jaccard per order.
+        after initialisation), `rise_epoch` (the first later epoch whose mean order has climbed 10% of the way from
+        that minimum to the end: phase 2 under way), `final_order`, `best_val_epoch` (lowest validation loss: where
+        the gap starts to widen), `low_share` / `high_share` (share of salient strength at orders <= 2 / >= n/2 + 1)
+        at init, at the phase-1 minimum and at the end, and the final train/test Jaccard per order.
     """
     orders = [mean_order(r[kind][split]) for r in records]
     K = len(records[0][kind][split]["positive"])
@@ -323,9 +324,16 @@ def summarize(records: list[dict[str, Any]], kind: str = "and", split: str = "tr
         return sum(w[:2]) / total, sum(w[K // 2:]) / total
 
     at_min = next(r for r in records if r["epoch"] == low_epoch) if low_epoch is not None else records[-1]
+    # Phase 2 visibly under way: the first epoch after the minimum whose mean order has climbed 10% of the way
+    # from the minimum to the final value (the minimum itself sits on a flat, noisy bottom).
+    rise_epoch = None
+    if low_epoch is not None and orders[-1] > low_order:
+        bar = low_order + 0.1 * (orders[-1] - low_order)
+        rise_epoch = next((r["epoch"] for o, r in zip(orders, records) if r["epoch"] > low_epoch and o >= bar), None)
     return {
         "kind": kind, "split": split, "orders": K,
-        "init_order": orders[0], "min_order": low_order, "min_order_epoch": low_epoch, "final_order": orders[-1],
+        "init_order": orders[0], "min_order": low_order, "min_order_epoch": low_epoch, "rise_epoch": rise_epoch,
+        "final_order": orders[-1],
         "best_val_epoch": min(with_val)[1] if with_val else None,
         "low_share": [shares(records[0])[0], shares(at_min)[0], shares(records[-1])[0]],
         "high_share": [shares(records[0])[1], shares(at_min)[1], shares(records[-1])[1]],
