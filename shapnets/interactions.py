@@ -390,8 +390,9 @@ class Interactions(TensorFields):
         err = self.decomposition_error()
         scale = self.output.abs().max().item() if self.output.numel() else 0.0
         if not err <= atol + rtol * scale:
+            what = "Harsanyi" if self.kind == "and" else "OR"
             raise DecompositionError(
-                f"{self.kind.upper()} decomposition violated: max |output - base - sum(dividends)| = {err:.3e} "
+                f"{what} decomposition violated: max |output - base - sum(dividends)| = {err:.3e} "
                 f"> atol {atol:.1e} + rtol {rtol:.1e} * {scale:.3e}"
             )
 
