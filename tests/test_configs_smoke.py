@@ -43,10 +43,10 @@ def test_config_runs_one_step(path: Path, tmp_path: Path, data_root_or_none: Pat
         if data_root_or_none is None:
             cfg.data.name = NEEDS_FILES[cfg.data.name]
             cfg.model.strict_init = False  # the stand-in's classes/features differ from the weights' data set
-            if cfg.train.track_interactions:  # the tabular stand-in has 8 features
-                cfg.train.track_interactions["players"] = min(cfg.train.track_interactions["players"], 8)
         else:
             cfg.data.root = str(data_root_or_none)
+    if cfg.train.track_interactions:  # keep the interaction tracking of one step cheap (and within 8 features)
+        cfg.train.track_interactions.update(samples=2, players=min(cfg.train.track_interactions["players"], 4))
     bundle = load_data(cfg)
     # Keep evaluation tiny as well (data.limit only cuts the training split).
     small = DataBundle(bundle.train, Subset(bundle.val, range(min(4, len(bundle.val)))),
