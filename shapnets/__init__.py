@@ -16,6 +16,7 @@ Core objects:
   and reconstruction losses, and a routing-based attribution map (exact local accuracy, not Shapley values).
 """
 
+from .and_or import AndOrInteractions, and_or_interactions, or_transform
 from .capsnet import CapsNet, dynamic_routing, margin_loss, reconstruction_loss, squash
 from .contract import LossTerm, SelfExplaining, StepOutput
 from .conv import ConvShapNet, ShapleyConv2d
@@ -55,6 +56,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MAX_PLAYERS",
+    "AndOrInteractions",
     "CapsNet",
     "ConvShapNet",
     "DecompositionError",
@@ -74,6 +76,7 @@ __all__ = [
     "ShapleyModule",
     "ShapleyModuleBank",
     "StepOutput",
+    "and_or_interactions",
     "butterfly_pairs",
     "coalition_masks",
     "configure_pruning",
@@ -90,6 +93,7 @@ __all__ = [
     "margin_loss",
     "mask_at_peak",
     "moebius_transform",
+    "or_transform",
     "part_templates",
     "pixel_players",
     "prune_players",

@@ -31,7 +31,7 @@ import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from einops import rearrange
@@ -40,6 +40,9 @@ from torch import Tensor
 from .coalitions import coalition_table
 from .explanation import LocalAccuracyError, TensorFields, class_indices
 from .oracle import coalition_values
+
+if TYPE_CHECKING:
+    from .and_or import AndOrInteractions
 
 __all__ = [
     "DecompositionError",
@@ -187,6 +190,9 @@ class Interactions(TensorFields):
         complete: True when no subset whose dividend can be non-zero was left out (no `max_order`, or one at
             least the largest group): then `base + sum(dividends) == output` and the Shapley values follow.
         method: what produced the record and which game it describes.
+        kind: `"and"` (Harsanyi dividends, the default) or `"or"` (OR interactions, `shapnets.and_or`): an OR
+            record lists `I_or(T)` in `dividends`; `base + sum == output` and the even split giving the Shapley
+            values hold for both, and `sii` is the game's in both.
     """
 
     subsets: list[tuple[int, ...]]
@@ -199,6 +205,7 @@ class Interactions(TensorFields):
     class_names: list[str] | None = None
     complete: bool = True
     method: str = ""
+    kind: str = "and"
 
     def __post_init__(self) -> None:
         d, o = self.dividends, self.output
@@ -383,8 +390,9 @@ class Interactions(TensorFields):
         err = self.decomposition_error()
         scale = self.output.abs().max().item() if self.output.numel() else 0.0
         if not err <= atol + rtol * scale:
+            what = "Harsanyi" if self.kind == "and" else "OR"
             raise DecompositionError(
-                f"Harsanyi decomposition violated: max |output - base - sum(dividends)| = {err:.3e} "
+                f"{what} decomposition violated: max |output - base - sum(dividends)| = {err:.3e} "
                 f"> atol {atol:.1e} + rtol {rtol:.1e} * {scale:.3e}"
             )
 
@@ -507,11 +515,16 @@ def exact_interactions(
     max_order: int | None = None,
     max_batch: int = 8192,
     player_names: Sequence[str] | None = None,
-) -> Interactions:
-    """Brute-force Harsanyi dividends and Shapley interaction indices of any callable (the oracle).
+    kind: str = "and",
+    split: str = "half",
+    share: float = 0.5,
+) -> Interactions | AndOrInteractions:
+    """Brute-force AND (Harsanyi), OR or AND-OR interactions of any callable (the oracle).
 
     Evaluates the baseline game `v(S) = fn(x_S ; reference_rest)` on all `2^n` coalitions (as `exact_shapley`
-    does) and takes its Möbius transform. Every subset is listed, also those a model's structure makes 0.
+    does) and takes its Möbius transform (`kind="and"`), that of the complemented game (`kind="or"`, see
+    `shapnets.and_or`), or splits `v = v_and + v_or` and gives both (`kind="and_or"`). Every subset is listed,
+    also those a model's structure makes 0.
 
     Args:
         fn: maps a batch `(N, *S)` to `(N, C_out)` or `(N,)` (e.g. a model's `forward`).
@@ -523,14 +536,24 @@ def exact_interactions(
         max_order: list only subsets of at most this many players (the SII still uses all of them).
         max_batch: the largest batch handed to `fn` at once.
         player_names: optional names of the `n` players.
+        kind: `"and"` (Harsanyi dividends), `"or"` (OR interactions of `v`) or `"and_or"` (both, of a split).
+        split: with `kind="and_or"`: `"half"` or `"sparse"` (the split minimising the L1 norm of all AND and OR
+            interactions); see `shapnets.and_or.and_or_interactions`.
+        share: with `kind="and_or"`: the part of `v` given to the AND game before the split parameters.
 
     Returns:
-        `Interactions` over all `2^n - 1` non-empty subsets (or those up to `max_order`), in `x`'s dtype: use
-        float64 to verify.
+        `Interactions` (`kind="and"` or `"or"`) over all `2^n - 1` non-empty subsets (or those up to
+        `max_order`), or `AndOrInteractions` (`kind="and_or"`), in `x`'s dtype: use float64 to verify.
     """
+    from .and_or import and_or_interactions, check_kind, or_interactions_from_values
+
+    check_kind(kind)
     max_order = _check_max_order(max_order)
     values, _ = coalition_values(fn, x, reference, players, max_players, max_batch, "exact_interactions")
-    return Interactions.from_coalition_values(
-        values, max_order, player_names=list(player_names) if player_names is not None else None,
-        method="exact_interactions",
-    )
+    meta = dict(player_names=list(player_names) if player_names is not None else None,
+                method=f"exact_interactions[{kind}]" if kind != "and" else "exact_interactions")
+    if kind == "or":
+        return or_interactions_from_values(values, max_order, **meta)
+    if kind == "and_or":
+        return and_or_interactions(values, split, share, max_order, **meta)
+    return Interactions.from_coalition_values(values, max_order, **meta)

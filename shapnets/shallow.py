@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -180,29 +181,45 @@ class ShallowShapNet(StreamedBatches, TabularGame):
             method=type(self).__name__,
         )
 
-    def interactions(self, x: Tensor, max_order: int | None = None) -> Interactions:
-        """Exact Harsanyi dividends and pairwise Shapley interaction indices of the whole network.
+    def interactions(self, x: Tensor, max_order: int | None = None, kind: str = "and") -> Interactions:
+        """Exact Harsanyi dividends (or OR interactions) and pairwise Shapley interaction indices of the network.
 
         `g` is a sum of module games, so its dividends are the modules' own: every non-empty subset of every
         group is listed, and a subset shared by several groups (a feature's singleton under `"pairs"`) gets
         the sum of their dividends. A subset that lies in no group - in particular any subset of features from
         different groups - has dividend exactly 0 by construction and is not listed; likewise the interaction
         index of two features that share no group is 0. Computed from the coalition values `explain` uses.
+        The OR interactions (`shapnets.and_or`) are linear in the game too and vanish on every subset holding a
+        player the module ignores, so `kind="or"` gets them the same way, from each module's own.
 
         Args:
             x: `(B, D)` or `(B, D, C)`.
             max_order: list only subsets of at most this many features.
+            kind: `"and"` (Harsanyi dividends) or `"or"`; `"and_or"` needs the game on every coalition of all
+                features: use `shapnets.exact_interactions(model, x, model.reference, kind="and_or")`.
 
         Returns:
             `Interactions` with dividends `(B, S, num_classes)`, sii `(B, D, D, num_classes)` (the exact
             Shapley values of `explain` on its diagonal), base `g(reference)`, output `g(x)`.
         """
+        from .and_or import check_kind, or_transform, zeta_transform
+
+        if check_kind(kind) == "and_or":
+            raise ValueError("ShallowShapNet.interactions: kind='and_or' splits the game on every coalition of all "
+                             "features; use shapnets.exact_interactions(model, x, model.reference, kind='and_or') "
+                             "(up to 16 features)")
         x = self._check(x)
         delta = x - self.reference
         games = []
         for k, bank in zip(self.arities, self.banks):
             index = self._index(k)
             games.append((bank.coalition_values(delta[:, index], self.reference[index]), index))
-        return Interactions.from_module_games(
-            games, self.in_features, max_order, player_names=self.feature_names, method=type(self).__name__
-        )
+        meta = dict(player_names=self.feature_names, method=type(self).__name__)
+        found = Interactions.from_module_games(games, self.in_features, max_order, **meta)
+        if kind == "or":
+            # A game whose AND dividends are each module's OR interactions; the SII stays the real game's.
+            or_games = [(zeta_transform(or_transform(values, k), k), index) for (values, index), k in
+                        zip(games, self.arities)]
+            ors = Interactions.from_module_games(or_games, self.in_features, max_order, **meta)
+            found = replace(ors, sii=found.sii, kind="or")
+        return found

@@ -47,6 +47,8 @@ def test_config_runs_one_step(path: Path, tmp_path: Path, data_root_or_none: Pat
             cfg.data.root = str(data_root_or_none)
     if cfg.data.name in ("csv", "image_folder"):  # the user's own data: a small stand-in of that shape
         cfg.data.path = str(_own_data_stand_in(cfg.data, tmp_path))
+    if cfg.train.track_interactions:  # keep the interaction tracking of one step cheap (and within 8 features)
+        cfg.train.track_interactions.update(samples=2, players=min(cfg.train.track_interactions["players"], 4))
     bundle = load_data(cfg)
     # Keep evaluation tiny as well (data.limit only cuts the training split).
     small = DataBundle(bundle.train, Subset(bundle.val, range(min(4, len(bundle.val)))),

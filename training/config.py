@@ -33,6 +33,7 @@ __all__ = [
     "config_to_dict",
     "load_config",
     "save_config",
+    "track_interactions_options",
 ]
 
 
@@ -152,6 +153,9 @@ class TrainConfig:
         time_budget_s: fit the run into this many seconds of wall time: after `BUDGET_PROBE_STEPS` steps the
             trainer measures the step time and lowers `epochs` (at least 1) to what fits, keeping the whole
             warm-up + cosine schedule; `None` runs `epochs` as given. For a machine lent for minutes (a GPU).
+        track_interactions: watch AND/OR interactions during training (`training.interaction_tracking`):
+            `{samples: 32, players: 10, every: 1}` plus optional `kind` (`and`, `or`, `and_or`), `split`
+            (`half`, `sparse`), `tau` (salience threshold) and `output` (`log_odds`, `logit`); `None`: off.
     """
 
     epochs: int = 50
@@ -167,6 +171,7 @@ class TrainConfig:
     max_steps: int | None = None
     checkpoint_every_steps: int | None = None
     time_budget_s: float | None = None
+    track_interactions: dict[str, Any] | None = None
 
 
 @dataclass
@@ -312,6 +317,41 @@ def _build_section(cls: type, values: Any, section: str) -> Any:
     return cls(**kwargs)
 
 
+#: `train.track_interactions` keys: default value and allowed values (a tuple) or lower bound (a number).
+TRACK_INTERACTIONS_DEFAULTS: dict[str, Any] = {
+    "samples": 32, "players": 10, "every": 1, "kind": "and_or", "split": "half", "tau": 0.05, "output": "log_odds",
+}
+_TRACK_CHOICES = {"kind": ("and", "or", "and_or"), "split": ("half", "sparse"), "output": ("log_odds", "logit")}
+
+
+def track_interactions_options(values: dict[str, Any]) -> dict[str, Any]:
+    """`train.track_interactions` with defaults filled in, or a `ConfigError` naming the bad key or value."""
+    from shapnets.interactions import MAX_ORACLE_PLAYERS
+
+    where = "train.track_interactions"
+    options = dict(TRACK_INTERACTIONS_DEFAULTS)
+    for key, value in values.items():
+        if key not in options:
+            raise _unknown_key_error(str(key), where, list(TRACK_INTERACTIONS_DEFAULTS))
+        expected = type(TRACK_INTERACTIONS_DEFAULTS[key])
+        options[key] = _coerce(value, expected, f"{where}.{key}")
+    for key in ("samples", "players", "every"):
+        if options[key] < 1:
+            raise ConfigError(f"{where}.{key} must be >= 1, got {options[key]}")
+    if options["players"] > MAX_ORACLE_PLAYERS:
+        raise ConfigError(f"{where}.players={options['players']} is above the exact oracle's limit of "
+                          f"{MAX_ORACLE_PLAYERS} players (2^players coalitions per sample)")
+    if options["split"] == "sparse" and options["players"] > 12:
+        raise ConfigError(f"{where}.split=sparse solves a linear program per sample: at most 12 players, got "
+                          f"{options['players']}")
+    if not 0.0 <= options["tau"] < 1.0:
+        raise ConfigError(f"{where}.tau must lie in [0, 1), got {options['tau']}")
+    for key, choices in _TRACK_CHOICES.items():
+        if options[key] not in choices:
+            raise ConfigError(f"{where}.{key}: expected one of {', '.join(choices)}, got {options[key]!r}")
+    return options
+
+
 def _validate(cfg: ExperimentConfig) -> None:
     """Value checks that types alone cannot express."""
     checks = [
@@ -344,6 +384,8 @@ def _validate(cfg: ExperimentConfig) -> None:
         if not ok:
             raise ConfigError(message)
     _validate_own_data(cfg)
+    if cfg.train.track_interactions is not None:
+        cfg.train.track_interactions = track_interactions_options(cfg.train.track_interactions)
     for i, term in enumerate(cfg.loss.terms):
         if "name" not in term:
             raise ConfigError(f"loss.terms[{i}] needs a 'name' key, got keys {sorted(term)}")

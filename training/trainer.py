@@ -51,6 +51,7 @@ from .distributed import (
     barrier,
     init_distributed,
 )
+from .interaction_tracking import InteractionTracker
 from .losses import ModelStep, Objective, build_loss_terms
 
 __all__ = [
@@ -465,6 +466,9 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
             initialize_from(model, cfg.model.init_from, cfg.model.strict_init)
         apply_freeze(model, cfg.model.freeze)
         model.to(device)
+        # Checked now (players, input layout), not after the first epoch; runs on the main process only.
+        tracker = (InteractionTracker(tc.track_interactions, model, bundle, device, out)
+                   if tc.track_interactions is not None and dist_info.is_main else None)
         objective = Objective(build_loss_terms(cfg.loss, model), cfg.loss.label_smoothing)
         optimizer = build_optimizer(model, cfg.optim)
         seed_everything(tc.seed + rank)  # from here on each rank has its own random stream
@@ -599,6 +603,8 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
         stop_reason = None
         last_row: dict[str, Any] = {}
         probe_start: float | None = None
+        if tracker is not None:
+            tracker.start(eval_model, resume)
         model.train()
         while epoch < planned_epochs and stop_reason is None:
             sampler.set_epoch(epoch)
@@ -709,6 +715,8 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
                                           "config": config_to_dict(cfg), "data_info": info.to_dict(), "metrics": row},
                                          out / "best.pt")
                 csv_log.write(row)
+                if tracker is not None and epoch_finished:
+                    tracker.after_epoch(eval_model, epoch + 1, row, is_last or stop_reason is not None)
             if epoch_finished:
                 epoch, batch_in_epoch = epoch + 1, 0
             save_last(epoch, batch_in_epoch, row)
@@ -716,6 +724,8 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
 
         if stop_reason:
             log.info("stopped: %s", stop_reason)
+        if tracker is not None:
+            tracker.finish()
         # ---- test with the best weights
         if best_weights is not None:
             eval_model.load_state_dict(best_weights)
