@@ -26,6 +26,7 @@ from .icnn import (
     filter_loss,
     location_instability,
     mask_at_peak,
+    part_localization,
     part_templates,
 )
 from .interactions import (
@@ -83,6 +84,7 @@ __all__ = [
     "margin_loss",
     "mask_at_peak",
     "moebius_transform",
+    "part_localization",
     "part_templates",
     "pixel_players",
     "prune_players",
