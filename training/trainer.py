@@ -119,8 +119,21 @@ def _architecture_class(name: str) -> type[nn.Module] | None:
     return None
 
 
+def _zoo_class_accepts(name: str, argument: str) -> bool:
+    """Whether the zoo class behind `name` (a registered family such as `capsnet`, or one of its variants) takes
+    `argument`; False without the zoo."""
+    try:
+        import zoo
+    except ImportError:
+        return False
+    for generic, cls in getattr(zoo, "ARCHITECTURES", {}).items():
+        if name == generic or name.startswith(generic + "_"):
+            return argument in inspect.signature(cls).parameters
+    return False
+
+
 def _model_kwargs(model_cfg: ModelConfig, info: Any) -> dict[str, Any]:
-    """Config args plus what the data set implies (classes, input size, feature names, reference)."""
+    """Config args plus what the data set implies (classes, input size, feature names, reference, normalisation)."""
     kwargs = dict(model_cfg.args)
     cls = _architecture_class(model_cfg.name)
     accepted = set(inspect.signature(cls).parameters) if cls is not None else {"num_classes"}
@@ -135,6 +148,12 @@ def _model_kwargs(model_cfg: ModelConfig, info: Any) -> dict[str, Any]:
         defaults["in_chans"] = info.input_shape[0]
     if info.reference is not None:
         defaults["reference"] = torch.tensor(info.reference, dtype=torch.float32)
+    normalize = (info.preprocessing or {}).get("normalize") if isinstance(info.preprocessing, dict) else None
+    if isinstance(normalize, dict) and "mean" in normalize and "std" in normalize:
+        # Models that un-normalise their input (CapsNet's reconstruction target) take the data's constants.
+        defaults["input_mean"], defaults["input_std"] = list(normalize["mean"]), list(normalize["std"])
+        if cls is None and _zoo_class_accepts(model_cfg.name, "input_mean"):
+            accepted |= {"input_mean", "input_std"}
     for key, value in defaults.items():
         if key in accepted or (cls is None and key in ("num_classes", "in_features", "in_chans")):
             kwargs.setdefault(key, value)

@@ -22,7 +22,9 @@ hold `backbone_checkpoint_path=None`, so a saved ICNN rebuilds from its own weig
 .safetensors>)` or from the package's `zoo/weights/<name>/`, hash-checked by `zoo.hub`. Trained variants (their
 architecture in `ICNN_VARIANT_DEFAULTS`, trained by `configs/<...>.yaml`):
 
-* `icnn_vgg_small_parts`: the synthetic parts data (4 classes of 3-part objects, 64x64; `configs/icnn_parts.yaml`);
+* `icnn_vgg_small_parts`: the hard synthetic parts data (8 classes of 3-part objects, 64x64, random colours,
+  clutter, occlusion; `configs/icnn_parts.yaml`), and `icnn_vgg_small_parts_baseline`, the same network without
+  mask and filter loss given the same epochs (`configs/icnn_parts_baseline.yaml`);
 * `icnn_vgg_small_mnist`: MNIST (`configs/icnn_mnist.yaml`).
 """
 
@@ -217,6 +219,18 @@ def _cfg(description: str, **kwargs: Any) -> ShapNetCfg:
     return zoo_cfg(**{**family, **kwargs})
 
 
+_HARD_PARTS = dict(
+    input_size=(3, 64, 64),
+    num_classes=8,
+    mean=(0.28, 0.28, 0.28),
+    std=(0.15, 0.15, 0.15),
+    dataset=("hard synthetic parts (training.data.parts_hard): 8 classes of 3-part objects with exact landmarks, "
+             "random colours per part, clutter and occlusion, random position and scale; 3,200 train (10% held out "
+             "for validation) / 800 test images"),
+    preprocessing="pixels scaled to [0, 1], then normalized with mean 0.28 and std 0.15 (every channel)",
+    label_names=("tower", "face", "kite", "cart", "snowman", "boat", "robot", "bell"),
+)
+
 default_cfgs = generate_default_cfgs(
     {
         "icnn_vgg_small": _cfg("Interpretable CNN on a small VGG-style backbone (stride 8), any image size"),
@@ -225,16 +239,14 @@ default_cfgs = generate_default_cfgs(
         "icnn_resnet34": _cfg("Interpretable CNN on ResNet-34, any image size"),
         "icnn_timm": _cfg("Interpretable CNN on any timm CNN (pass backbone=<timm name>)"),
         "icnn_vgg_small_parts": _cfg(
-            "Interpretable CNN (small VGG) for the synthetic parts data: 3x64x64 images, 4 classes",
+            "Interpretable CNN (small VGG, stride 4) for the hard synthetic parts data: 3x64x64 images, 8 classes",
             file=_shipped_file("icnn_vgg_small_parts"),
-            input_size=(3, 64, 64),
-            num_classes=4,
-            mean=(0.19, 0.19, 0.19),
-            std=(0.15, 0.15, 0.15),
-            dataset=("synthetic parts (training.data.parts): 4 classes of 3-part objects with landmarks, clutter, "
-                     "random position and scale; 2,000 train (10% held out for validation) / 500 test images"),
-            preprocessing="pixels scaled to [0, 1], then normalized with mean 0.19 and std 0.15 (every channel)",
-            label_names=("tower", "face", "kite", "cart"),
+            **_HARD_PARTS,
+        ),
+        "icnn_vgg_small_parts_baseline": _cfg(
+            "The same small VGG without the filter loss and mask (the ICNN's baseline), hard parts data, 8 classes",
+            file=_shipped_file("icnn_vgg_small_parts_baseline"),
+            **_HARD_PARTS,
         ),
         "icnn_vgg_small_mnist": _cfg(
             "Interpretable CNN (small VGG, stride 4) for MNIST: 1x28x28 images, 10 classes",
@@ -258,10 +270,13 @@ _DEFAULT_BACKBONES = {
 }
 
 ICNN_VARIANT_DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
-    # Kept in step with configs/icnn_parts.yaml and configs/icnn_mnist.yaml, which train the shipped weights.
+    # Kept in step with configs/icnn_parts*.yaml and configs/icnn_mnist.yaml, which train the shipped weights.
     "icnn_vgg_small_parts": ("icnn_vgg_small", dict(
-        num_classes=4, in_chans=3, num_filters=64, filter_loss_weight=0.1,
-        backbone_args=dict(channels=(16, 32, 64, 128), convs_per_stage=(1, 1, 2, 2)))),
+        num_classes=8, in_chans=3, num_filters=64, filter_loss_weight=0.1,
+        backbone_args=dict(channels=(16, 32, 64), convs_per_stage=(1, 2, 3)))),
+    "icnn_vgg_small_parts_baseline": ("icnn_vgg_small", dict(
+        num_classes=8, in_chans=3, num_filters=64, interpretable=False,
+        backbone_args=dict(channels=(16, 32, 64), convs_per_stage=(1, 2, 3)))),
     "icnn_vgg_small_mnist": ("icnn_vgg_small", dict(
         num_classes=10, in_chans=1, num_filters=64, filter_loss_weight=0.1,
         backbone_args=dict(channels=(16, 32, 64), convs_per_stage=(1, 1, 2)))),
@@ -327,8 +342,14 @@ def icnn_timm(pretrained: bool = False, **kwargs: Any) -> TimmInterpretableCNN:
 
 @register_model
 def icnn_vgg_small_parts(pretrained: bool = False, **kwargs: Any) -> TimmInterpretableCNN:
-    """Interpretable CNN trained on the synthetic parts data (configs/icnn_parts.yaml); 3x64x64 in, 4 classes."""
+    """Interpretable CNN trained on the hard synthetic parts data (configs/icnn_parts.yaml); 3x64x64 in, 8 classes."""
     return _create_icnn("icnn_vgg_small_parts", pretrained, kwargs)
+
+
+@register_model
+def icnn_vgg_small_parts_baseline(pretrained: bool = False, **kwargs: Any) -> TimmInterpretableCNN:
+    """The ICNN's baseline on the hard parts data (configs/icnn_parts_baseline.yaml): no mask, no filter loss."""
+    return _create_icnn("icnn_vgg_small_parts_baseline", pretrained, kwargs)
 
 
 @register_model

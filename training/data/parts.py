@@ -234,8 +234,8 @@ def _parts_bundle(
     extra: dict[str, str] | None = None,
 ) -> DataBundle:
     """Split `(images, labels, landmarks[, occluded])` draws into a `DataBundle` of `PartsDataset`s."""
-    train_images, train_labels, train_landmarks = train[:3]
-    test_images, test_labels, test_landmarks = test[:3]
+    train_images, train_labels = train[:2]
+    test_images, test_labels = test[:2]
     bundle = image_bundle(
         name,
         (train_images, train_labels),

@@ -26,8 +26,9 @@ import colorsys
 import functools
 
 import numpy as np
+
 from .core import DataBundle
-from .parts import PART_COLOURS, PartsDataset, _parts_bundle, _segment_mask, _shape_mask
+from .parts import PART_COLOURS, _parts_bundle, _segment_mask, _shape_mask
 from .synthetic import GENERATOR_SEED
 
 __all__ = [
