@@ -849,6 +849,8 @@ class PartLocalization:
         centre_distance: `(M,)` mean distance (pixels) from the filter's location to the object centre.
         images: `(M,)` how many top images counted.
         cell_size: side of one top-map cell in pixels (the larger of the two axes' cell sides).
+        offset_median_distance: `(M,)` median distance to the landmark *shifted by the filter's mean offset* from
+            it: small when the filter fires at a fixed place relative to the part (e.g. its edge), not on it.
     """
 
     landmark: Tensor
@@ -858,6 +860,7 @@ class PartLocalization:
     centre_distance: Tensor
     images: Tensor
     cell_size: float
+    offset_median_distance: Tensor | None = None
 
     @property
     def localized(self) -> Tensor:
@@ -876,7 +879,8 @@ class PartLocalization:
             `filters`; `mean_distance` (mean of the per-filter means, pixels); `median_distance` (median of the
             per-filter medians); `share_within_cell` (mean share of top images within one cell);
             `share_localized` (share of filters whose median distance is within one cell);
-            `share_nearer_landmark_than_centre`; `cell_size`.
+            `share_nearer_landmark_than_centre`; `share_localized_up_to_offset` (the same as `share_localized`
+            for the landmark shifted by each filter's mean offset); `cell_size`.
         """
         keep = self.images > 0
         if filters is not None:
@@ -888,7 +892,8 @@ class PartLocalization:
         if count == 0:
             nan = float("nan")
             return {"filters": 0, "mean_distance": nan, "median_distance": nan, "share_within_cell": nan,
-                    "share_localized": nan, "share_nearer_landmark_than_centre": nan, "cell_size": self.cell_size}
+                    "share_localized": nan, "share_nearer_landmark_than_centre": nan,
+                    "share_localized_up_to_offset": nan, "cell_size": self.cell_size}
         return {
             "filters": count,
             "mean_distance": self.mean_distance[keep].mean().item(),
@@ -896,6 +901,8 @@ class PartLocalization:
             "share_within_cell": self.within_cell[keep].mean().item(),
             "share_localized": self.localized[keep].float().mean().item(),
             "share_nearer_landmark_than_centre": self.nearer_landmark_than_centre[keep].float().mean().item(),
+            "share_localized_up_to_offset": float("nan") if self.offset_median_distance is None
+            else (self.offset_median_distance[keep] <= self.cell_size).float().mean().item(),
             "cell_size": self.cell_size,
         }
 
@@ -995,6 +1002,11 @@ def part_localization(
     median_distance = masked.nanmedian(dim=0).values
     within = ((to_landmark <= max(sides)) & counted).sum(0) / counted.sum(0).clamp(min=1)
     to_centre = (top_locations - centres[top]).norm(dim=-1).masked_fill(~chosen, float("nan"))
+    # The same distance once each filter's mean offset from its landmark is removed (fires beside the part).
+    index = landmark.clamp(min=0)[None, :, None, None].expand(k, n_filters, 1, 2)
+    offsets = top_locations - landmarks[top].gather(2, index).squeeze(2)
+    offsets = offsets.masked_fill(~counted[..., None], float("nan"))
+    residual = (offsets - offsets.nanmean(dim=0, keepdim=True)).norm(dim=-1)
     return PartLocalization(
         landmark=landmark,
         mean_distance=mean_distance,
@@ -1003,6 +1015,7 @@ def part_localization(
         centre_distance=to_centre.nanmean(dim=0),
         images=counted.sum(0),
         cell_size=max(sides),
+        offset_median_distance=residual.nanmedian(dim=0).values,
     )
 
 

@@ -60,6 +60,10 @@ def test_part_measure_separates_a_part_tracker_from_a_centre_and_a_dead_filter()
     summary = track.summary()
     assert summary["share_localized"] == 1.0 and summary["filters"] == 4 and summary["cell_size"] == cell
     assert results["centre"].summary()["share_nearer_landmark_than_centre"] == 0.0
+    # A filter that fires 7 px beside its part every time is not localised, but is up to its fixed offset.
+    beside = part_localization(landmarks[:, :1] + torch.tensor([7.0, 0.0]), landmarks, cell, top_k=50)
+    assert not bool(beside.localized.any()) and beside.summary()["share_localized_up_to_offset"] == 1.0
+    assert results["dead"].summary()["share_localized_up_to_offset"] == 0.0
     # The paper's instability cannot tell the centre detector from the tracker here (both ~ the landmark jitter).
     instability = {name: location_instability(loc, landmarks, (64, 64), top_k=50).item()
                    for name, loc in (("tracker", tracker), ("centre", centre))}
