@@ -29,6 +29,7 @@ from .icnn import (
     filter_loss,
     location_instability,
     mask_at_peak,
+    part_localization,
     part_templates,
 )
 from .interactions import (
@@ -94,6 +95,7 @@ __all__ = [
     "mask_at_peak",
     "moebius_transform",
     "or_transform",
+    "part_localization",
     "part_templates",
     "pixel_players",
     "prune_players",

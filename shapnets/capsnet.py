@@ -299,11 +299,14 @@ class CapsNet(StreamedBatches, nn.Module):
         detach_routing: routing without gradient through the agreement updates (see `dynamic_routing`).
         decoder_widths: hidden widths of the reconstruction decoder; None builds no decoder (no reconstruction
             loss, no `reconstruct`).
-        input_mean: per-channel (or one) mean of the input normalisation, to un-normalise the decoder's target.
-        input_std: per-channel (or one) std of the input normalisation.
+        input_mean: per-channel (or one) mean of the input normalisation, to un-normalise the decoder's target;
+            required with a decoder (no default: MNIST's would be silently wrong on other data).
+        input_std: per-channel (or one) std of the input normalisation; required with a decoder.
         margin_weight: weight of the margin loss in `loss_terms()`.
         reconstruction_weight: weight of the (summed) reconstruction loss in `loss_terms()`.
     """
+
+    data_args = ("input_mean", "input_std")  # what a data set may fill (shapnets.contract)
 
     def __init__(
         self,
@@ -320,8 +323,8 @@ class CapsNet(StreamedBatches, nn.Module):
         routing_iterations: int = 3,
         detach_routing: bool = True,
         decoder_widths: Sequence[int] | None = (512, 1024),
-        input_mean: float | Sequence[float] = MNIST_MEAN,
-        input_std: float | Sequence[float] = MNIST_STD,
+        input_mean: float | Sequence[float] | None = None,
+        input_std: float | Sequence[float] | None = None,
         margin_weight: float = 1.0,
         reconstruction_weight: float = 0.0005,
     ) -> None:
@@ -364,9 +367,23 @@ class CapsNet(StreamedBatches, nn.Module):
                 width_in = hidden
             layers += [nn.Linear(width_in, in_chans * height * width), nn.Sigmoid()]
             self.decoder = nn.Sequential(*layers)
+        if (input_mean is None) != (input_std is None):
+            raise ValueError(f"{who}: give both input_mean and input_std (the data's normalisation) or neither, got "
+                             f"input_mean={input_mean!r}, input_std={input_std!r}")
+        self.normalization_known = input_mean is not None
+        if self.decoder is not None and not self.normalization_known:
+            raise ValueError(
+                f"{who}: the input normalisation is unknown (input_mean / input_std not given), but the decoder's "
+                "target un-normalises the input with it; pass the data's per-channel mean and std (shapnets train "
+                "takes them from the data config's preprocessing['normalize']), or build no decoder "
+                "(decoder_widths=None)"
+            )
         # Constants of the architecture, not weights: kept out of the state dict (config.json records them).
-        self.register_buffer("input_mean", _per_channel(input_mean, in_chans, "input_mean", who), persistent=False)
-        self.register_buffer("input_std", _per_channel(input_std, in_chans, "input_std", who), persistent=False)
+        # Without a decoder nothing reads them; 0 / 1 then only keep `unnormalize` defined (it refuses to run).
+        mean = 0.0 if input_mean is None else input_mean
+        std = 1.0 if input_std is None else input_std
+        self.register_buffer("input_mean", _per_channel(mean, in_chans, "input_mean", who), persistent=False)
+        self.register_buffer("input_std", _per_channel(std, in_chans, "input_std", who), persistent=False)
         if not bool((self.input_std > 0).all()):
             raise ValueError(f"{who}: input_std must be > 0, got {input_std}")
         shares = receptive_field_shares((height, width), conv_kernel, primary_kernel, primary_stride)
@@ -394,7 +411,14 @@ class CapsNet(StreamedBatches, nn.Module):
         return capsule_lengths(routing.poses)
 
     def unnormalize(self, x: Tensor) -> Tensor:
-        """The image in [0, 1] behind a normalised input: `x * input_std + input_mean` (the decoder's target)."""
+        """The image in [0, 1] behind a normalised input: `x * input_std + input_mean` (the decoder's target).
+
+        Raises:
+            RuntimeError: the model was built without its input normalisation.
+        """
+        if not self.normalization_known:
+            raise RuntimeError(f"{type(self).__name__}.unnormalize: built without input_mean / input_std, so the "
+                               "image behind a normalised input is unknown")
         return x * self.input_std + self.input_mean
 
     def decode(self, poses: Tensor, classes: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from .explanation import Explanation
 
 __all__ = ["DATA_ARGS", "LossTerm", "SelfExplaining", "StepOutput", "no_layers", "rename_args"]
 
-DATA_ARGS = ("feature_names", "reference")
+DATA_ARGS = ("feature_names", "reference", "input_mean", "input_std")
 """The optional constructor arguments a data set can fill, when the class lists them in its `data_args`."""
 
 

@@ -8,6 +8,7 @@ Theory, guarantees and where this departs from the paper or the original code: d
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -23,15 +24,20 @@ from .contract import LossTerm, StepOutput, no_layers
 from .explanation import Explanation
 
 __all__ = [
+    "ExactMutualInformationTerm",
     "FilterLossTerm",
     "InterpretableCNN",
     "InterpretableConv2d",
+    "PartLocalization",
+    "check_template_support",
     "default_alpha",
     "default_tau",
     "feature_to_pixel",
     "filter_loss",
+    "filter_mutual_information",
     "location_instability",
     "mask_at_peak",
+    "part_localization",
     "part_templates",
     "peak_indices",
     "template_shape",
@@ -75,6 +81,28 @@ def template_shape(
     peak_cols = (peaks[..., 1].to(dtype) / width)[..., None, None]
     distance = (rows[:, None] - peak_rows).abs() + (cols[None, :] - peak_cols).abs()
     return (1.0 - beta * distance).clamp(min=-1.0)
+
+
+def check_template_support(height: int, width: int, beta: float, who: str = "InterpretableConv2d") -> None:
+    """Raise when an `H x W` map is no larger than the template's support, so a mask cannot localise anything.
+
+    The template (and the forward mask) at a peak `mu` is positive where `beta d(p, mu) < 1`. When it is positive
+    on *every* cell of the map for a peak at the map's central cell, the mask keeps the whole map and every
+    positive template looks alike: the filter loss cannot pull a filter towards one place. With the paper's
+    `beta = 4` this happens only for a 1 x 1 map; a smaller `beta` widens the support.
+
+    Raises:
+        ValueError: naming the map size, `beta` and what to change.
+    """
+    _check_positive_size(height, width, who)
+    centre_row, centre_col = (height - 1) // 2, (width - 1) // 2
+    farthest = (height - 1 - centre_row) / height + (width - 1 - centre_col) / width  # d to the farthest cell
+    if 1.0 - beta * farthest > 0:
+        raise ValueError(
+            f"{who}: the top map ({height}x{width}) is smaller than the template support (beta={beta} keeps every "
+            f"cell within normalised L1 distance {1 / beta:.3g} of the peak, i.e. the whole map), so the mask and the "
+            "filter loss cannot localise a part; use larger images, a backbone with a smaller stride, or a larger beta"
+        )
 
 
 def part_templates(
@@ -204,6 +232,59 @@ def filter_loss(
     return loss.sum() if reduction == "sum" else loss.mean()
 
 
+def filter_mutual_information(
+    maps: Tensor,
+    *,
+    tau: float | None = None,
+    beta: float = 4.0,
+    alpha: float | None = None,
+    reduction: str = "sum",
+) -> Tensor:
+    """The exact mutual information `MI(X; T)` between a batch of maps and the templates, without the approximation.
+
+    `MI(X; T) = sum_T p(T) sum_x p(x|T) log[p(x|T) / p(x)]` with `p(x|T) = exp(tr(x . T)) / Z_T` normalised over
+    the batch, `p(x) = sum_T p(T) p(x|T)` over all `H W + 1` templates (no labels enter). `filter_loss` trains
+    on the paper's approximation of `-MI` (only each map's target template explains it); this is the quantity
+    that approximation stands for, to be logged next to it. It lies in `[0, H(T)]`, with `H(T)` the templates'
+    prior entropy. No gradient is meant to flow through it (compute it under `torch.no_grad()` for logging).
+
+    Args:
+        maps: `(B, M, H, W)` post-ReLU maps (not masked).
+        tau: template scale; default `0.5 / (H W)`.
+        beta: template decay.
+        alpha: prior mass of the positive templates; default `H W / (1 + H W)`.
+        reduction: `"sum"` over filters, `"mean"` or `"none"` (`(M,)`).
+
+    Raises:
+        ValueError: maps that are not 4-D, `alpha` outside (0, 1) or an unknown reduction.
+    """
+    if maps.dim() != 4:
+        raise ValueError(f"filter_mutual_information: maps must be (B, M, H, W), got shape {tuple(maps.shape)}")
+    if reduction not in ("sum", "mean", "none"):
+        raise ValueError(f"filter_mutual_information: reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
+    height, width = maps.shape[-2:]
+    cells = height * width
+    alpha = default_alpha(height, width) if alpha is None else float(alpha)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"filter_mutual_information: alpha must lie in (0, 1), got {alpha}")
+    with torch.autocast(maps.device.type, enabled=False):
+        dtype = torch.promote_types(maps.dtype, torch.float32)
+        x = rearrange(maps.to(dtype), "b m h w -> b m (h w)")
+        tau_value = default_tau(height, width) if tau is None else float(tau)
+        positive = rearrange(part_templates(height, width, tau_value, beta, dtype).to(x.device), "t h w -> t (h w)")
+        templates = torch.cat([positive, torch.full((1, cells), -tau_value, dtype=dtype, device=x.device)])
+        scores = torch.einsum("bmp,tp->bmt", x, templates)
+        log_likelihood = scores - scores.logsumexp(dim=0, keepdim=True)          # log p(x | T), (B, M, T)
+        log_prior = torch.cat([torch.full((cells,), math.log(alpha / cells), dtype=dtype, device=x.device),
+                               torch.full((1,), math.log1p(-alpha), dtype=dtype, device=x.device)])
+        log_marginal = (log_likelihood + log_prior).logsumexp(dim=-1, keepdim=True)   # log p(x), (B, M, 1)
+        terms = log_prior.exp() * log_likelihood.exp() * (log_likelihood - log_marginal)
+        mi = terms.sum(dim=(0, 2))                                                 # (M,)
+    if reduction == "none":
+        return mi
+    return mi.sum() if reduction == "sum" else mi.mean()
+
+
 # ---------------------------------------------------------------------------------------------------- layer
 class InterpretableConv2d(nn.Module):
     """Conv + ReLU whose maps are masked at their own peak, with the filter loss and class assignment.
@@ -288,6 +369,7 @@ class InterpretableConv2d(nn.Module):
         """`(B, C, H, W)` features -> `(B, M, H, W)` masked maps (unmasked when `interpretable=False`)."""
         maps = F.relu(self.conv(features))
         if self.interpretable:
+            check_template_support(maps.shape[-2], maps.shape[-1], self.beta, type(self).__name__)
             masked, _, peaks = mask_at_peak(maps, self.beta)
         else:
             masked, peaks = maps, peak_indices(maps)
@@ -372,19 +454,52 @@ class FilterLossTerm(LossTerm):
 
     It reads the maps the model's `InterpretableConv2d` kept from the step's forward pass (so it needs no
     explanation and no second pass) and, in training mode, updates the running filter-to-class assignment.
+    It is logged as `filter_loss_approx_neg_mi`: its value is the paper's *approximation* of `-MI` (see the module
+    docstring), which can sit far from the exact `-MI` (`ExactMutualInformationTerm` logs that one next to it).
 
     Args:
         layer: the interpretable layer.
         weight: its weight in the total loss.
     """
 
-    name = "filter_loss"
+    name = "filter_loss_approx_neg_mi"
 
     def __init__(self, layer: InterpretableConv2d, weight: float = 0.1) -> None:
         self.layer, self.weight = layer, float(weight)
 
     def __call__(self, out: StepOutput, target: Tensor) -> Tensor:
         return self.layer.filter_loss(target)
+
+
+class ExactMutualInformationTerm:
+    """The exact `-MI(X; T)` of the last forward pass's maps, summed over filters: a term for logging only.
+
+    Its weight is 0 and its value is detached, so it never changes training; the trainer logs it as
+    `filter_neg_mi_exact` next to `filter_loss_approx_neg_mi` (the approximation that is trained on). Call it
+    after the forward pass of the batch, like `FilterLossTerm`.
+
+    Args:
+        layer: the interpretable layer.
+    """
+
+    name = "filter_neg_mi_exact"
+    needs_explanation = False
+    needs_layers = False
+    weight = 0.0
+
+    def __init__(self, layer: InterpretableConv2d) -> None:
+        self.layer = layer
+
+    @torch.no_grad()
+    def __call__(self, out: Any, target: Tensor) -> Tensor:
+        maps = self.layer.last_maps
+        if maps is None:
+            raise RuntimeError("ExactMutualInformationTerm: run a forward pass first (it reads that pass's maps)")
+        layer = self.layer
+        return -filter_mutual_information(maps.detach(), tau=layer.tau, beta=layer.beta, alpha=layer.alpha)
+
+    def __repr__(self) -> str:
+        return "ExactMutualInformationTerm()"
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -492,10 +607,13 @@ class InterpretableCNN(StreamedBatches, nn.Module):
 
     # ------------------------------------------------------------------ training
     def loss_terms(self) -> list[FilterLossTerm]:
-        """The filter loss as an extra training term (none for the baseline or with weight 0)."""
+        """The filter loss as an extra training term, plus the exact -MI for logging (none for the baseline or
+        with weight 0)."""
         if not self.interpretable_layer.interpretable or self.filter_loss_weight == 0:
             return []
-        return [FilterLossTerm(self.interpretable_layer, self.filter_loss_weight)]
+        # The trained approximation of -MI, and the exact -MI next to it in the logs (weight 0).
+        return [FilterLossTerm(self.interpretable_layer, self.filter_loss_weight),
+                ExactMutualInformationTerm(self.interpretable_layer)]
 
     def filter_loss(self, labels: Tensor) -> Tensor:
         """The filter loss of the last forward pass (see `InterpretableConv2d.filter_loss`)."""
@@ -657,6 +775,189 @@ def location_instability(
     diagonal = math.hypot(float(image_size[0]), float(image_size[1]))
     per_filter = spread.nanmean(dim=1) / diagonal                                  # (M,)
     return per_filter.nanmean() if reduction == "mean" else per_filter
+
+
+@dataclasses.dataclass(frozen=True)
+class PartLocalization:
+    """Per-filter distances from inferred part locations to landmarks, on each filter's top images.
+
+    Attributes:
+        landmark: `(M,)` the landmark each filter is measured against (the nearest one on average over its top
+            images, or the one given); -1 for a filter with no usable image.
+        mean_distance: `(M,)` mean distance (pixels) from the filter's location to that landmark.
+        median_distance: `(M,)` median of the same distances.
+        within_cell: `(M,)` share of the filter's top images on which that distance is at most one cell side.
+        centre_distance: `(M,)` mean distance (pixels) from the filter's location to the object centre.
+        images: `(M,)` how many top images counted.
+        cell_size: side of one top-map cell in pixels (the larger of the two axes' cell sides).
+        offset_median_distance: `(M,)` median distance to the landmark *shifted by the filter's mean offset* from
+            it: small when the filter fires at a fixed place relative to the part (e.g. its edge), not on it.
+    """
+
+    landmark: Tensor
+    mean_distance: Tensor
+    median_distance: Tensor
+    within_cell: Tensor
+    centre_distance: Tensor
+    images: Tensor
+    cell_size: float
+    offset_median_distance: Tensor | None = None
+
+    @property
+    def localized(self) -> Tensor:
+        """`(M,)` bool: the filter's median distance to its landmark is at most one cell side."""
+        return self.median_distance <= self.cell_size
+
+    @property
+    def nearer_landmark_than_centre(self) -> Tensor:
+        """`(M,)` bool: on average the filter sits nearer its landmark than the object centre."""
+        return self.mean_distance < self.centre_distance
+
+    def summary(self, filters: Tensor | None = None) -> dict[str, float]:
+        """Means over filters (all, or the `(M,)` bool `filters`, e.g. the live ones; filters without images skip).
+
+        Returns:
+            `filters`; `mean_distance` (mean of the per-filter means, pixels); `median_distance` (median of the
+            per-filter medians); `share_within_cell` (mean share of top images within one cell);
+            `share_localized` (share of filters whose median distance is within one cell);
+            `share_nearer_landmark_than_centre`; `share_localized_up_to_offset` (the same as `share_localized`
+            for the landmark shifted by each filter's mean offset); `cell_size`.
+        """
+        keep = self.images > 0
+        if filters is not None:
+            if filters.shape != keep.shape:
+                raise ValueError(f"PartLocalization.summary: filters must be {tuple(keep.shape)}, "
+                                 f"got {tuple(filters.shape)}")
+            keep = keep & filters.to(keep.device).bool()
+        count = int(keep.sum())
+        if count == 0:
+            nan = float("nan")
+            return {"filters": 0, "mean_distance": nan, "median_distance": nan, "share_within_cell": nan,
+                    "share_localized": nan, "share_nearer_landmark_than_centre": nan,
+                    "share_localized_up_to_offset": nan, "cell_size": self.cell_size}
+        return {
+            "filters": count,
+            "mean_distance": self.mean_distance[keep].mean().item(),
+            "median_distance": self.median_distance[keep].median().item(),
+            "share_within_cell": self.within_cell[keep].mean().item(),
+            "share_localized": self.localized[keep].float().mean().item(),
+            "share_nearer_landmark_than_centre": self.nearer_landmark_than_centre[keep].float().mean().item(),
+            "share_localized_up_to_offset": float("nan") if self.offset_median_distance is None
+            else (self.offset_median_distance[keep] <= self.cell_size).float().mean().item(),
+            "cell_size": self.cell_size,
+        }
+
+
+def part_localization(
+    part_locations: Tensor,
+    landmarks: Tensor | None,
+    cell_size: float | Sequence[float],
+    activations: Tensor | None = None,
+    *,
+    image_size: Sequence[int] | None = None,
+    top_k: int = 100,
+    valid: Tensor | None = None,
+    assigned: Tensor | None = None,
+    centres: Tensor | None = None,
+) -> PartLocalization:
+    """A part-specific measure: how far each filter's inferred part sits from one landmark, on its top images.
+
+    The paper's location instability (`location_instability`) scores the *spread* of the distances to every
+    landmark, so a filter that fires at the object's centre, or one that never fires, can score as well as a
+    part detector. This measures the distance itself: for every filter, on its `top_k` images by peak
+    activation (among `valid` ones), the distance from its inferred location to its landmark, i.e. the one
+    nearest on average over those images (or `assigned`), and to the object centre.
+
+    Args:
+        part_locations: `(N, M, 2)` each filter's inferred part (row, col) in each image, pixels.
+        landmarks: `(N, K, 2)` landmarks (row, col) in the same pixels; NaN marks a missing one. `None` (a data
+            set without landmarks) is an error.
+        cell_size: side of one top-map cell in pixels, `s` or `(s_row, s_col)` (e.g. input size / map size);
+            "within one cell" means a distance of at most the larger side.
+        activations: `(N, M)` peak activations, to pick each filter's top images (all images when None).
+        image_size: `(H, W)` of the images; when given, a cell at least as large as the image is an error.
+        top_k: images per filter; fewer when fewer are valid.
+        valid: `(N, M)` bool: which images may count for which filter (e.g. those of its class); default all.
+        assigned: `(M,)` landmark index per filter (the one it is trained towards); default the nearest on average.
+        centres: `(N, 2)` object centre per image; default the mean of the image's landmarks.
+
+    Raises:
+        ValueError: missing landmarks, mismatched shapes, a non-positive cell, a cell as large as the image,
+            `top_k < 1` or an out-of-range `assigned`.
+    """
+    if landmarks is None:
+        raise ValueError("part_localization: no landmarks; the part measure needs a data set with annotated part "
+                         "landmarks (e.g. 'parts' or 'parts_hard', whose splits carry .landmarks)")
+    if part_locations.dim() != 3 or part_locations.shape[-1] != 2:
+        raise ValueError(f"part_localization: part_locations must be (N, M, 2), got {tuple(part_locations.shape)}")
+    n_images, n_filters, _ = part_locations.shape
+    if landmarks.dim() != 3 or landmarks.shape[0] != n_images or landmarks.shape[-1] != 2:
+        raise ValueError(f"part_localization: landmarks must be ({n_images}, K, 2), got {tuple(landmarks.shape)}")
+    if not bool(landmarks.isfinite().all(dim=-1).any()):
+        raise ValueError("part_localization: every landmark is missing (NaN); the part measure needs landmarks")
+    sides = (float(cell_size),) * 2 if isinstance(cell_size, int | float) else tuple(float(c) for c in cell_size)
+    if len(sides) != 2 or not min(sides) > 0:
+        raise ValueError(f"part_localization: cell_size must be > 0 (one value or (row, col)), got {cell_size!r}")
+    if image_size is not None and (sides[0] >= image_size[0] and sides[1] >= image_size[1]):
+        raise ValueError(f"part_localization: one cell ({sides[0]:g}x{sides[1]:g} px) covers the whole "
+                         f"{image_size[0]}x{image_size[1]} image: a 1x1 top map cannot localise a part")
+    if activations is not None and activations.shape != (n_images, n_filters):
+        raise ValueError(f"part_localization: activations must be ({n_images}, {n_filters}), "
+                         f"got {tuple(activations.shape)}")
+    if valid is not None and valid.shape != (n_images, n_filters):
+        raise ValueError(f"part_localization: valid must be ({n_images}, {n_filters}), got {tuple(valid.shape)}")
+    if centres is not None and centres.shape != (n_images, 2):
+        raise ValueError(f"part_localization: centres must be ({n_images}, 2), got {tuple(centres.shape)}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"part_localization: top_k must be a positive int, got {top_k!r}")
+    n_landmarks = landmarks.shape[1]
+    if assigned is not None and (assigned.shape != (n_filters,) or bool((assigned < 0).any())
+                                 or bool((assigned >= n_landmarks).any())):
+        raise ValueError(f"part_localization: assigned must be ({n_filters},) landmark indices in [0, {n_landmarks})")
+
+    dtype = torch.promote_types(part_locations.dtype, torch.float32)
+    device = part_locations.device
+    locations = part_locations.to(dtype)
+    landmarks = landmarks.to(dtype=dtype, device=device)
+    if centres is None:
+        centres = landmarks.nanmean(dim=1)                                          # (N, 2)
+    centres = centres.to(dtype=dtype, device=device)
+    score = torch.zeros(n_images, n_filters, dtype=dtype, device=device) if activations is None \
+        else activations.detach().to(dtype=dtype, device=device)
+    usable = torch.ones_like(score, dtype=torch.bool) if valid is None else valid.to(device).bool()
+    k = min(top_k, n_images)
+    top = score.masked_fill(~usable, float("-inf")).topk(k, dim=0).indices           # (k, M)
+    chosen = usable.gather(0, top)                                                  # (k, M)
+    top_locations = locations.gather(0, top[..., None].expand(k, n_filters, 2))    # (k, M, 2)
+    distance = (top_locations[:, :, None, :] - landmarks[top]).norm(dim=-1)        # (k, M, K); NaN: missing
+    present = distance.isfinite() & chosen[..., None]
+    per_landmark = (distance.nan_to_num(0.0) * present).sum(0) / present.sum(0).clamp(min=1)   # (M, K)
+    per_landmark = per_landmark.masked_fill(present.sum(0) == 0, float("inf"))
+    landmark = per_landmark.argmin(dim=1) if assigned is None else assigned.to(device).long()
+    images = chosen.sum(dim=0)
+    landmark = landmark.masked_fill(images == 0, -1)
+    to_landmark = distance.gather(-1, landmark.clamp(min=0)[None, :, None].expand(k, n_filters, 1)).squeeze(-1)
+    counted = chosen & to_landmark.isfinite()                                       # (k, M)
+    masked = to_landmark.masked_fill(~counted, float("nan"))
+    mean_distance = masked.nanmean(dim=0)
+    median_distance = masked.nanmedian(dim=0).values
+    within = ((to_landmark <= max(sides)) & counted).sum(0) / counted.sum(0).clamp(min=1)
+    to_centre = (top_locations - centres[top]).norm(dim=-1).masked_fill(~chosen, float("nan"))
+    # The same distance once each filter's mean offset from its landmark is removed (fires beside the part).
+    index = landmark.clamp(min=0)[None, :, None, None].expand(k, n_filters, 1, 2)
+    offsets = top_locations - landmarks[top].gather(2, index).squeeze(2)
+    offsets = offsets.masked_fill(~counted[..., None], float("nan"))
+    residual = (offsets - offsets.nanmean(dim=0, keepdim=True)).norm(dim=-1)
+    return PartLocalization(
+        landmark=landmark,
+        mean_distance=mean_distance,
+        median_distance=median_distance,
+        within_cell=within.masked_fill(counted.sum(0) == 0, float("nan")),
+        centre_distance=to_centre.nanmean(dim=0),
+        images=counted.sum(0),
+        cell_size=max(sides),
+        offset_median_distance=residual.nanmedian(dim=0).values,
+    )
 
 
 def _check_positive_size(height: int, width: int, who: str) -> None:

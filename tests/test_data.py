@@ -80,7 +80,8 @@ def real_bundles(data_root: Path) -> dict:
 
 
 def test_list_datasets_names_every_documented_set() -> None:
-    assert list_datasets() == sorted([*DOCUMENTED, "fashion_mnist", "cifar10", "parts", "csv", "image_folder"])
+    assert list_datasets() == sorted([*DOCUMENTED, "fashion_mnist", "cifar10", "parts", "parts_hard", "csv",
+                                      "image_folder"])
 
 
 def test_unknown_name_lists_valid_names() -> None:

@@ -62,7 +62,7 @@ def _make(name: str) -> Subject:
                            "image")
         if name == "capsnet":
             model = zoo.create_model("capsnet", conv_channels=16, primary_types=4, primary_dim=4, class_dim=8,
-                                     num_classes=3, decoder_widths=(16,))
+                                     num_classes=3, decoder_widths=(16,), input_mean=0.5, input_std=0.25)
             return Subject(model, torch.rand(4, 1, 28, 28), "image", fixed_size=True)
         if name == "baseline_mlp":
             return Subject(zoo.create_model("baseline_mlp", in_features=6, num_classes=3), torch.randn(4, 6),

@@ -130,6 +130,12 @@ def _model_kwargs(model_cls: type[nn.Module], model_cfg: ModelConfig, info: Any)
         defaults["feature_names"] = list(info.feature_names)
     if info.reference is not None and "reference" in optional:
         defaults["reference"] = torch.tensor(info.reference, dtype=torch.float32)
+    normalize = (info.preprocessing or {}).get("normalize") if isinstance(info.preprocessing, dict) else None
+    if isinstance(normalize, dict) and "mean" in normalize and "std" in normalize:
+        # Models that un-normalise their input (CapsNet's reconstruction target) take the data's constants.
+        defaults["input_mean"], defaults["input_std"] = list(normalize["mean"]), list(normalize["std"])
+        if cls is None and _zoo_class_accepts(model_cfg.name, "input_mean"):
+            accepted |= {"input_mean", "input_std"}
     for key, value in defaults.items():
         kwargs.setdefault(key, value)
     return kwargs

@@ -5,7 +5,9 @@ Dynamic Routing Between Capsules (Sabour, Frosst, Hinton), NeurIPS 2017, https:/
 Entry points (all take the constructor arguments of `shapnets.CapsNet`, e.g. `num_classes`, `in_chans`,
 `image_size`, `conv_channels`, `primary_types`, `routing_iterations`, `decoder_widths`):
 
-* `capsnet`: any image size and classes (the constructor's defaults are the paper's MNIST network);
+* `capsnet`: any image size and classes (the constructor's defaults are the paper's MNIST network); with a
+  decoder it needs the data's normalisation, `input_mean` / `input_std` (`shapnets train` passes the data
+  config's), and refuses to guess one;
 * `capsnet_mnist`: the paper's architecture for MNIST: conv1 256 9x9, 32 x 8D primary capsules on 6x6,
   10 x 16D class capsules, decoder 512 / 1024 (8,215,728 parameters; 6,804,384 without the decoder);
 * `capsnet_small_mnist`: a smaller MNIST variant for CPU training: conv1 64 9x9, 16 x 8D primary capsules
@@ -52,7 +54,7 @@ CAPSNET_VARIANT_DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
     # The paper's code differentiates through the routing iterations; `detach_routing=True` stays an option.
     "capsnet_mnist": ("capsnet", dict(in_chans=1, image_size=28, num_classes=10, detach_routing=False)),
     "capsnet_small_mnist": ("capsnet", dict(in_chans=1, image_size=28, num_classes=10, conv_channels=64,
-                                            primary_types=16)),
+                                            primary_types=16, **_MNIST_NORMALIZATION)),
 }
 """Named variant -> (the entry point it is built like, its documented constructor arguments)."""
 

@@ -22,7 +22,9 @@ hold `backbone_checkpoint_path=None`, so a saved ICNN rebuilds from its own weig
 .safetensors>)` or from the package's `zoo/weights/<name>/`, hash-checked by `zoo.hub`. Trained variants (their
 architecture in `ICNN_VARIANT_DEFAULTS`, trained by `configs/<...>.yaml`):
 
-* `icnn_vgg_small_parts`: the synthetic parts data (4 classes of 3-part objects, 64x64; `configs/icnn_parts.yaml`);
+* `icnn_vgg_small_parts`: the hard synthetic parts data (8 classes of 3-part objects, 64x64, random colours,
+  clutter, occlusion; `configs/icnn_parts.yaml`), and `icnn_vgg_small_parts_baseline`, the same network without
+  mask and filter loss given the same epochs (`configs/icnn_parts_baseline.yaml`);
 * `icnn_vgg_small_mnist`: MNIST (`configs/icnn_mnist.yaml`).
 """
 
@@ -202,6 +204,18 @@ _cfg = functools.partial(
 # Generic names build bare like timm's backbones: 3x224x224 ImageNet-normalised images, 1000 classes.
 _IMAGENET = dict(input_size=(3, 224, 224), num_classes=1000, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
+_HARD_PARTS = dict(
+    input_size=(3, 64, 64),
+    num_classes=8,
+    mean=(0.28, 0.28, 0.28),
+    std=(0.15, 0.15, 0.15),
+    dataset=("hard synthetic parts (training.data.parts_hard): 8 classes of 3-part objects with exact landmarks, "
+             "random colours per part, clutter and occlusion, random position and scale; 3,200 train (10% held out "
+             "for validation) / 800 test images"),
+    preprocessing="pixels scaled to [0, 1], then normalized with mean 0.28 and std 0.15 (every channel)",
+    label_names=("tower", "face", "kite", "cart", "snowman", "boat", "robot", "bell"),
+)
+
 _CFGS = {
     "icnn_vgg_small": _cfg(
         description="Interpretable CNN on a small VGG-style backbone (stride 8), any image size", **_IMAGENET),
@@ -210,16 +224,11 @@ _CFGS = {
     "icnn_resnet34": _cfg(description="Interpretable CNN on ResNet-34, any image size", **_IMAGENET),
     "icnn_timm": _cfg(description="Interpretable CNN on any timm CNN (needs backbone=<timm name>)", **_IMAGENET),
     "icnn_vgg_small_parts": _cfg(
-        description="Interpretable CNN (small VGG) for the synthetic parts data: 3x64x64 images, 4 classes",
-        input_size=(3, 64, 64),
-        num_classes=4,
-        mean=(0.19, 0.19, 0.19),
-        std=(0.15, 0.15, 0.15),
-        dataset=("synthetic parts (training.data.parts): 4 classes of 3-part objects with landmarks, clutter, "
-                 "random position and scale; 2,000 train (10% held out for validation) / 500 test images"),
-        preprocessing="pixels scaled to [0, 1], then normalized with mean 0.19 and std 0.15 (every channel)",
-        label_names=("tower", "face", "kite", "cart"),
-    ),
+        description="Interpretable CNN (small VGG, stride 4) for the hard synthetic parts data: 3x64x64 images, "
+                    "8 classes", **_HARD_PARTS),
+    "icnn_vgg_small_parts_baseline": _cfg(
+        description="The same small VGG without the filter loss and mask (the ICNN's baseline), hard parts data, "
+                    "8 classes", **_HARD_PARTS),
     "icnn_vgg_small_mnist": _cfg(
         description="Interpretable CNN (small VGG, stride 4) for MNIST: 1x28x28 images, 10 classes",
         **{**MNIST_CFG, "num_players": None},  # players depend on the backbone's stride: not recorded
@@ -237,8 +246,11 @@ ICNN_VARIANT_DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
     # configs/icnn_parts.yaml and configs/icnn_mnist.yaml train the shipped weights, whose config.json must
     # agree with these arguments (tests/test_architecture.py checks it).
     "icnn_vgg_small_parts": ("icnn_vgg_small", dict(
-        num_classes=4, in_chans=3, num_filters=64, filter_loss_weight=0.1,
-        backbone_args=dict(channels=(16, 32, 64, 128), convs_per_stage=(1, 1, 2, 2)))),
+        num_classes=8, in_chans=3, num_filters=64, filter_loss_weight=0.1,
+        backbone_args=dict(channels=(16, 32, 64), convs_per_stage=(1, 2, 3)))),
+    "icnn_vgg_small_parts_baseline": ("icnn_vgg_small", dict(
+        num_classes=8, in_chans=3, num_filters=64, interpretable=False,
+        backbone_args=dict(channels=(16, 32, 64), convs_per_stage=(1, 2, 3)))),
     "icnn_vgg_small_mnist": ("icnn_vgg_small", dict(
         num_classes=10, in_chans=1, num_filters=64, filter_loss_weight=0.1,
         backbone_args=dict(channels=(16, 32, 64), convs_per_stage=(1, 1, 2)))),

@@ -168,6 +168,8 @@ class PartsDataset(ArrayDataset):
 
     Attributes:
         landmarks: `(N, K, 2)` float32 (row, col) pixel coordinates of the `K` parts of each sample's class.
+        occluded: `(N,)` int64 index of the partly occluded part of each sample (-1: none), or None where the data
+            set has no occlusion (`"parts"`).
     """
 
     def __init__(self, features: Tensor, labels: Tensor, landmarks: Tensor) -> None:
@@ -178,6 +180,7 @@ class PartsDataset(ArrayDataset):
         if len(landmarks) != len(labels):
             raise ValueError(f"PartsDataset: {len(labels)} samples but {len(landmarks)} landmark rows")
         self.landmarks = landmarks
+        self.occluded: Tensor | None = None
 
     def __repr__(self) -> str:
         shapes = f"x={tuple(self.features.shape[1:])}, landmarks={tuple(self.landmarks.shape[1:])}"
@@ -207,29 +210,52 @@ def load_parts(
         A `DataBundle` whose splits are `PartsDataset`s (with `.landmarks`); `info.preprocessing["landmarks"]`
         names the parts of every class.
     """
-    (train_images, train_labels, train_landmarks), (test_images, test_labels, test_landmarks) = _drawn(
-        image_size, num_train, num_test
+    train, test = _drawn(image_size, num_train, num_test)
+    return _parts_bundle(
+        "parts", train, test, PARTS_CLASSES, mean=PARTS_MEAN, std=PARTS_STD, reference_grey=_REFERENCE_GREY,
+        image_size=image_size, generator_seed=GENERATOR_SEED, seed=seed, val_fraction=val_fraction, limit=limit,
     )
-    class_names = list(PARTS_CLASSES)
+
+
+def _parts_bundle(
+    name: str,
+    train: tuple[np.ndarray, ...],
+    test: tuple[np.ndarray, ...],
+    classes: dict[str, tuple[tuple[str, str, tuple[float, float]], ...]],
+    *,
+    mean: float,
+    std: float,
+    reference_grey: float,
+    image_size: int,
+    generator_seed: int,
+    seed: int,
+    val_fraction: float,
+    limit: int | None,
+    extra: dict[str, str] | None = None,
+) -> DataBundle:
+    """Split `(images, labels, landmarks[, occluded])` draws into a `DataBundle` of `PartsDataset`s."""
+    train_images, train_labels = train[:2]
+    test_images, test_labels = test[:2]
     bundle = image_bundle(
-        "parts",
+        name,
         (train_images, train_labels),
         (test_images, test_labels),
-        mean=[PARTS_MEAN] * 3,
-        std=[PARTS_STD] * 3,
-        class_names=class_names,
-        reference_pixel=[_REFERENCE_GREY] * 3,
+        mean=[mean] * 3,
+        std=[std] * 3,
+        class_names=list(classes),
+        reference_pixel=[reference_grey] * 3,
         seed=seed,
         val_fraction=val_fraction,
         limit=limit,
         preprocessing={
             "source": "synthetic",
-            "generator_seed": GENERATOR_SEED,
+            "generator_seed": generator_seed,
             "image_size": image_size,
             "reference": "the mean background grey",
+            **(extra or {}),
             "landmarks": {
-                "per_class": {name: [part for part, _, _ in parts] for name, parts in PARTS_CLASSES.items()},
-                "shapes": {name: [shape for _, shape, _ in parts] for name, parts in PARTS_CLASSES.items()},
+                "per_class": {cls: [part for part, _, _ in parts] for cls, parts in classes.items()},
+                "shapes": {cls: [shape for _, shape, _ in parts] for cls, parts in classes.items()},
                 "layout": "(N, 3, 2) float32 (row, col) pixel coordinates of the part centres in the model input; "
                           "landmark k of an image of class c is part k of class c",
                 "where": "the .landmarks attribute of each split (bundle.train.landmarks, ...)",
@@ -240,15 +266,18 @@ def load_parts(
     idx = split_indices(train_labels, seed=seed, val_fraction=val_fraction, official_test_size=len(test_labels))
     idx = dataclasses.replace(idx, train=limit_indices(idx.train, train_labels, limit, seed))
     if idx.fingerprint() != bundle.info.split["fingerprint"]:
-        raise RuntimeError("load_parts: the landmark split no longer matches image_bundle's split (fingerprints "
+        raise RuntimeError(f"{name}: the landmark split no longer matches image_bundle's split (fingerprints "
                            "differ); keep the two in step")
 
-    def with_landmarks(split: ArrayDataset, landmarks: np.ndarray, rows: np.ndarray) -> PartsDataset:
-        return PartsDataset(split.features, split.labels, torch.from_numpy(np.array(landmarks[rows])))
+    def with_landmarks(split: ArrayDataset, arrays: tuple[np.ndarray, ...], rows: np.ndarray) -> PartsDataset:
+        out = PartsDataset(split.features, split.labels, torch.from_numpy(np.array(arrays[2][rows])))
+        if len(arrays) > 3:  # the occluded part of every image (-1: none)
+            out.occluded = torch.from_numpy(np.array(arrays[3][rows]))
+        return out
 
     return dataclasses.replace(
         bundle,
-        train=with_landmarks(bundle.train, train_landmarks, idx.train),
-        val=with_landmarks(bundle.val, train_landmarks, idx.val),
-        test=with_landmarks(bundle.test, test_landmarks, idx.test),
+        train=with_landmarks(bundle.train, train, idx.train),
+        val=with_landmarks(bundle.val, train, idx.val),
+        test=with_landmarks(bundle.test, test, idx.test),
     )

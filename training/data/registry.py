@@ -10,6 +10,7 @@ from .core import DataBundle
 from .images import load_cifar10, load_fashion_mnist, load_mnist
 from .own import load_csv, load_image_folder
 from .parts import load_parts
+from .parts_hard import load_parts_hard
 from .synthetic import load_synthetic_images, load_synthetic_tabular
 from .tabular import load_adult, load_sklearn, load_yeast
 
@@ -34,6 +35,7 @@ _LOADERS: dict[str, _Loader] = {
     "fashion_mnist": load_fashion_mnist,
     "mnist": load_mnist,
     "parts": _without_root(load_parts),
+    "parts_hard": _without_root(load_parts_hard),
     "synthetic_images": _without_root(load_synthetic_images),
     "synthetic_tabular": _without_root(load_synthetic_tabular),
     "wine": _without_root(functools.partial(load_sklearn, "wine")),
