@@ -118,8 +118,9 @@ def load_data(cfg: ExperimentConfig) -> Any:
 def _model_kwargs(model_cls: type[nn.Module], model_cfg: ModelConfig, info: Any) -> dict[str, Any]:
     """Config args plus what the data set implies: classes and input size, and the class's `data_args`.
 
-    Every family takes `num_classes` and `in_features` (tabular) or `in_chans` (images); `feature_names` and the
-    data set's `reference` only where the class lists them in `data_args` (the contract in `shapnets.contract`).
+    Every family takes `num_classes` and `in_features` (tabular) or `in_chans` (images); `feature_names`, the data
+    set's `reference` and its normalisation (`input_mean` / `input_std`) only where the class lists them in
+    `data_args` (the contract in `shapnets.contract`).
     """
     kwargs = rename_args(model_cls, model_cfg.args)
     tabular = len(info.input_shape) == 1
@@ -131,11 +132,9 @@ def _model_kwargs(model_cls: type[nn.Module], model_cfg: ModelConfig, info: Any)
     if info.reference is not None and "reference" in optional:
         defaults["reference"] = torch.tensor(info.reference, dtype=torch.float32)
     normalize = (info.preprocessing or {}).get("normalize") if isinstance(info.preprocessing, dict) else None
-    if isinstance(normalize, dict) and "mean" in normalize and "std" in normalize:
+    if isinstance(normalize, dict) and {"mean", "std"} <= set(normalize) and "input_mean" in optional:
         # Models that un-normalise their input (CapsNet's reconstruction target) take the data's constants.
         defaults["input_mean"], defaults["input_std"] = list(normalize["mean"]), list(normalize["std"])
-        if cls is None and _zoo_class_accepts(model_cfg.name, "input_mean"):
-            accepted |= {"input_mean", "input_std"}
     for key, value in defaults.items():
         kwargs.setdefault(key, value)
     return kwargs

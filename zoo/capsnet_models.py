@@ -50,9 +50,12 @@ def _mnist_cfg(description: str) -> ShapNetCfg:
     return _cfg(description=f"{description}: 1x28x28 images, 10 classes", **MNIST_CFG)
 
 
+_MNIST_NORMALIZATION = dict(input_mean=0.1307, input_std=0.3081)  # the MNIST loader's constants
+
 CAPSNET_VARIANT_DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
     # The paper's code differentiates through the routing iterations; `detach_routing=True` stays an option.
-    "capsnet_mnist": ("capsnet", dict(in_chans=1, image_size=28, num_classes=10, detach_routing=False)),
+    "capsnet_mnist": ("capsnet", dict(in_chans=1, image_size=28, num_classes=10, detach_routing=False,
+                                      **_MNIST_NORMALIZATION)),
     "capsnet_small_mnist": ("capsnet", dict(in_chans=1, image_size=28, num_classes=10, conv_channels=64,
                                             primary_types=16, **_MNIST_NORMALIZATION)),
 }
