@@ -41,6 +41,7 @@ from .modules import (
     ShapleyModule,
     ShapleyModuleBank,
     coalition_masks,
+    compile_coalitions,
     evaluation_stats,
     shapley_from_values,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "ShapleyModuleBank",
     "butterfly_pairs",
     "coalition_masks",
+    "compile_coalitions",
     "dynamic_routing",
     "evaluation_stats",
     "exact_interactions",
