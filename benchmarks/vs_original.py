@@ -11,6 +11,8 @@ Setting (the original's README architecture, MNIST-sized): channels 1-16-32-32-3
 
 * `matched`: `ConvShapNet(..., hidden=(), act_layer=nn.LeakyReLU, residual=False, output_act=True)`: inner =
   `Linear(4 C_in, C_out) + LeakyReLU`, as in the original, and the same 11,706 parameters.
+* `compiled`: `matched` with `shapnets.compile_coalitions` (`--compiled`; the first run compiles for minutes on a
+  small CPU, later runs read inductor's on-disk cache).
 * `linear`: the same without `output_act` (what `hidden=()` means in shapnets: a single Linear, no bias, no
   activation, 11,584 parameters). Its inner is linear, so its exact Shapley values are `W_j (x_j - r_j)`, with
   no coalition to evaluate: it is NOT the original's function, and is listed only because earlier comparisons used it.
@@ -95,7 +97,7 @@ def shapnets_worker(args: argparse.Namespace) -> dict:
     import torch
     from torch import nn
 
-    from shapnets import ConvShapNet
+    from shapnets import ConvShapNet, compile_coalitions
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -103,6 +105,10 @@ def shapnets_worker(args: argparse.Namespace) -> dict:
                   act_layer=nn.LeakyReLU, residual=False)
     models = {"matched": ConvShapNet(1, 10, output_act=True, **common).eval(),
               "linear": ConvShapNet(1, 10, **common).eval()}
+    if args.compiled:
+        # The same weights through the torch.compile'd coalition kernel (compiled in the warm-up, cached on disk).
+        models["compiled"] = compile_coalitions(ConvShapNet(1, 10, output_act=True, **common).eval())
+        models["compiled"].load_state_dict(models["matched"].state_dict())
     x = torch.randn(args.batch, 1, 28, 28)
     out = {name: _time(model.explain, x, args.repeats) for name, model in models.items()}
     out["params"] = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
@@ -125,7 +131,9 @@ def setup(args: argparse.Namespace) -> None:
 def _run_worker(python: str, kind: str, args: argparse.Namespace) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--checkout", str(args.checkout),
            "--batch", str(args.batch), "--threads", str(args.threads), "--repeats", str(args.repeats)]
-    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin"}
+    cmd += ["--compiled"] if args.compiled else []
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin",
+           "HOME": str(Path.home())}
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -140,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (one subprocess per side each)")
     parser.add_argument("--repeats", type=int, default=3, help="timed explains per subprocess (median)")
+    parser.add_argument("--compiled", action="store_true", help="also time the torch.compile'd coalition kernel")
     parser.add_argument("--worker", choices=("original", "shapnets"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -162,16 +171,15 @@ def main(argv: list[str] | None = None) -> None:
             result.setdefault("params", {}).update(got["params"])
             result.setdefault("torch", {})[kind] = got["torch"]
         rounds.append(result)
-        med = {k: statistics.median(result[k]) * 1e3 for k in ("original", "matched", "linear")}
-        print(f"round {r + 1}: original {med['original']:.1f} ms, matched {med['matched']:.1f} ms "
-              f"({med['original'] / med['matched']:.1f}x), linear {med['linear']:.1f} ms "
-              f"({med['original'] / med['linear']:.1f}x)", flush=True)
+        med = {k: statistics.median(v) * 1e3 for k, v in result.items() if k not in ("params", "torch")}
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v:.1f} ms ({med['original'] / v:.1f}x)" for k, v in med.items()),
+              flush=True)
     params, versions = rounds[0]["params"], rounds[0]["torch"]
     print(f"\nbatch {args.batch} random 28x28 images, {args.threads} thread(s), {args.rounds} rounds x "
           f"{args.repeats} repeats; torch {versions['original']} (original) / {versions['shapnets']} (shapnets)")
     print("| model | params | explain ms (median of rounds) | speed-up over the original (median of per-round ratios) |")
     print("|---|---|---|---|")
-    for name in ("original", "matched", "linear"):
+    for name in [k for k in ("original", "matched", "compiled", "linear") if k in rounds[0]]:
         per_round = [statistics.median(r[name]) for r in rounds]
         ratios = [statistics.median(r["original"]) / statistics.median(r[name]) for r in rounds]
         print(f"| {name} | {params[name]:,} | {statistics.median(per_round) * 1e3:.1f} | "
