@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     params, versions = rounds[0]["params"], rounds[0]["torch"]
     print(f"\nbatch {args.batch} random 28x28 images, {args.threads} thread(s), {args.rounds} rounds x "
           f"{args.repeats} repeats; torch {versions['original']} (original) / {versions['shapnets']} (shapnets)")
-    print("| model | params | explain ms (median of rounds) | speed-up over the original (median of per-round ratios) |")
+    print("| model | params | explain ms (median of rounds) | speed-up over the original "
+          "(median of per-round ratios) |")
     print("|---|---|---|---|")
     for name in [k for k in ("original", "matched", "compiled", "linear") if k in rounds[0]]:
         per_round = [statistics.median(r[name]) for r in rounds]

@@ -37,11 +37,12 @@ def throughput(names: Sequence[str], batches: Sequence[int], threads: Sequence[i
             for batch in batches:
                 x = torch.randn(batch, in_chans, 28, 28, generator=torch.Generator().manual_seed(batch))
                 with torch.no_grad():
-                    t = interleaved_medians({"forward": lambda x=x: model(x), "explain": lambda x=x: model.explain(x)},
-                                            repeats)
+                    t = interleaved_medians({"forward": lambda x=x, m=model: m(x),
+                                             "explain": lambda x=x, m=model: m.explain(x)}, repeats)
                 rows.append({"model": name, "threads": n_threads, "batch": batch,
                              "forward img/s": batch / t["forward"], "explain img/s": batch / t["explain"],
-                             "explain ms / img": 1e3 * t["explain"] / batch, "explain / forward": t["explain"] / t["forward"]})
+                             "explain ms / img": 1e3 * t["explain"] / batch,
+                             "explain / forward": t["explain"] / t["forward"]})
                 print(f"{name} threads={n_threads} batch={batch}: forward {rows[-1]['forward img/s']:.1f} img/s, "
                       f"explain {rows[-1]['explain img/s']:.1f} img/s", flush=True)
     return rows

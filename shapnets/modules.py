@@ -383,7 +383,7 @@ def _compiled_one_layer_phi() -> Callable[..., Tensor] | None:
     if "fn" not in _COMPILED:
         try:
             _COMPILED["fn"] = torch.compile(_fused_one_layer_phi, dynamic=True)
-        except Exception as error:  # noqa: BLE001 - any failure means: no compiler here, use eager
+        except Exception as error:  # any failure means: no compiler here, use eager
             _compile_failed(error)
     return _COMPILED["fn"]
 
@@ -648,8 +648,11 @@ class ShapleyModuleBank(nn.Module):
         out = self._rest_grouped(pre, overwrite=True)  # (G, C_out, lead + coalitions x samples)
         values = rearrange(out[:, :, lead:], "g o (t n) -> t n g o", t=2**k - lead, n=n)
         if shared_base:
-            base = rearrange(out[:, :, :1], "g o 1 -> 1 1 g o")
-            values = torch.cat([base.expand(1, n, groups, -1), values])
+            # One copy into the final layout (a cat after the permute would copy every coalition twice).
+            full = values.new_empty(2**k, n, groups, values.shape[-1])
+            full[0] = rearrange(out[:, :, :1], "g o 1 -> 1 g o")
+            full[1:] = values
+            values = full
         return values.reshape(2**k, *batch, groups, values.shape[-1])
 
     #: Use the compiled coalition kernel in `shapley_from_projections` (see `compile_coalitions`).
@@ -693,7 +696,7 @@ class ShapleyModuleBank(nn.Module):
             slope = getattr(self.act, "negative_slope", 0.0)
             try:
                 return fused(projected, base, signed, kind, slope)
-            except Exception as error:  # noqa: BLE001 - a compiler that fails on first use: fall back for good
+            except Exception as error:  # a compiler failing on first use: fall back for good
                 _compile_failed(error)
         m, channels = projected.shape[1:]
         out = projected.new_empty(projected.shape)
