@@ -92,7 +92,7 @@ def _signed_weights(k: int) -> Tensor:
     return signed
 
 
-def _null_players_exactly_zero(phi: Tensor, delta: Tensor) -> Tensor:
+def _null_players_exactly_zero(phi: Tensor, delta: Tensor, present: Tensor | None = None) -> Tensor:
     """Zero the Shapley values of players at the reference (offset exactly 0), keeping their gradients.
 
     Such a player is null in its module's game (adding it changes no coalition), so its value is 0 in exact
@@ -100,7 +100,8 @@ def _null_players_exactly_zero(phi: Tensor, delta: Tensor) -> Tensor:
     kernel's blocking) and leave ~1e-18. Missingness is a guarantee, so it is enforced: the forward value is exactly
     `phi - phi = 0`, and the gradient (its value moves once the player leaves the reference) is phi's own.
     """
-    present = delta.ne(0).any(-1, keepdim=True)  # (..., G, k, 1)
+    # (..., G, k, 1); `present` (any shape with those elements), when the caller has computed it already.
+    present = delta.ne(0).any(-1, keepdim=True) if present is None else present.reshape(*phi.shape[:-1], 1)
     if phi.requires_grad:
         return torch.where(present, phi, phi - phi.detach())
     return phi.masked_fill(~present, 0.0)
@@ -710,7 +711,8 @@ class ShapleyModuleBank(nn.Module):
         return out
 
     def shapley(
-        self, delta: Tensor, reference: Tensor | None = None, skip_inactive: bool = False
+        self, delta: Tensor, reference: Tensor | None = None, skip_inactive: bool = False,
+        zero_null_players: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Exact Shapley values of every module (arguments as in `coalition_values`).
 
@@ -721,6 +723,9 @@ class ShapleyModuleBank(nn.Module):
                 of `2^k` (such players are dummies: their Shapley value is 0 and the others' values
                 are those of the smaller game). Equal to the dense computation up to rounding.
                 Counts are added to `self.stats`.
+            zero_null_players: in the dense computation, set the value of every player whose offset is exactly
+                0 to exactly 0 (rounding would leave ~1e-17). A caller that knows no such player's value is used
+                (the conv layer, when only padding sits at the reference) may skip that pass over `delta`.
 
         Returns:
             `(phi, base, output)`: `(..., G, k, C_out)`, `(..., G, C_out)` (the value at the
@@ -730,7 +735,8 @@ class ShapleyModuleBank(nn.Module):
             return self._shapley_skipping(delta, reference)
         values = self.coalition_values(delta, reference)
         self._count(delta.shape[:-2].numel(), delta.shape[:-2].numel() * 2**self.num_players, 0, 0)
-        return _null_players_exactly_zero(shapley_from_values(values, self.num_players), delta), values[0], values[-1]
+        phi = shapley_from_values(values, self.num_players)
+        return _null_players_exactly_zero(phi, delta) if zero_null_players else phi, values[0], values[-1]
 
     # ------------------------------------------------------------------ skipping inactive players
     stats: dict[str, int]
@@ -761,7 +767,8 @@ class ShapleyModuleBank(nn.Module):
         if needed > (1 - self.skip_threshold) * n * G * 2**k:
             values = self.coalition_values(delta, reference)
             self._count(n * G, n * G * 2**k, 0, 0)
-            return _null_players_exactly_zero(shapley_from_values(values, k), delta), values[0], values[-1]
+            phi = _null_players_exactly_zero(shapley_from_values(values, k), delta, present)
+            return phi, values[0], values[-1]
 
         w1 = self._first_layer_weight()
         # Pre-activation at the reference: per group when the reference has no batch axes (every use here), else
