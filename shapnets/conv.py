@@ -126,7 +126,8 @@ class ShapleyConv2d(nn.Module):
         only on that pixel: every pixel is projected once for all `k` roles (one `(B*H*W, C_in) x (C_in, k*C_out)`
         product), each role's projections are shifted to the anchors, the bank combines the coalitions in cache
         (`shapley_from_projections`) and each role's Shapley values are shifted back and summed onto the pixels.
-        Dense: nothing is skipped, and a pixel at the reference projects to exactly 0 and gets exactly 0.
+        Dense: nothing is skipped, and a pixel at the reference projects to exactly 0 and gets exactly 0 (in the
+        eager path; `compile_coalitions`' kernel enforces exact zeros wherever a projection is 0).
         """
         bank, k = self.bank, len(self.offsets)
         B, H, W, C = delta.shape
@@ -143,7 +144,10 @@ class ShapleyConv2d(nn.Module):
             projected[j, :, :rows, cols:] = 0
             if rows and cols:
                 projected[j, :, :rows, :cols] = per_pixel[:, dy:, dx:, j]
-        phi = bank.shapley_from_projections(projected.view(k, B * H * W, out_channels), at_reference)
+        # Exact zeros are needed only where an image pixel sits at the reference (padding players' values are
+        # never added back): one check per pixel instead of a pass over the k projections of every anchor.
+        exact_zeros = bool(delta.eq(0).all(-1).any())
+        phi = bank.shapley_from_projections(projected.view(k, B * H * W, out_channels), at_reference, exact_zeros)
         phi = phi.view(k, B, H, W, out_channels)
         bank._count(B * H * W, B * H * W * 2**k, 0, 0)
         # Scatter back: player j of the patch at a is pixel a + offset_j (patches anchored past the image don't exist).

@@ -316,6 +316,7 @@ def _one_layer_phi(
     weights: Tensor,
     values: Tensor | None = None,
     out: Tensor | None = None,
+    exact_zeros: bool = True,
 ) -> Tensor:
     """Shapley values of `act(base + sum_{j in S} p_j)` for `projected` `(k, m, C)` (see `shapley_from_projections`).
 
@@ -340,7 +341,7 @@ def _one_layer_phi(
             torch.add(v[: 1 << j], projected[j], out=v[1 << j : 2 << j])
         v = act(v, True)
         torch.mm(weights, v.view(1 << k, -1), out=out.view(k, -1))
-        return out.masked_fill_(projected == 0, 0.0)
+        return out.masked_fill_(projected == 0, 0.0) if exact_zeros else out
     phis = []
     for i in range(k):
         # Rows t = hi * 2^(i+1) + bit_i * 2^i + lo, as in _ShapleyCombine: bit_i pairs S with S + i.
@@ -661,7 +662,7 @@ class ShapleyModuleBank(nn.Module):
     #: Elements per coalition row of one chunk of `shapley_from_projections` (2^k rows are kept in cache together).
     projection_chunk: int = 1 << 14
 
-    def shapley_from_projections(self, projected: Tensor, at_reference: Tensor) -> Tensor:
+    def shapley_from_projections(self, projected: Tensor, at_reference: Tensor, exact_zeros: bool = True) -> Tensor:
         """Exact Shapley values of a one-layer inner (`hidden=()`) from its players' projections.
 
         With one layer, coalition S's value is `act(a + sum_{j in S} p_j)`, where `p_j = W_j (x_j - r_j)` and `a` is
@@ -675,6 +676,9 @@ class ShapleyModuleBank(nn.Module):
         Args:
             projected: `(k, M, C_out)`: the projection `p_j` of every player of `M` module instances.
             at_reference: `(C_out,)`: the first layer's pre-activation at the reference (bias included).
+            exact_zeros: make the value of a player exactly 0 wherever its projection is exactly 0 (one pass over
+                the projections; without it such a value is only ~1e-8 in float32). A caller that knows no such
+                value is used may skip it.
 
         Returns:
             `(k, M, C_out)` Shapley values (`projected` itself for a linear inner).
@@ -707,7 +711,7 @@ class ShapleyModuleBank(nn.Module):
             stop = min(m, start + rows)
             values = buffer[: 2**k * (stop - start) * channels].view(2**k, stop - start, channels)
             _one_layer_phi(projected[:, start:stop], base, self._activate, signed, values=values,
-                           out=out[:, start:stop])
+                           out=out[:, start:stop], exact_zeros=exact_zeros)
         return out
 
     def shapley(
