@@ -2,9 +2,9 @@
 
 The original is `DeepConvShapNet` of RuiWang1998/ShapleyExplanationNetworks @cab6644 (Wang, Wang, Inouye, ICLR
 2021). It needs named tensors, i.e. torch <= 2.12 (2.5.1 is known to work), so it runs in its own virtual
-environment, in a subprocess. The two implementations are timed in alternating rounds (one subprocess per round and
-implementation, each: one warm-up, then the median of `--repeats` explains of the same batch), and the ratio is
-taken per round, so that load from other processes on a shared machine hits both sides alike.
+environment, in a subprocess; shapnets runs in another. Both stay loaded (built and warmed up once), and every repeat
+times one explain of the same batch on every model in turn (the order rotating): the ratio is taken per repeat and
+its median reported, so that load from other processes on a shared machine hits both sides alike.
 
 Setting (the original's README architecture, MNIST-sized): channels 1-16-32-32-32-10, 2x2 kernels, dilations
 1, 2, 4, 8, 16, no residual, explaining random 28x28 images. Two shapnets models are timed:
@@ -20,8 +20,8 @@ Setting (the original's README architecture, MNIST-sized): channels 1-16-32-32-3
 Usage:
     python benchmarks/vs_original.py --setup     # once: create the venv (pip install torch==2.5.1 numpy scipy)
                                                  # and a checkout of the original at cab6644 (git clone)
-    python benchmarks/vs_original.py             # 64 images, 2 threads, 5 rounds
-    python benchmarks/vs_original.py --batch 256 --threads 1 --rounds 3
+    python benchmarks/vs_original.py             # 64 images, 2 threads, 7 interleaved repeats
+    python benchmarks/vs_original.py --batch 256 --threads 1 --repeats 5 --compiled
 
 Not run in CI (it needs the second environment and a network connection for `--setup`).
 """
@@ -44,22 +44,8 @@ DILATIONS = [1, 2, 4, 8, 16]
 
 
 # ------------------------------------------------------------------------------------------------ workers
-def _time(fn, x, repeats: int) -> list[float]:
-    import torch
-
-    with torch.no_grad():
-        fn(x[:2])
-        fn(x)  # warm-up at full size (allocator, workspaces)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - start)
-    return times
-
-
-def original_worker(args: argparse.Namespace) -> dict:
-    """Time the original DeepConvShapNet (runs under the original's venv: torch 2.5.1, named tensors)."""
+def original_models(args: argparse.Namespace) -> tuple[dict, object, dict]:
+    """The original DeepConvShapNet (runs under the original's venv: torch 2.5.1, named tensors)."""
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -86,13 +72,12 @@ def original_worker(args: argparse.Namespace) -> dict:
             for i in range(layers)],
         reference_values=None, residual=False, named_output=False, pruning=[0.0] * layers)
     x = torch.randn(args.batch, 1, 28, 28)
-    times = _time(lambda z: net(z, explain=True), x, args.repeats)
-    return {"original": times, "params": {"original": sum(p.numel() for p in net.parameters())},
-            "torch": torch.__version__}
+    return ({"original": lambda z: net(z, explain=True)}, x,
+            {"params": {"original": sum(p.numel() for p in net.parameters())}, "torch": torch.__version__})
 
 
-def shapnets_worker(args: argparse.Namespace) -> dict:
-    """Time the shapnets ConvShapNet in the `matched` and `linear` settings (this repository's environment)."""
+def shapnets_models(args: argparse.Namespace) -> tuple[dict, object, dict]:
+    """The shapnets ConvShapNets: `matched`, `linear` and (`--compiled`) `compiled` (this repository's environment)."""
     sys.path.insert(0, str(ROOT))
     import torch
     from torch import nn
@@ -110,10 +95,28 @@ def shapnets_worker(args: argparse.Namespace) -> dict:
         models["compiled"] = compile_coalitions(ConvShapNet(1, 10, output_act=True, **common).eval())
         models["compiled"].load_state_dict(models["matched"].state_dict())
     x = torch.randn(args.batch, 1, 28, 28)
-    out = {name: _time(model.explain, x, args.repeats) for name, model in models.items()}
-    out["params"] = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
-    out["torch"] = torch.__version__
-    return out
+    info = {"params": {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()},
+            "torch": torch.__version__}
+    return {name: model.explain for name, model in models.items()}, x, info
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Worker loop: build the models, warm them up, then time one explain per `run NAME` line read from stdin."""
+    import torch
+
+    fns, x, info = original_models(args) if args.worker == "original" else shapnets_models(args)
+    with torch.no_grad():
+        for fn in fns.values():  # warm-up: allocator, workspaces, compilation
+            fn(x[:2])
+            fn(x)
+    print(json.dumps({**info, "names": list(fns)}), flush=True)
+    for line in sys.stdin:
+        name = line.split()[1]
+        with torch.no_grad():
+            start = time.perf_counter()
+            fns[name](x)
+            elapsed = time.perf_counter() - start
+        print(json.dumps({"seconds": elapsed}), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -128,14 +131,32 @@ def setup(args: argparse.Namespace) -> None:
         subprocess.run(["git", "-C", str(args.checkout), "checkout", "--quiet", ORIGINAL_COMMIT], check=True)
 
 
-def _run_worker(python: str, kind: str, args: argparse.Namespace) -> dict:
-    cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--checkout", str(args.checkout),
-           "--batch", str(args.batch), "--threads", str(args.threads), "--repeats", str(args.repeats)]
-    cmd += ["--compiled"] if args.compiled else []
-    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin",
-           "HOME": str(Path.home())}
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+class _Worker:
+    """One worker subprocess (`serve`): its models are built once and timed on request, one explain at a time."""
+
+    def __init__(self, python: str, kind: str, args: argparse.Namespace) -> None:
+        cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--checkout", str(args.checkout),
+               "--batch", str(args.batch), "--threads", str(args.threads)]
+        cmd += ["--compiled"] if args.compiled else []
+        env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin",
+               "HOME": str(Path.home())}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"worker {self.proc.args[3]} exited with code {self.proc.wait()}")
+        return json.loads(line)
+
+    def time(self, name: str) -> float:
+        self.proc.stdin.write(f"run {name}\n")
+        self.proc.stdin.flush()
+        return self._read()["seconds"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,46 +167,43 @@ def main(argv: list[str] | None = None) -> None:
                         help="a checkout of the original repository at cab6644")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (one subprocess per side each)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed explains per subprocess (median)")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed explains of every model")
     parser.add_argument("--compiled", action="store_true", help="also time the torch.compile'd coalition kernel")
     parser.add_argument("--worker", choices=("original", "shapnets"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        result = original_worker(args) if args.worker == "original" else shapnets_worker(args)
-        print(json.dumps(result))
+        serve(args)
         return
     if args.setup:
         setup(args)
     python = args.venv / "bin" / "python"
     if not python.exists() or not (args.checkout / "ShapNet").is_dir():
         raise SystemExit(f"missing {python} or {args.checkout}/ShapNet: run with --setup first (see --help)")
-    rounds = []
-    for r in range(args.rounds):
-        # Alternate which side goes first, so that drifting load does not favour one.
-        order = ["original", "shapnets"] if r % 2 == 0 else ["shapnets", "original"]
-        result: dict = {}
-        for kind in order:
-            got = _run_worker(str(python) if kind == "original" else sys.executable, kind, args)
-            result.update({k: v for k, v in got.items() if k not in ("params", "torch")})
-            result.setdefault("params", {}).update(got["params"])
-            result.setdefault("torch", {})[kind] = got["torch"]
-        rounds.append(result)
-        med = {k: statistics.median(v) * 1e3 for k, v in result.items() if k not in ("params", "torch")}
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v:.1f} ms ({med['original'] / v:.1f}x)" for k, v in med.items()),
-              flush=True)
-    params, versions = rounds[0]["params"], rounds[0]["torch"]
-    print(f"\nbatch {args.batch} random 28x28 images, {args.threads} thread(s), {args.rounds} rounds x "
-          f"{args.repeats} repeats; torch {versions['original']} (original) / {versions['shapnets']} (shapnets)")
-    print("| model | params | explain ms (median of rounds) | speed-up over the original "
-          "(median of per-round ratios) |")
+    # Both implementations stay loaded in their own process; every repeat times each model once, in turn (the order
+    # rotating), so that load coming and going on a shared machine hits all of them alike.
+    workers = [_Worker(str(python), "original", args), _Worker(sys.executable, "shapnets", args)]
+    try:
+        jobs = [(w, name) for w in workers for name in w.info["names"]]
+        times: dict[str, list[float]] = {name: [] for _, name in jobs}
+        for r in range(args.repeats):
+            shift = r % len(jobs)
+            for worker, name in jobs[shift:] + jobs[:shift]:
+                times[name].append(worker.time(name))
+            ratios = {n: times["original"][-1] / t[-1] for n, t in times.items() if n != "original"}
+            print(f"repeat {r + 1}: original {times['original'][-1] * 1e3:.0f} ms; "
+                  + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms ({q:.1f}x)" for n, q in ratios.items()), flush=True)
+    finally:
+        for worker in workers:
+            worker.close()
+    params = {**workers[0].info["params"], **workers[1].info["params"]}
+    print(f"\nbatch {args.batch} random 28x28 images, {args.threads} thread(s), {args.repeats} interleaved repeats; "
+          f"torch {workers[0].info['torch']} (original) / {workers[1].info['torch']} (shapnets)")
+    print("| model | params | explain ms (median) | speed-up over the original (median of per-repeat ratios) |")
     print("|---|---|---|---|")
-    for name in [k for k in ("original", "matched", "compiled", "linear") if k in rounds[0]]:
-        per_round = [statistics.median(r[name]) for r in rounds]
-        ratios = [statistics.median(r["original"]) / statistics.median(r[name]) for r in rounds]
-        print(f"| {name} | {params[name]:,} | {statistics.median(per_round) * 1e3:.1f} | "
+    for name in [k for k in ("original", "matched", "compiled", "linear") if k in times]:
+        ratios = [a / b for a, b in zip(times["original"], times[name])]
+        print(f"| {name} | {params[name]:,} | {statistics.median(times[name]) * 1e3:.1f} | "
               f"{statistics.median(ratios):.1f}x (min {min(ratios):.1f}, max {max(ratios):.1f}) |")
-
 
 if __name__ == "__main__":
     main()
