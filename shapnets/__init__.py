@@ -45,6 +45,7 @@ from .modules import (
     ShapleyModule,
     ShapleyModuleBank,
     coalition_masks,
+    compile_coalitions,
     evaluation_stats,
     shapley_from_values,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "and_or_interactions",
     "butterfly_pairs",
     "coalition_masks",
+    "compile_coalitions",
     "configure_pruning",
     "dynamic_routing",
     "evaluation_stats",

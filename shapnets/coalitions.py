@@ -12,7 +12,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-__all__ = ["coalition_masks", "coalition_table", "shapley_from_values"]
+__all__ = ["coalition_masks", "coalition_table", "shapley_from_values", "signed_weights"]
 
 
 @lru_cache(maxsize=64)
@@ -42,7 +42,7 @@ def coalition_masks(k: int, device: torch.device | None = None, dtype: torch.dty
     return coalition_table(k)[0].to(device=device, dtype=dtype)
 
 
-def _signed_weights(k: int) -> Tensor:
+def signed_weights(k: int) -> Tensor:
     """`(2^k, k)`: `phi = W^T v`, i.e. `+w(|S|-1)` on rows with player i, `-w(|S|)` on rows without."""
     _, with_, without, weights = coalition_table(k)
     signed = torch.zeros(2**k, k, dtype=torch.float64)
@@ -78,7 +78,7 @@ class _ShapleyCombine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         k = ctx.k
-        signed = _signed_weights(k).to(device=grad.device, dtype=grad.dtype)
+        signed = signed_weights(k).to(device=grad.device, dtype=grad.dtype)
         per_player = grad.movedim(-2, 0)  # (k, *batch, C)
         return (signed @ per_player.reshape(k, -1)).reshape(2**k, *per_player.shape[1:]), None
 

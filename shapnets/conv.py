@@ -45,6 +45,8 @@ class ShapleyConv2d(nn.Module):
         dilation: spacing of the patch's pixels.
         hidden: hidden widths of the shared inner MLP.
         act_layer: activation of the inner MLP.
+        output_act: also apply the activation after the inner's last layer (with a bias): `hidden=()` and
+            `output_act=True` is the original code's `Linear -> LeakyReLU` inner.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class ShapleyConv2d(nn.Module):
         dilation: int | Sequence[int] = 1,
         hidden: Sequence[int] = (32,),
         act_layer: Callable[[], nn.Module] = nn.GELU,
+        output_act: bool = False,
     ) -> None:
         super().__init__()
         kh, kw = _pair(kernel_size)
@@ -62,7 +65,8 @@ class ShapleyConv2d(nn.Module):
         self.kernel_size, self.dilation = (kh, kw), (dh, dw)
         self.offsets = [(i * dh, j * dw) for i in range(kh) for j in range(kw)]
         self.pad = ((kh - 1) * dh, (kw - 1) * dw)
-        self.bank = ShapleyModuleBank(1, kh * kw, in_channels, out_channels, hidden, act_layer, output_bias=False)
+        self.bank = ShapleyModuleBank(1, kh * kw, in_channels, out_channels, hidden, act_layer,
+                                      output_bias=output_act, output_act=output_act)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, dilation={self.dilation}"
@@ -94,10 +98,54 @@ class ShapleyConv2d(nn.Module):
             skip_inactive: do not evaluate patches whose pixels all sit at the reference (their
                 Shapley values are exactly 0) and evaluate fewer coalitions for partly inactive ones.
         """
+        if len(self.bank.weights) == 1:
+            return self._one_layer_map(delta, reference)
         players = self.patches(delta)[..., None, :, :]  # one shared module: G = 1
         ref = None if reference is None else reference.expand(1, len(self.offsets), reference.shape[-1])
-        phi, _, _ = self.bank.shapley(players, ref, skip_inactive=skip_inactive)
+        # Players in the padding are null too, but their values are cropped by `fold`: the dense path needs its
+        # exact-zero pass over all k players of every patch only if a pixel of the image sits at the reference
+        # (checked once per pixel, k times cheaper).
+        zero_null = skip_inactive or bool(delta.eq(0).all(-1).any())
+        phi, _, _ = self.bank.shapley(players, ref, skip_inactive=skip_inactive, zero_null_players=zero_null)
         return self.fold(phi[..., 0, :, :])
+
+    def _one_layer_map(self, delta: Tensor, reference: Tensor | None) -> Tensor:
+        """`forward` for a one-layer inner (`hidden=()`), without im2col, col2im or a coalition tensor in memory.
+
+        Player j of the patch anchored at pixel a is pixel `a + offset_j`, and its projection `W_j (x - r)` depends
+        only on that pixel: every pixel is projected once for all `k` roles (one `(B*H*W, C_in) x (C_in, k*C_out)`
+        product), each role's projections are shifted to the anchors, the bank combines the coalitions in cache
+        (`shapley_from_projections`) and each role's Shapley values are shifted back and summed onto the pixels.
+        Dense: nothing is skipped, and a pixel at the reference projects to exactly 0 and gets exactly 0 (in the
+        eager path; `compile_coalitions`' kernel enforces exact zeros wherever a projection is 0).
+        """
+        bank, k = self.bank, len(self.offsets)
+        B, H, W, C = delta.shape
+        ref = None if reference is None else reference.expand(1, k, C)
+        at_reference = bank._at_reference(delta, ref)[0]  # (C_out,)
+        weight = rearrange(bank.weights[0][0], "(k c) o -> c (k o)", k=k)
+        per_pixel = (delta.reshape(-1, C) @ weight.to(delta.dtype)).view(B, H, W, k, -1)
+        out_channels = per_pixel.shape[-1]
+        # projected[j, b, h, w] = player j's projection in the patch anchored at (h, w); 0 past the border (padding).
+        projected = per_pixel.new_empty(k, B, H, W, out_channels)
+        for j, (dy, dx) in enumerate(self.offsets):
+            rows, cols = max(H - dy, 0), max(W - dx, 0)
+            projected[j, :, rows:] = 0
+            projected[j, :, :rows, cols:] = 0
+            if rows and cols:
+                projected[j, :, :rows, :cols] = per_pixel[:, dy:, dx:, j]
+        # Exact zeros are needed only where an image pixel sits at the reference (padding players' values are
+        # never added back): one check per pixel instead of a pass over the k projections of every anchor.
+        exact_zeros = bool(delta.eq(0).all(-1).any())
+        phi = bank.shapley_from_projections(projected.view(k, B * H * W, out_channels), at_reference, exact_zeros)
+        phi = phi.view(k, B, H, W, out_channels)
+        bank._count(B * H * W, B * H * W * 2**k, 0, 0)
+        # Scatter back: player j of the patch at a is pixel a + offset_j (patches anchored past the image don't exist).
+        out = phi[0].clone()
+        for j, (dy, dx) in enumerate(self.offsets):
+            if j and dy < H and dx < W:
+                out[:, dy:, dx:] += phi[j, :, : H - dy, : W - dx]
+        return out
 
     def patch_members(self, height: int, width: int) -> Tensor:
         """`(H * W, k)`: the pixel (`h * W + w`) of every player of every patch, `-1` for padding."""
@@ -162,6 +210,7 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
         skip_inactive: skip patches (and coalitions) whose pixels sit at the reference; exact.
         zero_init_output: start the last stage's output layer at zero, so the logits start at 0
             (the spatial sum over many pixels otherwise starts with large logits).
+        output_act: apply the activation after each inner's last layer too (see `ShapleyConv2d`).
     """
 
     data_args = ("reference",)  # what a data set may fill (shapnets.contract)
@@ -184,6 +233,7 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
         prune_mode: str = "all",
         skip_inactive: bool = True,
         zero_init_output: bool = False,
+        output_act: bool = False,
     ) -> None:
         super().__init__()
         num_stages = len(channels) + 1
@@ -205,7 +255,7 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
             if not 1 <= take <= width:
                 raise ValueError(f"stage {s}: channel_split {take} must lie in [1, {width}] (channels available)")
             self.channel_split.append(take)
-            self.stages.append(ShapleyConv2d(take, c_out, kernel, d, hidden, act_layer))
+            self.stages.append(ShapleyConv2d(take, c_out, kernel, d, hidden, act_layer, output_act))
             width = c_out + width - take
         if width != num_classes:
             raise ValueError(

@@ -27,11 +27,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from ._validation import check_input, check_reference, finite_output
-from .coalitions import coalition_masks, shapley_from_values
+from .coalitions import coalition_masks, coalition_table, shapley_from_values, signed_weights
 from .explanation import Explanation
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ __all__ = [
     "ShapleyModule",
     "ShapleyModuleBank",
     "coalition_masks",
+    "compile_coalitions",
     "evaluation_stats",
     "shapley_from_values",
 ]
@@ -50,7 +52,7 @@ __all__ = [
 MAX_PLAYERS = 16
 
 
-def _null_players_exactly_zero(phi: Tensor, delta: Tensor) -> Tensor:
+def _null_players_exactly_zero(phi: Tensor, delta: Tensor, present: Tensor | None = None) -> Tensor:
     """Zero the Shapley values of players at the reference (offset exactly 0), keeping their gradients.
 
     Such a player is null in its module's game (adding it changes no coalition), so its value is 0 in exact
@@ -58,7 +60,8 @@ def _null_players_exactly_zero(phi: Tensor, delta: Tensor) -> Tensor:
     kernel's blocking) and leave ~1e-18. Missingness is a guarantee, so it is enforced: the forward value is exactly
     `phi - phi = 0`, and the gradient (its value moves once the player leaves the reference) is phi's own.
     """
-    present = delta.ne(0).any(-1, keepdim=True)  # (..., G, k, 1)
+    # (..., G, k, 1); `present` (any shape with those elements), when the caller has computed it already.
+    present = delta.ne(0).any(-1, keepdim=True) if present is None else present.reshape(*phi.shape[:-1], 1)
     if phi.requires_grad:
         return torch.where(present, phi, phi - phi.detach())
     return phi.masked_fill(~present, 0.0)
@@ -216,6 +219,108 @@ class ShapleyModule(nn.Module):
                                                   method="ShapleyModule")
 
 
+def _one_layer_phi(
+    projected: Tensor,
+    base: Tensor,
+    act: Callable[..., Tensor],
+    weights: Tensor,
+    values: Tensor | None = None,
+    out: Tensor | None = None,
+    exact_zeros: bool = True,
+) -> Tensor:
+    """Shapley values of `act(base + sum_{j in S} p_j)` for `projected` `(k, m, C)` (see `shapley_from_projections`).
+
+    `weights` is `(k, 2^(k-1))` (the Shapley weights of the coalitions without player i). With `values` (a
+    `(2^k, m, C)` buffer) and `out` (`(k, m, C)`), works in place without autograd, `weights` is then the signed
+    `(k, 2^k)` matrix and `act` is called as `act(tensor, may_overwrite)`; otherwise out of place and differentiable.
+    """
+    k = projected.shape[0]
+    if values is None:
+        v = base.expand(1, *projected.shape[1:])
+        for j in range(k):
+            v = torch.cat([v, v + projected[j]])  # rows with bit j set: the same coalitions plus player j
+        v = act(v)
+    else:
+        # In place, for speed: one product with the signed weights reads the 2^k values once (taking differences
+        # first reads them k times). A player whose projection is exactly 0 in a channel does not change that
+        # channel's value in any coalition, so its value there is exactly 0: enforced after the product, whose
+        # rounding would leave ~1e-8 (float32) of `w v(S + i) - w v(S)`.
+        v = values
+        v[0] = base
+        for j in range(k):
+            torch.add(v[: 1 << j], projected[j], out=v[1 << j : 2 << j])
+        v = act(v, True)
+        torch.mm(weights, v.view(1 << k, -1), out=out.view(k, -1))
+        return out.masked_fill_(projected == 0, 0.0) if exact_zeros else out
+    phis = []
+    for i in range(k):
+        # Rows t = hi * 2^(i+1) + bit_i * 2^i + lo, as in _ShapleyCombine: bit_i pairs S with S + i.
+        pairs = v.view(1 << (k - 1 - i), 2, 1 << i, -1)
+        diff = (pairs[:, 1] - pairs[:, 0]).view(1 << (k - 1), -1)
+        phis.append((weights[i] @ diff).view(projected.shape[1:]))
+    return torch.stack(phis)
+
+
+def _fused_one_layer_phi(projected: Tensor, base: Tensor, signed: Tensor, kind: str, slope: float) -> Tensor:
+    """`_one_layer_phi` written as one pointwise expression, for `torch.compile` to fuse into a single loop.
+
+    The `2^k` coalition values of an element are built (by doubling), activated and combined in registers: the
+    compiled kernel reads the `k` projections and writes the `k` Shapley values, nothing else.
+    """
+    k = projected.shape[0]
+    values = [base.expand_as(projected[0])]
+    for j in range(k):
+        values = values + [v + projected[j] for v in values]
+    if kind == "leaky_relu":
+        values = [F.leaky_relu(v, slope) for v in values]
+    elif kind == "relu":
+        values = [F.relu(v) for v in values]
+    else:
+        values = [F.gelu(v, approximate=kind.removeprefix("gelu_")) for v in values]
+    phis = []
+    for i in range(k):
+        phi = signed[i, 0] * values[0]
+        for t in range(1, 1 << k):
+            phi = phi + signed[i, t] * values[t]
+        phis.append(torch.where(projected[i] == 0, 0.0, phi))  # exactly 0, as in _one_layer_phi
+    return torch.stack(phis)
+
+
+_COMPILED: dict[str, Callable[..., Tensor] | None] = {}
+
+
+def _compiled_one_layer_phi() -> Callable[..., Tensor] | None:
+    """The compiled `_fused_one_layer_phi` (built once per process; compiled kernels are cached on disk by
+    torch's inductor), or None where torch.compile is unavailable (a warning is given once)."""
+    if "fn" not in _COMPILED:
+        try:
+            _COMPILED["fn"] = torch.compile(_fused_one_layer_phi, dynamic=True)
+        except Exception as error:  # any failure means: no compiler here, use eager
+            _compile_failed(error)
+    return _COMPILED["fn"]
+
+
+def _compile_failed(error: BaseException) -> None:
+    import warnings
+
+    _COMPILED["fn"] = None
+    warnings.warn(f"ShapleyModuleBank: torch.compile is not usable here ({type(error).__name__}: {error}); "
+                  "using the eager coalition path", RuntimeWarning, stacklevel=3)
+
+
+def compile_coalitions(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Use the `torch.compile`d coalition kernel in every one-layer `ShapleyModuleBank` of `model` (no-grad only).
+
+    Optional: the first call compiles (tens of seconds on a CPU; the kernels are then cached on disk), and where no
+    compiler works the banks fall back to the eager path with one warning. Results equal the eager path's up to
+    rounding, and a player at the reference still gets exactly 0. Returns `model`.
+    """
+    for bank in model.modules():
+        if isinstance(bank, ShapleyModuleBank):
+            bank.compiled = enabled
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # ShapleyModuleBank: G modules of equal arity with MLP inners, one batched computation
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +371,10 @@ class ShapleyModuleBank(nn.Module):
         max_players: the largest `k` accepted.
         output_bias: give the last layer a bias. A constant cancels out of every Shapley
             difference, so where only the Shapley values are used (Deep and Conv ShapNets discard
-            the value at the reference) that bias would get an exactly-zero gradient: leave it out.
+            the value at the reference) that bias would get an exactly-zero gradient: leave it out
+            (unless `output_act`, after which the bias no longer cancels).
+        output_act: apply the activation after the last layer too (the original ShapNets code's
+            `Linear -> LeakyReLU` inner is `hidden=(), output_act=True`).
     """
 
     def __init__(
@@ -279,9 +387,11 @@ class ShapleyModuleBank(nn.Module):
         act_layer: Callable[[], nn.Module] = nn.GELU,
         max_players: int = MAX_PLAYERS,
         output_bias: bool = True,
+        output_act: bool = False,
     ) -> None:
         super().__init__()
         _check_arity(num_players, max_players)
+        self.output_act = output_act
         if num_groups < 1 or in_channels < 1 or out_channels < 1:
             raise ValueError(f"num_groups, in_channels, out_channels must be >= 1, got {num_groups}, "
                              f"{in_channels}, {out_channels}")
@@ -301,7 +411,8 @@ class ShapleyModuleBank(nn.Module):
 
     def extra_repr(self) -> str:
         widths = [self.weights[0].shape[1]] + [w.shape[2] for w in self.weights]
-        return f"groups={self.num_groups}, players={self.num_players}, mlp={'-'.join(map(str, widths))}"
+        act = ", output_act=True" if self.output_act else ""
+        return f"groups={self.num_groups}, players={self.num_players}, mlp={'-'.join(map(str, widths))}{act}"
 
     def coalition_elements(self) -> int:
         """Elements of the widest activation over all coalitions of all groups, per sample (memory estimates)."""
@@ -358,18 +469,39 @@ class ShapleyModuleBank(nn.Module):
         `M` samples x coalitions, with no copies between layers (a `(..., G, h)` layout makes each product permute
         its operand to `(G, ..., h)` and back, and with `C_out` = 2 outputs `a W` is a needle-thin product).
         """
-        # Without autograd, a GELU may overwrite its input (`overwrite`: the caller's buffer, or a layer output of
-        # ours): the coalition tensor is the largest of the computation, and a fresh one of its size costs a page
+        # Without autograd, the activation may overwrite its input (`overwrite`: the caller's buffer, or a layer output
+        # of ours): the coalition tensor is the largest of the computation, and a fresh one of its size costs a page
         # fault per 4 KB on the CPU.
-        in_place = not torch.is_grad_enabled() and type(self.act) is nn.GELU
         for i in range(1, len(self.weights)):
-            if in_place and (overwrite or i > 1):
-                a = torch.ops.aten.gelu_(h, approximate=self.act.approximate)
-            else:
-                a = self.act(h)
+            a = self._activate(h, overwrite or i > 1)
             w_t, b = self.weights[i].transpose(1, 2), self.bias(i)
             h = torch.baddbmm(b[:, :, None], w_t, a) if b is not None else torch.bmm(w_t, a)
+        if self.output_act:
+            h = self._activate(h, overwrite or len(self.weights) > 1)
         return h
+
+    def _pointwise_kind(self) -> str | None:
+        """The activation's name for the fused kernel (`leaky_relu`, `relu`, `gelu_none`, `gelu_tanh`), or None."""
+        kind = type(self.act)
+        if kind is nn.LeakyReLU:
+            return "leaky_relu"
+        if kind is nn.ReLU:
+            return "relu"
+        if kind is nn.GELU:
+            return f"gelu_{self.act.approximate}"
+        return None
+
+    def _activate(self, h: Tensor, may_overwrite: bool) -> Tensor:
+        """The activation, in place where `may_overwrite` and autograd is off (known elementwise activations only)."""
+        if may_overwrite and not torch.is_grad_enabled():
+            kind = type(self.act)
+            if kind is nn.GELU:
+                return torch.ops.aten.gelu_(h, approximate=self.act.approximate)
+            if kind is nn.LeakyReLU:
+                return F.leaky_relu_(h, self.act.negative_slope)
+            if kind is nn.ReLU:
+                return h.relu_()
+        return self.act(h)
 
     def forward(self, x: Tensor) -> Tensor:
         """Every module's inner at its input: `(..., G, k, C_in)` -> `(..., G, C_out)`."""
@@ -428,12 +560,73 @@ class ShapleyModuleBank(nn.Module):
         out = self._rest_grouped(pre, overwrite=True)  # (G, C_out, lead + coalitions x samples)
         values = rearrange(out[:, :, lead:], "g o (t n) -> t n g o", t=2**k - lead, n=n)
         if shared_base:
-            base = rearrange(out[:, :, :1], "g o 1 -> 1 1 g o")
-            values = torch.cat([base.expand(1, n, groups, -1), values])
+            # One copy into the final layout (a cat after the permute would copy every coalition twice).
+            full = values.new_empty(2**k, n, groups, values.shape[-1])
+            full[0] = rearrange(out[:, :, :1], "g o 1 -> 1 g o")
+            full[1:] = values
+            values = full
         return values.reshape(2**k, *batch, groups, values.shape[-1])
 
+    #: Use the compiled coalition kernel in `shapley_from_projections` (see `compile_coalitions`).
+    compiled: bool = False
+    #: Elements per coalition row of one chunk of `shapley_from_projections` (2^k rows are kept in cache together).
+    projection_chunk: int = 1 << 14
+
+    def shapley_from_projections(self, projected: Tensor, at_reference: Tensor, exact_zeros: bool = True) -> Tensor:
+        """Exact Shapley values of a one-layer inner (`hidden=()`) from its players' projections.
+
+        With one layer, coalition S's value is `act(a + sum_{j in S} p_j)`, where `p_j = W_j (x_j - r_j)` and `a` is
+        the pre-activation at the reference, so the coalitions need no matrix product at all. Without `output_act`
+        the inner is linear and `phi_j = p_j` exactly. With it, the `2^k` coalition values are built, activated and
+        combined chunk by chunk (`projection_chunk` elements of every coalition at a time, so that the coalition
+        axis lives in cache, never in memory): `2^k` values per element are never written out. Coalitions are built
+        by doubling (`v(S + j) = v(S) + p_j`) and differences are taken before weighting, so a player whose
+        projection is exactly 0 gets exactly 0.
+
+        Args:
+            projected: `(k, M, C_out)`: the projection `p_j` of every player of `M` module instances.
+            at_reference: `(C_out,)`: the first layer's pre-activation at the reference (bias included).
+            exact_zeros: make the value of a player exactly 0 wherever its projection is exactly 0 (one pass over
+                the projections; without it such a value is only ~1e-8 in float32). A caller that knows no such
+                value is used may skip it.
+
+        Returns:
+            `(k, M, C_out)` Shapley values (`projected` itself for a linear inner).
+        """
+        if len(self.weights) != 1:
+            raise ValueError(f"shapley_from_projections needs a one-layer inner (hidden=()), this bank has "
+                             f"{len(self.weights)} layers")
+        k = self.num_players
+        if projected.dim() != 3 or projected.shape[0] != k:
+            raise ValueError(f"projected must be (k={k}, M, C_out), got shape {tuple(projected.shape)}")
+        if not self.output_act:
+            return projected  # a linear inner is additive: phi_j = W_j (x_j - r_j), exactly
+        weights = coalition_table(k)[3].to(device=projected.device, dtype=projected.dtype)
+        base = at_reference.to(projected.dtype)
+        if torch.is_grad_enabled() and (projected.requires_grad or base.requires_grad):
+            return _one_layer_phi(projected, base, self.act, weights)
+        signed = signed_weights(k).T.to(device=projected.device, dtype=projected.dtype).contiguous()
+        kind = self._pointwise_kind()
+        if self.compiled and kind is not None and (fused := _compiled_one_layer_phi()) is not None:
+            slope = getattr(self.act, "negative_slope", 0.0)
+            try:
+                return fused(projected, base, signed, kind, slope)
+            except Exception as error:  # a compiler failing on first use: fall back for good
+                _compile_failed(error)
+        m, channels = projected.shape[1:]
+        out = projected.new_empty(projected.shape)
+        rows = max(1, self.projection_chunk // max(channels, 1))
+        buffer = projected.new_empty(2**k * rows * channels)
+        for start in range(0, m, rows):
+            stop = min(m, start + rows)
+            values = buffer[: 2**k * (stop - start) * channels].view(2**k, stop - start, channels)
+            _one_layer_phi(projected[:, start:stop], base, self._activate, signed, values=values,
+                           out=out[:, start:stop], exact_zeros=exact_zeros)
+        return out
+
     def shapley(
-        self, delta: Tensor, reference: Tensor | None = None, skip_inactive: bool = False
+        self, delta: Tensor, reference: Tensor | None = None, skip_inactive: bool = False,
+        zero_null_players: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Exact Shapley values of every module (arguments as in `coalition_values`).
 
@@ -444,6 +637,9 @@ class ShapleyModuleBank(nn.Module):
                 of `2^k` (such players are dummies: their Shapley value is 0 and the others' values
                 are those of the smaller game). Equal to the dense computation up to rounding.
                 Counts are added to `self.stats`.
+            zero_null_players: in the dense computation, set the value of every player whose offset is exactly
+                0 to exactly 0 (rounding would leave ~1e-17). A caller that knows no such player's value is used
+                (the conv layer, when only padding sits at the reference) may skip that pass over `delta`.
 
         Returns:
             `(phi, base, output)`: `(..., G, k, C_out)`, `(..., G, C_out)` (the value at the
@@ -453,7 +649,8 @@ class ShapleyModuleBank(nn.Module):
             return self._shapley_skipping(delta, reference)
         values = self.coalition_values(delta, reference)
         self._count(delta.shape[:-2].numel(), delta.shape[:-2].numel() * 2**self.num_players, 0, 0)
-        return _null_players_exactly_zero(shapley_from_values(values, self.num_players), delta), values[0], values[-1]
+        phi = shapley_from_values(values, self.num_players)
+        return _null_players_exactly_zero(phi, delta) if zero_null_players else phi, values[0], values[-1]
 
     # ------------------------------------------------------------------ skipping inactive players
     stats: dict[str, int]
@@ -484,7 +681,8 @@ class ShapleyModuleBank(nn.Module):
         if needed > (1 - self.skip_threshold) * n * G * 2**k:
             values = self.coalition_values(delta, reference)
             self._count(n * G, n * G * 2**k, 0, 0)
-            return _null_players_exactly_zero(shapley_from_values(values, k), delta), values[0], values[-1]
+            phi = _null_players_exactly_zero(shapley_from_values(values, k), delta, present)
+            return phi, values[0], values[-1]
 
         w1 = self._first_layer_weight()
         # Pre-activation at the reference: per group when the reference has no batch axes (every use here), else
@@ -527,6 +725,8 @@ class ShapleyModuleBank(nn.Module):
                     h = torch.einsum("tmi,mio->tmo", self.act(h), wl[group])
                 if bl is not None:
                     h = h + (bl[0] if G == 1 else bl[group])
+            if self.output_act:
+                h = self.act(h)
             coalitions += len(inst) * 2 ** len(members)
             sub = shapley_from_values(h, len(members))  # (m, k', C_out)
             phi_rows.append((inst[:, None] * k + torch.tensor(members, device=delta.device)).flatten())
@@ -562,4 +762,6 @@ class ShapleyModuleBank(nn.Module):
             if i:
                 layers.append(self.act)
             layers.append(lin)
+        if self.output_act:
+            layers.append(self.act)
         return ShapleyModule(nn.Sequential(*layers), self.num_players, in_channels=self.in_channels)

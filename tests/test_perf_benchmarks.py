@@ -1,0 +1,43 @@
+"""Smoke tests of the performance benchmark scripts (tiny settings: they check the scripts run and report sane rows,
+not any timing)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # ~30 s on the loaded 2-core machine (model build + warm-ups)
+def test_zoo_throughput_rows() -> None:
+    bench = _load("zoo_throughput")
+    threads = torch.get_num_threads()
+    try:
+        rows = bench.throughput(["capsnet_small_mnist"], [1, 2], [1], repeats=1, pretrained=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["model"], r["threads"], r["batch"]) for r in rows] == [("capsnet_small_mnist", 1, 1),
+                                                                      ("capsnet_small_mnist", 1, 2)]
+    assert all(r["forward img/s"] > 0 and r["explain img/s"] > 0 for r in rows)
+    assert all(r["explain ms / img"] == pytest.approx(1e3 / r["explain img/s"]) for r in rows)
+
+
+@pytest.mark.slow  # ~27 s on the loaded 2-core machine (captum import + KernelShap)
+def test_shallow_speed_measure_rows() -> None:
+    pytest.importorskip("captum")
+    bench = _load("shallow_speed")
+    torch.manual_seed(0)
+    nets = {"tiny": bench.ShallowShapNet(4, 2, "pairs", hidden=(4,)).eval()}
+    rows = bench.measure(nets, 4, [8], repeats=1, kernel_inputs=1, n_samples=16)
+    assert len(rows) == 1 and rows[0]["speed-up"] > 0 and rows[0]["bound 1.2 x 2^k"] == 4.8
