@@ -20,17 +20,17 @@ def _load(name: str):
 
 
 @pytest.mark.slow  # ~30 s on the loaded 2-core machine (model build + warm-ups)
-def test_zoo_throughput_rows() -> None:
-    bench = _load("zoo_throughput")
+def test_throughput_rows() -> None:
+    bench = _load("throughput")
     threads = torch.get_num_threads()
     try:
-        rows = bench.throughput(["capsnet_small_mnist"], [1, 2], [1], repeats=1, pretrained=False)
+        rows = bench.measure("capsnet_small_mnist", [1, 2], torch.device("cpu"), 1, "fp32", repeats=1)
     finally:
         torch.set_num_threads(threads)
     assert [(r["model"], r["threads"], r["batch"]) for r in rows] == [("capsnet_small_mnist", 1, 1),
                                                                       ("capsnet_small_mnist", 1, 2)]
     assert all(r["forward img/s"] > 0 and r["explain img/s"] > 0 for r in rows)
-    assert all(r["explain ms / img"] == pytest.approx(1e3 / r["explain img/s"]) for r in rows)
+    assert all(r["explain / forward time"] == pytest.approx(r["forward img/s"] / r["explain img/s"]) for r in rows)
 
 
 @pytest.mark.slow  # ~27 s on the loaded 2-core machine (captum import + KernelShap)
