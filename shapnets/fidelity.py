@@ -18,6 +18,13 @@ A ShapNet's explanation satisfies the constraint by construction (local accuracy
 `g(x) - g(r)`), so the objective's only minimiser among explanations of this game is the Shapley value. The
 functions here draw coalitions, build the masked inputs, and compute the gaps whose squares estimate the objective
 without bias; `exact_fidelity_objective` enumerates every coalition instead (the ground truth of tests).
+
+The Kernel SHAP objective has a floor: at the Shapley values it equals the game's non-additivity `R(v)`, which is
+not 0 for a network with interactions. A second estimator has none: a random permutation's marginal
+contributions `psi` are an unbiased estimate of the Shapley values, so for two *independent* estimates
+`E[(phi - psi_1) . (phi - psi_2)] = ||phi - phi*||^2` exactly: the squared distance to the Shapley values, 0 exactly
+at them (`permutation_estimates`, `sample_permutation_ranks`).
+
 See docs/fidelity.md for the training term built on them (`training.losses.ExplanationFidelity`).
 """
 
@@ -38,8 +45,11 @@ __all__ = [
     "kernel_size_probabilities",
     "masked_inputs",
     "patch_players",
+    "permutation_estimates",
     "player_sums",
+    "prefix_coalitions",
     "sample_kernel_coalitions",
+    "sample_permutation_ranks",
     "shapley_kernel_probabilities",
 ]
 
@@ -195,3 +205,70 @@ def exact_fidelity_objective(attributions: Tensor, fn: Callable[[Tensor], Tensor
     gaps = values.to(attributions.dtype) - values[0].to(attributions.dtype) \
         - torch.einsum("tn,bnc->tbc", masks, attributions)
     return torch.einsum("t,tbc->bc", probs, gaps.square())
+
+
+def sample_permutation_ranks(batch: int, n: int, count: int, *, active: Tensor | None = None,
+                             antithetic: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    """Random orders of the players: `ranks[b, j, i]` is the position of player `i` in sample `b`'s order `j`.
+
+    Args:
+        batch: samples.
+        n: players.
+        count: orders per sample; with `antithetic`, the second half are the first half reversed (among the active
+            players), which lowers the variance of the estimate; `count` must then be even.
+        active: optional `(batch, n)` bool: the players of the game (the same number in every sample). Inactive
+            players (null players, e.g. at the reference) get the last positions, so the prefixes up to the number
+            of active players contain active players only.
+        generator: random generator (CPU).
+
+    Returns:
+        `(batch, count, n)` long ranks.
+
+    Raises:
+        ValueError: `count < 1` or an odd `count` with `antithetic`.
+    """
+    if count < 1:
+        raise ValueError(f"permutations per sample must be >= 1, got {count}")
+    if antithetic and count % 2:
+        raise ValueError(f"antithetic orders come in pairs (an order and its reverse): count must be even, got {count}")
+    draws = count // 2 if antithetic else count
+    keys = torch.rand(batch, draws, n, generator=generator)
+    if active is not None:
+        keys = torch.where(active.cpu()[:, None, :], keys, keys + 2.0)  # inactive players last
+    ranks = keys.argsort(-1).argsort(-1)
+    if antithetic:
+        k = n if active is None else int(active[0].sum())
+        reversed_ = torch.where(ranks < k, k - 1 - ranks, ranks)
+        ranks = torch.cat([ranks, reversed_], dim=1)
+    return ranks
+
+
+def prefix_coalitions(ranks: Tensor, k: int) -> Tensor:
+    """`(B, m, k - 1, n)` bool: the coalitions of the first `1 .. k - 1` players of every order.
+
+    The empty prefix (`v(empty)`) and the prefix of all `k` active players (the input itself) are not listed: their
+    values are the explanation's base and output.
+    """
+    sizes = torch.arange(1, k, device=ranks.device).view(1, 1, -1, 1)
+    return ranks.unsqueeze(2) < sizes
+
+
+def permutation_estimates(ranks: Tensor, prefix_values: Tensor, base: Tensor, output: Tensor) -> Tensor:
+    """Marginal contributions `v(P_i + i) - v(P_i)` of every player in every order: unbiased Shapley estimates.
+
+    Args:
+        ranks: `(B, m, n)` from `sample_permutation_ranks` (active players first).
+        prefix_values: `(B, m, k - 1, C)` the game on `prefix_coalitions(ranks, k)`.
+        base: `(B, C)` `v(empty)`.
+        output: `(B, C)` the game with all active players (the model's output on the input).
+
+    Returns:
+        `(B, m, n, C)`; every order's estimate sums to `output - base` (efficiency) and gives inactive players 0.
+    """
+    B, m, n = ranks.shape
+    k = prefix_values.shape[2] + 1
+    C = prefix_values.shape[-1]
+    ends = [base.view(B, 1, 1, C).expand(B, m, 1, C), output.view(B, 1, 1, C).expand(B, m, n - k + 1, C)]
+    values = torch.cat([ends[0], prefix_values, ends[1]], dim=2)  # (B, m, n + 1, C): v of the prefix of size j
+    index = ranks.unsqueeze(-1).expand(B, m, n, C)
+    return values.gather(2, index + 1) - values.gather(2, index)

@@ -18,12 +18,23 @@ from shapnets import (
     kernel_size_probabilities,
     masked_inputs,
     patch_players,
+    permutation_estimates,
     player_sums,
+    prefix_coalitions,
     sample_kernel_coalitions,
+    sample_permutation_ranks,
     shapley_kernel_probabilities,
 )
 from training.config import ConfigError, LossConfig
 from training.losses import ExplanationFidelity, ModelStep, Objective, build_loss_terms
+
+
+def _interacting(model: nn.Module, scale: float = 3.0) -> nn.Module:
+    """Scale every weight: a randomly initialised ShapNet is nearly additive (and its last stage starts at 0)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p)).mul_(scale)
+    return model
 
 
 def _terms(model: nn.Module, **kwargs) -> list:
@@ -60,7 +71,7 @@ def test_estimator_is_unbiased(paired: bool) -> None:
     """The mean squared gap over many sampled coalitions converges to the exactly weighted sum."""
     torch.manual_seed(0)
     D = 5
-    model = DeepShapNet(D, 2, channels=4, hidden=(8,)).double().eval()
+    model = _interacting(DeepShapNet(D, 2, channels=4, hidden=(8,))).double().eval()
     x = torch.randn(3, D, dtype=torch.float64)
     phi = model.explain(x).attributions.detach()
     exact = exact_fidelity_objective(phi, model, x)  # (B, C)
@@ -74,11 +85,39 @@ def test_estimator_is_unbiased(paired: bool) -> None:
     assert ((estimate - exact).abs() <= 5 * stderr + 1e-12).all(), (estimate, exact)
 
 
+@pytest.mark.parametrize("paired", [True, False])
+def test_two_permutation_estimates_give_the_squared_distance_without_bias(paired: bool) -> None:
+    """E[(phi - psi_1)(phi - psi_2)] over independent permutation estimates is ||phi - phi*||^2 exactly."""
+    torch.manual_seed(0)
+    D, B, C = 5, 3, 2
+    model = _interacting(DeepShapNet(D, C, channels=4, hidden=(8,))).double().eval()
+    x = torch.randn(B, D, dtype=torch.float64)
+    expl = model.explain(x)
+    phi = expl.attributions.detach()
+    shapley = exact_shapley(model, x).attributions
+    draws = 4000
+    ranks = sample_permutation_ranks(B, D, draws, antithetic=paired)
+    with torch.no_grad():
+        values = model(masked_inputs(x, model.reference.reshape(D), prefix_coalitions(ranks, D).reshape(B, -1, D),
+                                     torch.arange(D))).view(B, draws, D - 1, C)
+    psi = permutation_estimates(ranks, values, expl.base, expl.output)  # (B, draws, D, C)
+    torch.testing.assert_close(psi.sum(2), (expl.output - expl.base)[:, None].expand(B, draws, C))
+    if paired:  # keep antithetic pairs together: estimate j = (order j, its reverse)
+        psi = torch.stack([psi[:, : draws // 2], psi[:, draws // 2:]], 2).mean(2)
+    first, second = psi[:, 0::2], psi[:, 1::2]  # independent pairs of estimates
+    products = ((phi[:, None] - first) * (phi[:, None] - second)).sum(2)  # (B, pairs, C)
+    truth = (phi - shapley).square().sum(1)
+    stderr = products.std(1) / math.sqrt(products.shape[1])
+    assert ((products.mean(1) - truth).abs() <= 5 * stderr + 1e-12).all(), (products.mean(1), truth)
+    spread = psi.std(1) / math.sqrt(psi.shape[1])
+    assert ((psi.mean(1) - shapley).abs() <= 5 * spread + 1e-12).all()
+
+
 def test_minimiser_is_the_shapley_value() -> None:
     """Among explanations with the right total, the exact objective is smallest at the Shapley values."""
     torch.manual_seed(1)
     D = 5
-    model = DeepShapNet(D, 2, channels=4, hidden=(8,)).double().eval()
+    model = _interacting(DeepShapNet(D, 2, channels=4, hidden=(8,))).double().eval()
     x = torch.randn(2, D, dtype=torch.float64)
     shapley = exact_shapley(model, x).attributions
     at_shapley = exact_fidelity_objective(shapley, model, x)
@@ -103,16 +142,13 @@ def test_training_with_the_term_moves_the_explanation_to_the_shapley_values() ->
     """A hundred steps on a tiny Deep ShapNet: the own error falls clearly; local accuracy and missingness hold."""
     torch.manual_seed(0)
     D = 4
-    model = DeepShapNet(D, 2, channels=4, hidden=(8,))
     # Strong interactions, so the layer-wise explanation starts far from the network's Shapley values.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3.0)
+    model = _interacting(DeepShapNet(D, 2, channels=4, hidden=(8,)))
     x_train = torch.randn(256, D)
     y_train = (x_train[:, 0] * x_train[:, 1] + x_train[:, 2] > 0).long()
     x_test = torch.randn(16, D)
     before = _own_error(model, x_test)
-    objective = Objective(_terms(model, weight=10.0, coalitions=4))
+    objective = Objective(_terms(model, weight=10.0, permutations=2))
     step = ModelStep(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
@@ -140,7 +176,7 @@ def test_training_with_the_term_moves_the_explanation_to_the_shapley_values() ->
 def test_conv_patch_game_runs_and_keeps_missingness() -> None:
     torch.manual_seed(0)
     model = ConvShapNet(1, 3, channels=(4,), hidden=(8,), reference=0.0)
-    term = _terms(model, weight=1.0, coalitions=4, patch=2)[0]
+    term = _terms(model, weight=1.0, permutations=2, patch=2)[0]
     objective = Objective([term])
     x = torch.randn(2, 1, 4, 4)
     out = objective.forward(ModelStep(model), x, torch.tensor([0, 1]))
@@ -154,10 +190,11 @@ def test_conv_patch_game_runs_and_keeps_missingness() -> None:
     torch.testing.assert_close(phi.sum(1), out.explanation.output - out.explanation.base)
 
 
-def test_restricted_game_keeps_only_kept_players() -> None:
+@pytest.mark.parametrize("estimator", ["permutation", "kernel"])
+def test_restricted_game_runs(estimator: str) -> None:
     torch.manual_seed(0)
-    model = DeepShapNet(6, 2, channels=4, hidden=(8,))
-    terms = _terms(model, weight=1.0, coalitions=4, keep_players=3)
+    model = _interacting(DeepShapNet(6, 2, channels=4, hidden=(8,)))
+    terms = _terms(model, weight=1.0, estimator=estimator, keep_players=3)
     objective = Objective(terms)
     assert not objective.needs_explanation  # the term explains the restricted input itself
     x, y = torch.randn(4, 6), torch.tensor([0, 1, 0, 1])
@@ -170,7 +207,10 @@ def test_restricted_game_keeps_only_kept_players() -> None:
     ({"weight": -1.0}, "weight must be a finite number >= 0"),
     ({"weight": float("nan")}, "weight must be a finite number >= 0"),
     ({"coalitions": 0}, "coalitions .* must be an integer >= 1"),
-    ({"coalitions": 3}, "coalitions must be even"),
+    ({"coalitions": 3, "estimator": "kernel"}, "coalitions must be even"),
+    ({"permutations": 0}, "permutations .* must be an integer >= 1"),
+    ({"permutations": 3}, "permutations must be even"),
+    ({"estimator": "lime"}, "estimator must be one of"),
     ({"target": "best"}, "target must be one of"),
     ({"patch": 0}, "patch must be an integer >= 1"),
     ({"keep_players": 1}, "keep_players must be an integer >= 2"),

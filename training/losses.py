@@ -32,7 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shapnets import Explanation, fidelity_gaps, masked_inputs, patch_players, player_sums, sample_kernel_coalitions
+from shapnets import (
+    Explanation,
+    fidelity_gaps,
+    masked_inputs,
+    patch_players,
+    permutation_estimates,
+    player_sums,
+    prefix_coalitions,
+    sample_kernel_coalitions,
+    sample_permutation_ranks,
+)
 
 from .config import ConfigError, LossConfig
 
@@ -262,31 +272,38 @@ def _explanation_linf(weight: float = 1.0, layers: str = "final", target: str = 
 
 # ---------------------------------------------------------------------------------------- explanation fidelity
 class ExplanationFidelity:
-    """Shapley-kernel fidelity: trains the model's own explanation toward the Shapley values of its own game.
+    """Trains the model's own explanation `phi` toward the Shapley values of its own game.
 
-    For `coalitions` coalitions `S` per sample drawn from the Shapley kernel distribution (see
-    `shapnets.fidelity`), the term is the mean over samples, coalitions and classes of
-    `(v(S) - v(empty) - sum_{i in S} phi_i(x))^2`, with `v(S)` the model's output on `x` whose players outside `S`
-    sit at the model's reference and `phi` the model's explanation. Its expectation is the Kernel SHAP objective,
-    whose minimiser under the efficiency constraint (which a ShapNet's explanation meets exactly) is the Shapley
-    value. Cost per step: `coalitions` extra forward (and backward) passes per sample on masked inputs, on top
-    of the step's one explained forward. docs/fidelity.md has the derivation and choices.
+    The game of a sample `x` is `v(S) = model(x_S ; reference_rest)`: the model's output with the players outside
+    `S` at its reference. Two estimators (docs/fidelity.md has the derivations):
+
+    * `"permutation"` (default): two independent Shapley estimates `psi_1`, `psi_2` from random player orders
+      (marginal contributions, `permutations` orders each, antithetic pairs), and the penalty
+      `sum_i (phi_i - psi_1,i) (phi_i - psi_2,i)`. Its expectation is exactly `||phi - phi*||^2`, the squared
+      distance to the Shapley values `phi*` of the current game: 0 exactly at them and nowhere else. Cost per step:
+      `2 * permutations * (n - 1)` forward (and backward) passes per sample on masked inputs.
+    * `"kernel"`: the Kernel SHAP / FastSHAP weighted least squares, `(v(S) - v(empty) - sum_{i in S} phi_i)^2`
+      over `coalitions` coalitions drawn from the Shapley kernel distribution. Under the efficiency constraint
+      (which `phi` meets by local accuracy) its minimiser in `phi` is the Shapley value, but its expectation is
+      `||phi - phi*||^2_kernel + R(v)` with `R(v) > 0` the game's non-additivity: through the model, the term
+      is lowered mostly by removing interactions (in our yeast runs `R` was 85% of it). Cost per step:
+      `coalitions` extra passes per sample.
 
     Gradients: the explanation's total is fixed by local accuracy to the output, which the cross-entropy owns, so
     the term's gradient reaches `phi` only through its zero-sum part (`phi - (sum phi - sg(sum phi)) / n`, same
-    value). By default (`detach_game: false`) the gradient also flows through the game values `v(S)`: the term is
-    then a true objective of the parameters, `E[gap^2] = ||phi - phi*(v)||^2_kernel + R(v)` (the distance to the
-    Shapley values `phi*` of the current game plus the game's irreducible non-additivity `R`), so it also
-    nudges the model toward fewer interactions, which the cross-entropy counterweighs. `detach_game: true` treats
-    `v(S)` as targets (cheaper: the masked passes run without autograd); that is a semi-gradient on a target
-    that the same parameters move, and it diverged in our runs (docs/fidelity.md), so it is not the default.
+    value). By default (`detach_game: false`) the gradient also flows through the game values, so the term is a
+    true objective of the parameters. `detach_game: true` treats `v(S)` as constants (cheaper: the masked passes
+    run without autograd); that is a semi-gradient toward a target that the same parameters move, and it diverged
+    in our runs (docs/fidelity.md).
 
     Args:
         weight: weight in the total loss (>= 0).
-        coalitions: coalitions per sample per step (>= 1; even with `paired`).
-        paired: draw half of the coalitions and add their complements (same distribution, lower variance).
+        estimator: `"permutation"` or `"kernel"` (above).
+        permutations: permutation estimator: orders per estimate (>= 1; even with `paired`).
+        coalitions: kernel estimator: coalitions per sample per step (>= 1; even with `paired`).
+        paired: antithetic draws: each order with its reverse, each coalition with its complement.
         target: `"all"` classes, each sample's `"label"`, or its `"predicted"` class.
-        detach_game: treat `v(S)` as a constant (see above; unstable in our runs).
+        detach_game: treat the game values as constants (see above; unstable in our runs).
         patch: image models: players are `patch x patch` pixel patches (`shapnets.patch_players`).
         keep_players: play a smaller game each step: every sample keeps this many random players and the others
             sit at the reference, as in `shapnets bench fidelity`'s restricted game; the term then explains the
@@ -294,19 +311,25 @@ class ExplanationFidelity:
     """
 
     TARGETS = ("all", "label", "predicted")
+    ESTIMATORS = ("permutation", "kernel")
     name = "explanation_fidelity"
 
-    def __init__(self, weight: float = 1.0, coalitions: int = 8, paired: bool = True, target: str = "all",
-                 detach_game: bool = False, patch: int = 4, keep_players: int | None = None) -> None:
+    def __init__(self, weight: float = 1.0, estimator: str = "permutation", permutations: int = 2,
+                 coalitions: int = 8, paired: bool = True, target: str = "all", detach_game: bool = False,
+                 patch: int = 4, keep_players: int | None = None) -> None:
         who = self.name
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
                 or weight < 0:
             raise ConfigError(f"{who}: weight must be a finite number >= 0, got {weight!r}")
-        if isinstance(coalitions, bool) or not isinstance(coalitions, int) or coalitions < 1:
-            raise ConfigError(f"{who}: coalitions (per sample per step) must be an integer >= 1, got {coalitions!r}")
-        if paired and coalitions % 2:
-            raise ConfigError(f"{who}: paired sampling adds the complement of every coalition, so coalitions must "
-                              f"be even, got {coalitions} (or set paired: false)")
+        if estimator not in self.ESTIMATORS:
+            raise ConfigError(f"{who}: estimator must be one of {self.ESTIMATORS}, got {estimator!r}")
+        for label, count in (("coalitions", coalitions), ("permutations", permutations)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ConfigError(f"{who}: {label} (per sample per step) must be an integer >= 1, got {count!r}")
+        draws, label = (permutations, "permutations") if estimator == "permutation" else (coalitions, "coalitions")
+        if paired and draws % 2:
+            raise ConfigError(f"{who}: paired (antithetic) sampling draws {label} in pairs, so {label} must be even, "
+                              f"got {draws} (or set paired: false)")
         if target not in self.TARGETS:
             raise ConfigError(f"{who}: target must be one of {self.TARGETS}, got {target!r}")
         if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
@@ -314,7 +337,8 @@ class ExplanationFidelity:
         if keep_players is not None and (isinstance(keep_players, bool) or not isinstance(keep_players, int)
                                          or keep_players < 2):
             raise ConfigError(f"{who}: keep_players must be an integer >= 2 or null, got {keep_players!r}")
-        self.weight, self.coalitions, self.paired, self.target = float(weight), coalitions, bool(paired), target
+        self.weight, self.estimator, self.permutations = float(weight), estimator, permutations
+        self.coalitions, self.paired, self.target = coalitions, bool(paired), target
         self.detach_game, self.patch, self.keep_players = bool(detach_game), patch, keep_players
         # With keep_players the term explains the restricted input itself; the step needs no explanation then.
         self.needs_explanation = keep_players is None
@@ -357,6 +381,16 @@ class ExplanationFidelity:
         element_players = torch.arange(D, device=x.device).view(D, *([1] * (x.dim() - 2))).expand(x.shape[1:])
         return element_players, None, reference.reshape(x.shape[1:]), D
 
+    def _game(self, x: Tensor, reference: Tensor, coalitions: Tensor, element_players: Tensor) -> Tensor:
+        """`(B, *coalition dims, C)`: the model on `x` restricted to every coalition of `coalitions (B, ..., n)`."""
+        assert self.model is not None
+        B, n = coalitions.shape[0], coalitions.shape[-1]
+        flat = coalitions.reshape(B, -1, n)
+        with torch.no_grad() if self.detach_game else contextlib.nullcontext():
+            values = self.model(masked_inputs(x, reference, flat, element_players))
+        values = values.view(*coalitions.shape[:-1], -1)
+        return values.detach() if self.detach_game else values
+
     def __call__(self, out: StepOutput, target: Tensor) -> Tensor:
         if self.model is None:
             raise RuntimeError(f"{self.name} was not bound to a model: build it with build_loss_terms(cfg, model)")
@@ -364,42 +398,68 @@ class ExplanationFidelity:
             raise RuntimeError(f"{self.name} needs the step's inputs (StepOutput.inputs), but none were passed")
         x = out.inputs
         element_players, attribution_players, reference, n = self._layout(x)
-        B, m = x.shape[0], self.coalitions
+        B = x.shape[0]
         if self.keep_players is not None and self.keep_players < n:
             # Restricted game: k random players per sample stay, the others sit at the reference (null players).
-            k = self.keep_players
-            kept = torch.rand(B, n, device=x.device).argsort(1)[:, :k]
+            kept = torch.rand(B, n, device=x.device).argsort(1)[:, : self.keep_players]
             active = torch.zeros(B, n, dtype=torch.bool, device=x.device).scatter(1, kept, True)
             x = masked_inputs(x, reference, active[:, None], element_players)
             explanation = self.model.explain(x)
-            inner = sample_kernel_coalitions(B, k, m, paired=self.paired).to(x.device)
-            coalitions = torch.zeros(B, m, n, dtype=torch.bool, device=x.device)
-            coalitions.scatter_(2, kept[:, None].expand(B, m, k), inner)
         else:
             if out.explanation is None:
                 raise RuntimeError(f"{self.name} needs the explanation of the forward pass, but none was computed")
             explanation = out.explanation
             active = torch.ones(B, n, dtype=torch.bool, device=x.device)
-            coalitions = sample_kernel_coalitions(B, n, m, paired=self.paired).to(x.device)
+        k = int(active[0].sum())
         phi = player_sums(explanation.attributions, attribution_players, n)  # (B, n, C)
         # Zero-sum gradient: the total (= output - base, by local accuracy) is left to the cross-entropy.
         total = phi.sum(1, keepdim=True)
-        share = active.unsqueeze(-1).to(phi.dtype) / active.sum(1).view(B, 1, 1).to(phi.dtype)
-        phi = phi - share * (total - total.detach())
-        masked = masked_inputs(x, reference, coalitions, element_players)
-        with torch.no_grad() if self.detach_game else contextlib.nullcontext():
-            values = self.model(masked).view(B, m, -1)
+        phi = phi - active.unsqueeze(-1).to(phi.dtype) / k * (total - total.detach())
         base = explanation.base.detach() if self.detach_game else explanation.base
-        gaps = fidelity_gaps(phi, values.to(phi.dtype), base, coalitions)
+        if self.estimator == "permutation":
+            ranks = sample_permutation_ranks(B, n, 2 * self.permutations, active=active,
+                                             antithetic=self.paired).to(x.device)
+            values = self._game(x, reference, prefix_coalitions(ranks, k), element_players)  # (B, 2p, k-1, C)
+            output = explanation.output.detach() if self.detach_game else explanation.output
+            psi = permutation_estimates(ranks, values.to(phi.dtype), base, output)  # (B, 2p, n, C)
+            # Two independent estimates, each made of whole antithetic pairs.
+            psi = _split_antithetic(psi, self.permutations) if self.paired else \
+                psi.view(B, 2, self.permutations, n, -1)
+            psi1, psi2 = psi.mean(2).unbind(1)
+            penalty = (phi - psi1) * (phi - psi2)  # (B, n, C): E = (phi - phi*)^2 per player
+            per_class = penalty.sum(1)  # (B, C)
+        else:
+            coalitions = sample_kernel_coalitions(B, k, self.coalitions, paired=self.paired).to(x.device)
+            if k < n:  # place the kept players' memberships; the others are never members
+                index = active.nonzero()[:, 1].view(B, 1, k).expand(B, self.coalitions, k)
+                coalitions = torch.zeros(B, self.coalitions, n, dtype=torch.bool, device=x.device).scatter(
+                    2, index, coalitions)
+            values = self._game(x, reference, coalitions, element_players)
+            per_class = fidelity_gaps(phi, values.to(phi.dtype), base, coalitions).square().mean(1)  # (B, C)
         if self.target != "all":
             classes = target if self.target == "label" else out.logits.detach().argmax(1)
-            gaps = gaps.gather(2, classes.view(B, 1, 1).expand(B, m, 1))
-        return gaps.float().square().mean()
+            per_class = per_class.gather(1, classes.view(B, 1))
+        return per_class.float().mean()
+
+
+def _split_antithetic(psi: Tensor, permutations: int) -> Tensor:
+    """`(B, 2p, n, C)` orders laid out `[first halves of both estimates..., their reverses...]` -> `(B, 2, p, n, C)`.
+
+    `sample_permutation_ranks(count=2p, antithetic=True)` returns `p` drawn orders then their `p` reverses; drawn
+    order `j < p / 2` and its reverse belong to estimate 0, the others to estimate 1, so each estimate is built from
+    whole antithetic pairs and the two estimates are independent.
+    """
+    drawn, reverse = psi.chunk(2, dim=1)  # (B, p, n, C) each; reverse[j] reverses drawn[j]
+    half = permutations // 2
+    first = torch.cat([drawn[:, :half], reverse[:, :half]], dim=1)
+    second = torch.cat([drawn[:, half:], reverse[:, half:]], dim=1)
+    return torch.stack([first, second], dim=1)
 
 
 @register_loss_term("explanation_fidelity")
-def _explanation_fidelity(weight: float = 1.0, coalitions: int = 8, paired: bool = True, target: str = "all",
-                          detach_game: bool = False, patch: int = 4,
-                          keep_players: int | None = None) -> ExplanationFidelity:
-    """Shapley-kernel fidelity of the explanation to the model's own game (`ExplanationFidelity`)."""
-    return ExplanationFidelity(weight, coalitions, paired, target, detach_game, patch, keep_players)
+def _explanation_fidelity(weight: float = 1.0, estimator: str = "permutation", permutations: int = 2,
+                          coalitions: int = 8, paired: bool = True, target: str = "all", detach_game: bool = False,
+                          patch: int = 4, keep_players: int | None = None) -> ExplanationFidelity:
+    """Fidelity of the explanation to the Shapley values of the model's own game (`ExplanationFidelity`)."""
+    return ExplanationFidelity(weight, estimator, permutations, coalitions, paired, target, detach_game, patch,
+                               keep_players)
