@@ -5,8 +5,9 @@ For every model and weight, `configs/finetune_deep_<data>_fidelity.yaml` is trai
 the sweep resumes where it stopped). Each point is then measured on the game of `shapnets bench fidelity`
 (`training.bench.make_game`: the first `samples` test samples, at most 12 players, the others at the reference,
 the predicted class): the relative L2 error of the model's own explanation and of KernelShap(1024) against
-`exact_shapley` (float64), and the test accuracy (the trainer's, with the best-validation weights). Weight 0 is
-the shipped model itself, not fine-tuned.
+`exact_shapley` (float64), and the test accuracy, of the weights at the end of the fine-tune (`last.pt`: the
+trainer's best-validation-accuracy pick ignores the term and tends to keep the first epoch). Weight 0 is the
+shipped model itself, not fine-tuned.
 
     python benchmarks/fidelity_sweep.py --data yeast breast_cancer adult --weights 0.3 1 3 10
 
@@ -141,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.measure_only and not (folder / "summary.json").is_file():
                 continue
             folder = run_point(data, weight, out, args.epochs, args.max_steps)
-            point = {"weight": weight, "run": str(folder),
-                     **measure(str(folder), data, args.samples, args.data_root)}
+            # The weights at the end of the fine-tune (last.pt), not the trainer's best-validation-accuracy pick:
+            # that selection ignores the term and tends to keep the first epoch, before the explanation has moved.
+            point = {"weight": weight, "run": str(folder / "last.pt"),
+                     **measure(str(folder / "last.pt"), data, args.samples, args.data_root)}
             points[weight] = point
             results[data] = sorted(points.values(), key=lambda p: p["weight"])
             results_path.write_text(json.dumps(results, indent=2))

@@ -201,6 +201,21 @@ default_cfgs = generate_default_cfgs(
             "shapnet_deep_yeast_l1", _YEAST, 8, 10, _LAYERWISE,
             description="Deep ShapNet for UCI Yeast fine-tuned with L1 sparsity on every layer: 8 features, 10 classes",
         ),
+        "shapnet_deep_yeast_faithful": _tabular_cfg(
+            "shapnet_deep_yeast_faithful", _YEAST, 8, 10, _LAYERWISE,
+            description="Deep ShapNet for UCI Yeast fine-tuned with the fidelity term (own explanation trained "
+                        "toward the exact Shapley values): 8 features, 10 classes",
+        ),
+        "shapnet_deep_adult_faithful": _tabular_cfg(
+            "shapnet_deep_adult_faithful", _ADULT, 12, 2, _LAYERWISE, label_names=("<=50K", ">50K"),
+            description="Deep ShapNet for Adult fine-tuned with the fidelity term (own explanation trained toward "
+                        "the exact Shapley values): 12 features, 2 classes",
+        ),
+        "shapnet_deep_breast_cancer_faithful": _tabular_cfg(
+            "shapnet_deep_breast_cancer_faithful", _BREAST, 30, 2, _LAYERWISE, label_names=("malignant", "benign"),
+            description="Deep ShapNet for Breast Cancer fine-tuned with the fidelity term (own explanation trained "
+                        "toward the exact Shapley values): 30 features, 2 classes",
+        ),
         "shapnet_conv_mnist": _mnist_conv_cfg("shapnet_conv_mnist", "Convolutional ShapNet for MNIST"),
         "shapnet_conv_mnist_l1": _mnist_conv_cfg(
             "shapnet_conv_mnist_l1", "Convolutional ShapNet for MNIST fine-tuned with L1 sparsity on its explanation"
@@ -219,6 +234,10 @@ VARIANT_DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
     "shapnet_shallow_adult": ("shapnet_shallow", dict(in_features=12, out_features=2, groups="pairs", hidden=(32,))),
     "shapnet_deep_adult": ("shapnet_deep", dict(in_features=12, num_classes=2, channels=32, hidden=(32,))),
     "shapnet_deep_yeast_l1": ("shapnet_deep", dict(in_features=8, num_classes=10, channels=32, hidden=(32,))),
+    "shapnet_deep_yeast_faithful": ("shapnet_deep", dict(in_features=8, num_classes=10, channels=32, hidden=(32,))),
+    "shapnet_deep_adult_faithful": ("shapnet_deep", dict(in_features=12, num_classes=2, channels=32, hidden=(32,))),
+    "shapnet_deep_breast_cancer_faithful": ("shapnet_deep", dict(in_features=30, num_classes=2, channels=8,
+                                                                 hidden=(16,))),
     "shapnet_conv_mnist": ("shapnet_conv", dict(in_chans=1, num_classes=10, channels=(16, 16, 16, 16), hidden=(32,),
                                                 reference=-0.1307 / 0.3081)),
     "shapnet_conv_mnist_l1": ("shapnet_conv", dict(in_chans=1, num_classes=10, channels=(16, 16, 16, 16),
@@ -418,6 +437,25 @@ def shapnet_shallow_adult(pretrained: bool = False, **kwargs: Any) -> ShallowSha
 def shapnet_deep_adult(pretrained: bool = False, **kwargs: Any) -> DeepShapNet:
     """Deep ShapNet for Adult / Census Income: 12 features (padded to 16), 2 classes."""
     return _create("shapnet_deep_adult", pretrained, kwargs)
+
+
+@register_model
+def shapnet_deep_yeast_faithful(pretrained: bool = False, **kwargs: Any) -> DeepShapNet:
+    """shapnet_deep_yeast fine-tuned with the fidelity term (configs/finetune_deep_yeast_fidelity.yaml)."""
+    return _create("shapnet_deep_yeast_faithful", pretrained, kwargs)
+
+
+@register_model
+def shapnet_deep_adult_faithful(pretrained: bool = False, **kwargs: Any) -> DeepShapNet:
+    """shapnet_deep_adult fine-tuned with the fidelity term (configs/finetune_deep_adult_fidelity.yaml)."""
+    return _create("shapnet_deep_adult_faithful", pretrained, kwargs)
+
+
+@register_model
+def shapnet_deep_breast_cancer_faithful(pretrained: bool = False, **kwargs: Any) -> DeepShapNet:
+    """shapnet_deep_breast_cancer fine-tuned with the fidelity term (configs/finetune_deep_breast_cancer_fidelity.yaml).
+    """
+    return _create("shapnet_deep_breast_cancer_faithful", pretrained, kwargs)
 
 
 @register_model
