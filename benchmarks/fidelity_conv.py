@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -30,7 +31,8 @@ if str(ROOT) not in sys.path:
 from shapnets import exact_shapley, patch_players  # noqa: E402
 from training.cli import load_source, load_split  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.trainer import evaluate, train  # noqa: E402
+from training.data import DataBundle  # noqa: E402
+from training.trainer import evaluate, load_data, train  # noqa: E402
 
 PATCH = 4  # pixels per patch side
 
@@ -49,7 +51,8 @@ class RegionGame(nn.Module):
         return self.model(full)
 
 
-def measure(source: str, samples: int, data_root: str | None, accuracy: bool, grid: int = 3) -> dict[str, Any]:
+def measure(source: str, samples: int, data_root: str | None, accuracy: bool, grid: int = 3,
+            eval_samples: int = 500) -> dict[str, Any]:
     """Own error against the exact Shapley values on the central `grid x grid` patches of the first test images."""
     loaded = load_source(source, torch.device("cpu"))
     model = loaded.model.double().eval()
@@ -84,9 +87,10 @@ def measure(source: str, samples: int, data_root: str | None, accuracy: bool, gr
               "local_accuracy_residual": expl.local_accuracy_error()}
     if accuracy:
         model.float()
-        metrics = evaluate(model, torch.utils.data.DataLoader(test, batch_size=500), loaded.info.num_classes,
-                           torch.device("cpu"))
+        subset = Subset(test, range(min(eval_samples, len(test))))
+        metrics = evaluate(model, DataLoader(subset, batch_size=250), loaded.info.num_classes, torch.device("cpu"))
         result["test_acc"] = metrics["acc"]
+        result["test_images"] = len(subset)
     return result
 
 
@@ -97,18 +101,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=int, default=3, help="patches per side of the game (3: 9 players, 4: 16)")
     parser.add_argument("--train", default=None, help="a fine-tune config to run and measure")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--accuracy", action="store_true", help="also evaluate test accuracy (10,000 images)")
+    parser.add_argument("--accuracy", action="store_true", help="also evaluate the test accuracy (--eval-samples)")
     parser.add_argument("--out", default="runs/fidelity_conv.json")
+    parser.add_argument("--no-before", action="store_true", help="do not measure --model (measured earlier)")
+    parser.add_argument("--eval-samples", type=int, default=500,
+                        help="test images for the accuracy (and validation images / 5 during the fine-tune)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    results = [measure(args.model, args.samples, args.data_root, args.accuracy, args.grid)]
-    print(json.dumps(results[-1]), flush=True)
+    results = []
+    if not args.no_before:
+        results.append(measure(args.model, args.samples, args.data_root, args.accuracy, args.grid, args.eval_samples))
+        print(json.dumps(results[-1]), flush=True)
     if args.train:
         cfg = load_config(args.train)
         folder = cfg.resolved_output_dir()
         if not (folder / "summary.json").is_file():
-            train(cfg, output_dir=folder, overwrite=True)
-        results.append(measure(str(folder / "last.pt"), args.samples, args.data_root, args.accuracy, args.grid))
+            # Evaluation on CPU costs as much as training here: the fine-tune validates on a subset and tests on the
+            # first `eval_samples` test images (the same ones `measure` uses).
+            bundle = load_data(cfg)
+            small = DataBundle(bundle.train, Subset(bundle.val, range(min(args.eval_samples // 5, len(bundle.val)))),
+                               Subset(bundle.test, range(min(args.eval_samples, len(bundle.test)))), bundle.info)
+            train(cfg, output_dir=folder, overwrite=True, data=small)
+        results.append(measure(str(folder / "last.pt"), args.samples, args.data_root, args.accuracy, args.grid,
+                               args.eval_samples))
         summary = json.loads((folder / "summary.json").read_text())
         results[-1]["trainer_test_acc"] = summary.get("test", {}).get("acc")
         print(json.dumps(results[-1]), flush=True)

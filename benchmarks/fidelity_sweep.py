@@ -94,11 +94,12 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
     for ax, (data, points) in zip(axes[0], results.items()):
-        points = sorted(points, key=lambda p: p["weight"])
+        points = sorted(points, key=lambda p: (p["weight"], p.get("epochs") or 0))
         ax.plot([100 * p["test_acc"] for p in points], [p["own_error"] for p in points], "o-",
                 label="own explain()")
         for p in points:
-            ax.annotate(f"w={p['weight']:g}", (100 * p["test_acc"], p["own_error"]), fontsize=7,
+            label = f"w={p['weight']:g}" + (f", {p['epochs']} ep" if p.get("epochs") else "")
+            ax.annotate(label, (100 * p["test_acc"], p["own_error"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
         kernel = points[0].get("kernel_error")
         if kernel is not None:
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "fidelity_sweep.png"))
     parser.add_argument("--measure-only", action="store_true", help="measure finished runs, train nothing")
+    parser.add_argument("--merge", nargs="*", default=[], help="other sweeps' fidelity_sweep.json to add to the "
+                        "table and figure (e.g. longer fine-tunes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -144,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             folder = run_point(data, weight, out, args.epochs, args.max_steps)
             # The weights at the end of the fine-tune (last.pt), not the trainer's best-validation-accuracy pick:
             # that selection ignores the term and tends to keep the first epoch, before the explanation has moved.
-            point = {"weight": weight, "run": str(folder / "last.pt"),
+            epochs = json.loads((folder / "summary.json").read_text()).get("epochs")
+            point = {"weight": weight, "run": str(folder / "last.pt"), "epochs": epochs,
                      **measure(str(folder / "last.pt"), data, args.samples, args.data_root)}
             points[weight] = point
             results[data] = sorted(points.values(), key=lambda p: p["weight"])
@@ -153,9 +157,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"test acc {100 * point['test_acc']:.2f}%", flush=True)
         results[data] = sorted(points.values(), key=lambda p: p["weight"])
         results_path.write_text(json.dumps(results, indent=2))
+    for other in args.merge:
+        for data, extra in json.loads(Path(other).read_text()).items():
+            known = {p["run"] for p in results.get(data, [])}
+            results.setdefault(data, []).extend(p for p in extra if p["run"] not in known)
+            results[data].sort(key=lambda p: (p["weight"], p["run"]))
     for data, points in results.items():
         base = points[0]
-        rows = [{"weight": p["weight"], "own rel. L2": p["own_error"], "KernelShap(1024) rel. L2": p["kernel_error"],
+        rows = [{"weight": p["weight"], "epochs": p.get("epochs", 0), "own rel. L2": p["own_error"],
+                 "KernelShap(1024) rel. L2": p["kernel_error"],
                  "test acc %": 100 * p["test_acc"], "acc - shipped (pt)": 100 * (p["test_acc"] - base["test_acc"]),
                  "goal met": bool(p["own_error"] <= base["kernel_error"]
                                   and p["test_acc"] >= base["test_acc"] - 0.005)} for p in points]
