@@ -68,11 +68,13 @@ class StepOutput:
         logits: `(B, num_classes)`.
         explanation: the model's explanation of `logits` when a term asked for it, else `None`.
         extras: what `forward_train` returned besides the logits (e.g. CapsNet's reconstruction).
+        inputs: the batch the step ran on (for terms that evaluate the model elsewhere, e.g. on masked copies).
     """
 
     logits: Tensor
     explanation: Explanation | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    inputs: Tensor | None = None
 
 
 class LossTerm:

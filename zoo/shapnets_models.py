@@ -131,5 +131,18 @@ for _name, _arch, _defaults, _variant_cfg in [
     ("shapnet_conv_mnist_linf", "shapnet_conv", _MNIST_CONV,
      _mnist_conv_cfg("Convolutional ShapNet for MNIST fine-tuned with scale-free L-inf (L-inf/L1) spreading of its "
                      "explanation")),
+    ("shapnet_deep_yeast_faithful", "shapnet_deep", dict(in_features=8, num_classes=10, channels=32, hidden=(32,)),
+     _tabular_cfg("shapnet_deep_yeast_faithful", _YEAST, 8, 10, _LAYERWISE, description=(
+         "Deep ShapNet for UCI Yeast fine-tuned with the fidelity term (own explanation trained toward the exact "
+         "Shapley values): 8 features, 10 classes"))),
+    ("shapnet_deep_adult_faithful", "shapnet_deep", dict(in_features=12, num_classes=2, channels=32, hidden=(32,)),
+     _tabular_cfg("shapnet_deep_adult_faithful", _ADULT, 12, 2, _LAYERWISE, **_ADULT_LABELS, description=(
+         "Deep ShapNet for Adult fine-tuned with the fidelity term (own explanation trained toward the exact "
+         "Shapley values): 12 features, 2 classes"))),
+    ("shapnet_deep_breast_cancer_faithful", "shapnet_deep", dict(in_features=30, num_classes=2, channels=8,
+                                                                 hidden=(16,)),
+     _tabular_cfg("shapnet_deep_breast_cancer_faithful", _BREAST, 30, 2, _LAYERWISE, **_CANCER_LABELS, description=(
+         "Deep ShapNet for Breast Cancer fine-tuned with the fidelity term (own explanation trained toward the "
+         "exact Shapley values): 30 features, 2 classes"))),
 ]:
     register_variant(_name, _arch, _defaults, _variant_cfg)
