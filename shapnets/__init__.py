@@ -16,7 +16,7 @@ Core objects:
   and reconstruction losses, and a routing-based attribution map (exact local accuracy, not Shapley values).
 """
 
-from .and_or import AndOrInteractions, and_or_interactions, or_transform
+from .and_or import AndOrInteractions, and_or_interactions, exact_interactions, or_transform
 from .capsnet import CapsNet, dynamic_routing, margin_loss, reconstruction_loss, squash
 from .contract import LossTerm, SelfExplaining, StepOutput
 from .conv import ConvShapNet, ShapleyConv2d
@@ -49,7 +49,6 @@ from .interactions import (
     DecompositionError,
     Interactions,
     RankedInteraction,
-    exact_interactions,
     moebius_transform,
     shapley_interaction_index,
 )

@@ -21,18 +21,28 @@ Row order of coalition tensors: row `t` is the coalition of the players whose bi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .interactions import Interactions, _subsets, moebius_transform
+from .interactions import (
+    MAX_ORACLE_PLAYERS,
+    DecompositionError,
+    Interactions,
+    _check_max_order,
+    _subsets,
+    moebius_transform,
+)
+from .oracle import coalition_values
 
 __all__ = [
     "INTERACTION_KINDS",
     "AndOrInteractions",
     "and_or_interactions",
     "check_kind",
+    "exact_interactions",
     "or_interactions_from_values",
     "or_inverse_transform",
     "or_transform",
@@ -150,7 +160,6 @@ class AndOrInteractions:
             atol: absolute tolerance; default 1e-9 in float64 and 1e-4 otherwise.
             rtol: tolerance relative to the largest `|v(S)|`.
         """
-        from .interactions import DecompositionError
 
         if atol is None:
             atol = 1e-9 if self.values.dtype == torch.float64 else 1e-4
@@ -254,3 +263,58 @@ def or_interactions_from_values(values: Tensor, max_order: int | None = None, **
     n = int(values.shape[0]).bit_length() - 1
     and_record = Interactions.from_coalition_values(values, max_order, **meta)
     return _record(or_transform(values, n), and_record, max_order, "or", meta.get("method", ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracle
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def exact_interactions(
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    reference: Tensor | float | None = None,
+    players: Tensor | None = None,
+    max_players: int = MAX_ORACLE_PLAYERS,
+    max_order: int | None = None,
+    max_batch: int = 8192,
+    player_names: Sequence[str] | None = None,
+    kind: str = "and",
+    split: str = "half",
+    share: float = 0.5,
+) -> Interactions | AndOrInteractions:
+    """Brute-force AND (Harsanyi), OR or AND-OR interactions of any callable (the oracle).
+
+    Evaluates the baseline game `v(S) = fn(x_S ; reference_rest)` on all `2^n` coalitions (as `exact_shapley`
+    does) and takes its Möbius transform (`kind="and"`), that of the complemented game (`kind="or"`, see
+    `shapnets.and_or`), or splits `v = v_and + v_or` and gives both (`kind="and_or"`). Every subset is listed,
+    also those a model's structure makes 0.
+
+    Args:
+        fn: maps a batch `(N, *S)` to `(N, C_out)` or `(N,)` (e.g. a model's `forward`).
+        x: `(B, *S)` inputs.
+        reference: `None` (zeros), a number, or a tensor broadcastable to one sample `S`.
+        players: optional integer map of shape `S` assigning every element to a player `0..n-1`; default: each
+            index of axis 1 is a player.
+        max_players: refuse larger games (cost: `2^n` evaluations and dividends per sample).
+        max_order: list only subsets of at most this many players (the SII still uses all of them).
+        max_batch: the largest batch handed to `fn` at once.
+        player_names: optional names of the `n` players.
+        kind: `"and"` (Harsanyi dividends), `"or"` (OR interactions of `v`) or `"and_or"` (both, of a split).
+        split: with `kind="and_or"`: `"half"` or `"sparse"` (the split minimising the L1 norm of all AND and OR
+            interactions); see `shapnets.and_or.and_or_interactions`.
+        share: with `kind="and_or"`: the part of `v` given to the AND game before the split parameters.
+
+    Returns:
+        `Interactions` (`kind="and"` or `"or"`) over all `2^n - 1` non-empty subsets (or those up to
+        `max_order`), or `AndOrInteractions` (`kind="and_or"`), in `x`'s dtype: use float64 to verify.
+    """
+    check_kind(kind)
+    max_order = _check_max_order(max_order)
+    values, _ = coalition_values(fn, x, reference, players, max_players, max_batch, "exact_interactions")
+    meta = dict(player_names=list(player_names) if player_names is not None else None,
+                method=f"exact_interactions[{kind}]" if kind != "and" else "exact_interactions")
+    if kind == "or":
+        return or_interactions_from_values(values, max_order, **meta)
+    if kind == "and_or":
+        return and_or_interactions(values, split, share, max_order, **meta)
+    return Interactions.from_coalition_values(values, max_order, **meta)

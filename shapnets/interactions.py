@@ -15,7 +15,8 @@ give, by fixed linear maps and at no extra forward cost:
 Games that are sums of module games over groups of players (Shallow ShapNets, and every layer of a Deep or Conv
 ShapNet with respect to its own inputs) have dividends only on subsets of a group: the dividends of a subset
 shared by several groups add up, and every other subset's dividend is exactly 0. `Interactions.from_module_games`
-builds that sparse decomposition from each module's coalition values; `exact_interactions` is the brute-force
+builds that sparse decomposition from each module's coalition values;
+`shapnets.and_or.exact_interactions` is the brute-force
 oracle for any callable (all `2^n` coalitions of `n <= 16` players).
 
 Conventions: players are numbered `0..P-1` (for images, pixel `(h, w)` is player `h * W + w`); subsets are
@@ -28,10 +29,10 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from einops import rearrange
@@ -39,16 +40,11 @@ from torch import Tensor
 
 from .coalitions import coalition_table
 from .explanation import LocalAccuracyError, TensorFields, class_indices
-from .oracle import coalition_values
-
-if TYPE_CHECKING:
-    from .and_or import AndOrInteractions
 
 __all__ = [
     "DecompositionError",
     "Interactions",
     "RankedInteraction",
-    "exact_interactions",
     "moebius_transform",
     "shapley_interaction_index",
 ]
@@ -500,60 +496,3 @@ class Interactions(TensorFields):
             f"subsets={len(self.subsets)} (orders 1..{largest}), outputs={self.num_outputs}, "
             f"complete={self.complete})"
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# The oracle
-# ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def exact_interactions(
-    fn: Callable[[Tensor], Tensor],
-    x: Tensor,
-    reference: Tensor | float | None = None,
-    players: Tensor | None = None,
-    max_players: int = MAX_ORACLE_PLAYERS,
-    max_order: int | None = None,
-    max_batch: int = 8192,
-    player_names: Sequence[str] | None = None,
-    kind: str = "and",
-    split: str = "half",
-    share: float = 0.5,
-) -> Interactions | AndOrInteractions:
-    """Brute-force AND (Harsanyi), OR or AND-OR interactions of any callable (the oracle).
-
-    Evaluates the baseline game `v(S) = fn(x_S ; reference_rest)` on all `2^n` coalitions (as `exact_shapley`
-    does) and takes its Möbius transform (`kind="and"`), that of the complemented game (`kind="or"`, see
-    `shapnets.and_or`), or splits `v = v_and + v_or` and gives both (`kind="and_or"`). Every subset is listed,
-    also those a model's structure makes 0.
-
-    Args:
-        fn: maps a batch `(N, *S)` to `(N, C_out)` or `(N,)` (e.g. a model's `forward`).
-        x: `(B, *S)` inputs.
-        reference: `None` (zeros), a number, or a tensor broadcastable to one sample `S`.
-        players: optional integer map of shape `S` assigning every element to a player `0..n-1`; default: each
-            index of axis 1 is a player.
-        max_players: refuse larger games (cost: `2^n` evaluations and dividends per sample).
-        max_order: list only subsets of at most this many players (the SII still uses all of them).
-        max_batch: the largest batch handed to `fn` at once.
-        player_names: optional names of the `n` players.
-        kind: `"and"` (Harsanyi dividends), `"or"` (OR interactions of `v`) or `"and_or"` (both, of a split).
-        split: with `kind="and_or"`: `"half"` or `"sparse"` (the split minimising the L1 norm of all AND and OR
-            interactions); see `shapnets.and_or.and_or_interactions`.
-        share: with `kind="and_or"`: the part of `v` given to the AND game before the split parameters.
-
-    Returns:
-        `Interactions` (`kind="and"` or `"or"`) over all `2^n - 1` non-empty subsets (or those up to
-        `max_order`), or `AndOrInteractions` (`kind="and_or"`), in `x`'s dtype: use float64 to verify.
-    """
-    from .and_or import and_or_interactions, check_kind, or_interactions_from_values
-
-    check_kind(kind)
-    max_order = _check_max_order(max_order)
-    values, _ = coalition_values(fn, x, reference, players, max_players, max_batch, "exact_interactions")
-    meta = dict(player_names=list(player_names) if player_names is not None else None,
-                method=f"exact_interactions[{kind}]" if kind != "and" else "exact_interactions")
-    if kind == "or":
-        return or_interactions_from_values(values, max_order, **meta)
-    if kind == "and_or":
-        return and_or_interactions(values, split, share, max_order, **meta)
-    return Interactions.from_coalition_values(values, max_order, **meta)

@@ -21,7 +21,8 @@ SMALL = {
     "shapnet_deep": dict(in_features=4, num_classes=3, channels=4, hidden=(4,)),
     "shapnet_conv": dict(in_chans=1, num_classes=3, channels=(4,), hidden=(4,)),
     "capsnet": dict(in_chans=1, image_size=12, num_classes=3, conv_channels=8, conv_kernel=5, primary_types=2,
-                    primary_dim=4, primary_kernel=3, primary_stride=2, class_dim=4, decoder_widths=(8,)),
+                    primary_dim=4, primary_kernel=3, primary_stride=2, class_dim=4, decoder_widths=(8,),
+                    input_mean=0.5, input_std=0.25),
     "icnn_vgg_small": dict(in_chans=1, num_classes=3, num_filters=4,
                            backbone_args=dict(channels=(4, 8), convs_per_stage=(1, 1))),
 }

@@ -243,8 +243,9 @@ def test_trainer_refuses_bad_fidelity_settings_before_writing_a_run(tmp_path, te
     data = ArrayDataset(x, (x[:, 0] > 0).long())
     info = DatasetInfo(name="toy", num_classes=2, input_shape=(4,), class_names=["a", "b"],
                        feature_names=[f"f{i}" for i in range(4)], reference=[0.0] * 4)
-    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", "name=toy", "model.name=shapnet_deep",
-                             "model.args.channels=4", "data.batch_size=8", "train.epochs=1", f"loss.terms=[{term}]"])
-    with pytest.raises(ConfigError, match="explanation_fidelity"):
+    with pytest.raises(ConfigError, match="explanation_fidelity"):  # when the config is read, or before training
+        cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", "name=toy", "model.name=shapnet_deep",
+                                 "model.args.channels=4", "data.batch_size=8", "train.epochs=1",
+                                 f"loss.terms=[{term}]"])
         train(cfg, data=DataBundle(data, data, data, info))
     assert not (tmp_path / "run" / "last.pt").exists()

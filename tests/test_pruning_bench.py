@@ -70,7 +70,7 @@ def benchmark(bench, runs, tmp_path_factory) -> tuple[dict, Path]:
 # ------------------------------------------------------------------------------------------------ benchmark
 def test_every_model_has_a_table_row_per_fraction(benchmark) -> None:
     result, out = benchmark
-    assert list(result["models"]) == ["conv", "deep"]
+    assert list(result["models"]) == ["conv", "deep", "headline"]
     sections = result["report"].split("### ")[1:]
     for label, section in zip(["conv", "deep"], sections):
         assert section.startswith(label)

@@ -131,7 +131,8 @@ def _model_kwargs(model_cls: type[nn.Module], model_cfg: ModelConfig, info: Any)
         defaults["feature_names"] = list(info.feature_names)
     if info.reference is not None and "reference" in optional:
         defaults["reference"] = torch.tensor(info.reference, dtype=torch.float32)
-    normalize = (info.preprocessing or {}).get("normalize") if isinstance(info.preprocessing, dict) else None
+    preprocessing = getattr(info, "preprocessing", None)
+    normalize = preprocessing.get("normalize") if isinstance(preprocessing, dict) else None
     if isinstance(normalize, dict) and {"mean", "std"} <= set(normalize) and "input_mean" in optional:
         # Models that un-normalise their input (CapsNet's reconstruction target) take the data's constants.
         defaults["input_mean"], defaults["input_std"] = list(normalize["mean"]), list(normalize["std"])

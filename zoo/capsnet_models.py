@@ -27,7 +27,7 @@ from typing import Any
 from shapnets.capsnet import CapsNet
 
 from ._builder import register, register_variant
-from ._registry import MNIST_CFG, ShapNetCfg, model_cfg
+from ._registry import MNIST_CFG, Family, ShapNetCfg, model_cfg
 
 __all__ = ["CAPSNET_ARCHITECTURES", "CAPSNET_VARIANT_DEFAULTS"]
 
@@ -69,9 +69,19 @@ _DESCRIPTIONS = {
     "capsnet_small_mnist": "Small CapsNet for MNIST (conv1 64, 16 x 8D primary capsules, 2.8M parameters)",
 }
 
+def _normalization_of_the_bare_network(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A bare `capsnet` is the paper's MNIST network, with MNIST's normalisation as its cfg says. Any other input
+    shape gets no default: its normalisation must come from the data (`shapnets train` passes it), never MNIST's."""
+    mnist_shape = args.get("in_chans", 1) == 1 and args.get("image_size", 28) == 28
+    if mnist_shape and args.get("input_mean") is None and args.get("input_std") is None:
+        args = {**args, **_MNIST_NORMALIZATION}
+    return args
+
+
 register("capsnet", CapsNet, _cfg(
-    description="CapsNet with dynamic routing, any fixed image size (pass in_chans, image_size, num_classes; "
-                "bare: the paper's MNIST network)",
-    input_size=(1, 28, 28), num_classes=10, mean=MNIST_CFG["mean"], std=MNIST_CFG["std"]))
+    description="CapsNet with dynamic routing, any fixed image size (pass in_chans, image_size, num_classes, and the "
+                "data's input_mean / input_std; bare: the paper's MNIST network with MNIST's normalisation)",
+    input_size=(1, 28, 28), num_classes=10, mean=MNIST_CFG["mean"], std=MNIST_CFG["std"]),
+    family=Family(prepare=_normalization_of_the_bare_network))
 for _name, (_arch, _defaults) in CAPSNET_VARIANT_DEFAULTS.items():
     register_variant(_name, _arch, _defaults, _mnist_cfg(_DESCRIPTIONS[_name]))
