@@ -8,23 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from shapnets import (
-    ConvShapNet,
-    DeepShapNet,
-    coalition_masks,
-    exact_fidelity_objective,
-    exact_shapley,
-    fidelity_gaps,
-    kernel_size_probabilities,
-    masked_inputs,
-    patch_players,
-    permutation_estimates,
-    player_sums,
-    prefix_coalitions,
-    sample_kernel_coalitions,
-    sample_permutation_ranks,
-    shapley_kernel_probabilities,
-)
+from shapnets import ConvShapNet, DeepShapNet, coalition_masks, exact_shapley
+from shapnets import fidelity as fid
 from training.config import ConfigError, LossConfig
 from training.losses import ExplanationFidelity, ModelStep, Objective, build_loss_terms
 
@@ -43,22 +28,22 @@ def _terms(model: nn.Module, **kwargs) -> list:
 
 def test_kernel_probabilities_match_the_shapley_kernel() -> None:
     n = 6
-    p = shapley_kernel_probabilities(n)
+    p = fid.shapley_kernel_probabilities(n)
     sizes = coalition_masks(n).sum(1).long()
     kernel = torch.tensor([0.0 if k in (0, n) else (n - 1) / (math.comb(n, k) * k * (n - k)) for k in sizes.tolist()],
                           dtype=torch.float64)
     torch.testing.assert_close(p, kernel / kernel.sum())
-    torch.testing.assert_close(kernel_size_probabilities(n).sum(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(fid.kernel_size_probabilities(n).sum(), torch.tensor(1.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("paired", [True, False])
 def test_sampler_draws_the_kernel_distribution(paired: bool) -> None:
     n, draws = 5, 40_000
     torch.manual_seed(0)
-    masks = sample_kernel_coalitions(1, n, draws, paired=paired)[0]
+    masks = fid.sample_kernel_coalitions(1, n, draws, paired=paired)[0]
     index = (masks.long() * (1 << torch.arange(n))).sum(1)  # coalition_masks order: members = set bits
     freq = torch.bincount(index, minlength=2**n).double() / draws
-    p = shapley_kernel_probabilities(n)
+    p = fid.shapley_kernel_probabilities(n)
     assert freq[0] == 0 and freq[-1] == 0
     # Each coalition's frequency within 5 binomial standard errors of its probability.
     assert ((freq - p).abs() <= 5 * (p * (1 - p) / draws).sqrt() + 1e-12).all()
@@ -74,12 +59,12 @@ def test_estimator_is_unbiased(paired: bool) -> None:
     model = _interacting(DeepShapNet(D, 2, channels=4, hidden=(8,))).double().eval()
     x = torch.randn(3, D, dtype=torch.float64)
     phi = model.explain(x).attributions.detach()
-    exact = exact_fidelity_objective(phi, model, x)  # (B, C)
+    exact = fid.exact_fidelity_objective(phi, model, x)  # (B, C)
     draws = 20_000
-    coalitions = sample_kernel_coalitions(3, D, draws, paired=paired)
+    coalitions = fid.sample_kernel_coalitions(3, D, draws, paired=paired)
     with torch.no_grad():
-        values = model(masked_inputs(x, model.reference.reshape(D), coalitions, torch.arange(D))).view(3, draws, 2)
-        squares = fidelity_gaps(phi, values, model.explain(x).base, coalitions).square()
+        values = model(fid.masked_inputs(x, model.reference.reshape(D), coalitions, torch.arange(D))).view(3, draws, 2)
+        squares = fid.fidelity_gaps(phi, values, model.explain(x).base, coalitions).square()
     estimate = squares.mean(1)
     stderr = squares.std(1) / math.sqrt(draws) * (2 if paired else 1)  # paired draws are not independent
     assert ((estimate - exact).abs() <= 5 * stderr + 1e-12).all(), (estimate, exact)
@@ -96,11 +81,12 @@ def test_two_permutation_estimates_give_the_squared_distance_without_bias(paired
     phi = expl.attributions.detach()
     shapley = exact_shapley(model, x).attributions
     draws = 4000
-    ranks = sample_permutation_ranks(B, D, draws, antithetic=paired)
+    ranks = fid.sample_permutation_ranks(B, D, draws, antithetic=paired)
     with torch.no_grad():
-        values = model(masked_inputs(x, model.reference.reshape(D), prefix_coalitions(ranks, D).reshape(B, -1, D),
-                                     torch.arange(D))).view(B, draws, D - 1, C)
-    psi = permutation_estimates(ranks, values, expl.base, expl.output)  # (B, draws, D, C)
+        coalitions = fid.prefix_coalitions(ranks, D).reshape(B, -1, D)
+        values = model(fid.masked_inputs(x, model.reference.reshape(D), coalitions, torch.arange(D)))
+        values = values.view(B, draws, D - 1, C)
+    psi = fid.permutation_estimates(ranks, values, expl.base, expl.output)  # (B, draws, D, C)
     torch.testing.assert_close(psi.sum(2), (expl.output - expl.base)[:, None].expand(B, draws, C))
     if paired:  # keep antithetic pairs together: estimate j = (order j, its reverse)
         psi = torch.stack([psi[:, : draws // 2], psi[:, draws // 2:]], 2).mean(2)
@@ -120,13 +106,13 @@ def test_minimiser_is_the_shapley_value() -> None:
     model = _interacting(DeepShapNet(D, 2, channels=4, hidden=(8,))).double().eval()
     x = torch.randn(2, D, dtype=torch.float64)
     shapley = exact_shapley(model, x).attributions
-    at_shapley = exact_fidelity_objective(shapley, model, x)
-    own = exact_fidelity_objective(model.explain(x).attributions.detach(), model, x)
+    at_shapley = fid.exact_fidelity_objective(shapley, model, x)
+    own = fid.exact_fidelity_objective(model.explain(x).attributions.detach(), model, x)
     assert (own >= at_shapley - 1e-12).all()
     for _ in range(5):
         noise = torch.randn_like(shapley)
         noise = 0.1 * (noise - noise.mean(1, keepdim=True))  # zero-sum: the efficiency constraint still holds
-        assert (exact_fidelity_objective(shapley + noise, model, x) > at_shapley).all()
+        assert (fid.exact_fidelity_objective(shapley + noise, model, x) > at_shapley).all()
 
 
 def _own_error(model: DeepShapNet, x: torch.Tensor) -> float:
@@ -184,9 +170,9 @@ def test_conv_patch_game_runs_and_keeps_missingness() -> None:
     loss.backward()
     assert torch.isfinite(parts["explanation_fidelity"]) and parts["explanation_fidelity"] > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-    players = patch_players(4, 4, 2)
+    players = fid.patch_players(4, 4, 2)
     assert players.max() == 3 and torch.equal(players[:2, :2], torch.zeros(2, 2, dtype=torch.long))
-    phi = player_sums(out.explanation.attributions, players, 4)
+    phi = fid.player_sums(out.explanation.attributions, players, 4)
     torch.testing.assert_close(phi.sum(1), out.explanation.output - out.explanation.base)
 
 

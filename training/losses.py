@@ -32,17 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shapnets import (
-    Explanation,
-    fidelity_gaps,
-    masked_inputs,
-    patch_players,
-    permutation_estimates,
-    player_sums,
-    prefix_coalitions,
-    sample_kernel_coalitions,
-    sample_permutation_ranks,
-)
+from shapnets import Explanation, fidelity
 from shapnets.contract import LossTerm, StepOutput
 
 from .config import ConfigError, LossConfig
@@ -339,7 +329,7 @@ class ExplanationFidelity(LossTerm):
         reference = self.model.reference
         if x.dim() == 4:  # images (B, C, H, W): pixel patches, all channels of a pixel in the same player
             C, H, W = x.shape[1:]
-            attribution_players = patch_players(H, W, self.patch).to(x.device)
+            attribution_players = fidelity.patch_players(H, W, self.patch).to(x.device)
             element_players = attribution_players.expand(C, H, W)
             ref = reference.reshape(-1, 1, 1).expand(C, H, W)
             return element_players, attribution_players, ref, int(attribution_players.max()) + 1
@@ -353,7 +343,7 @@ class ExplanationFidelity(LossTerm):
         B, n = coalitions.shape[0], coalitions.shape[-1]
         flat = coalitions.reshape(B, -1, n)
         with torch.no_grad() if self.detach_game else contextlib.nullcontext():
-            values = self.model(masked_inputs(x, reference, flat, element_players))
+            values = self.model(fidelity.masked_inputs(x, reference, flat, element_players))
         values = values.view(*coalitions.shape[:-1], -1)
         return values.detach() if self.detach_game else values
 
@@ -369,7 +359,7 @@ class ExplanationFidelity(LossTerm):
             # Restricted game: k random players per sample stay, the others sit at the reference (null players).
             kept = torch.rand(B, n, device=x.device).argsort(1)[:, : self.keep_players]
             active = torch.zeros(B, n, dtype=torch.bool, device=x.device).scatter(1, kept, True)
-            x = masked_inputs(x, reference, active[:, None], element_players)
+            x = fidelity.masked_inputs(x, reference, active[:, None], element_players)
             explanation = self.model.explain(x)
         else:
             if out.explanation is None:
@@ -377,17 +367,17 @@ class ExplanationFidelity(LossTerm):
             explanation = out.explanation
             active = torch.ones(B, n, dtype=torch.bool, device=x.device)
         k = int(active[0].sum())
-        phi = player_sums(explanation.attributions, attribution_players, n)  # (B, n, C)
+        phi = fidelity.player_sums(explanation.attributions, attribution_players, n)  # (B, n, C)
         # Zero-sum gradient: the total (= output - base, by local accuracy) is left to the cross-entropy.
         total = phi.sum(1, keepdim=True)
         phi = phi - active.unsqueeze(-1).to(phi.dtype) / k * (total - total.detach())
         base = explanation.base.detach() if self.detach_game else explanation.base
         if self.estimator == "permutation":
-            ranks = sample_permutation_ranks(B, n, 2 * self.permutations, active=active,
+            ranks = fidelity.sample_permutation_ranks(B, n, 2 * self.permutations, active=active,
                                              antithetic=self.paired).to(x.device)
-            values = self._game(x, reference, prefix_coalitions(ranks, k), element_players)  # (B, 2p, k-1, C)
+            values = self._game(x, reference, fidelity.prefix_coalitions(ranks, k), element_players)  # (B, 2p, k-1, C)
             output = explanation.output.detach() if self.detach_game else explanation.output
-            psi = permutation_estimates(ranks, values.to(phi.dtype), base, output)  # (B, 2p, n, C)
+            psi = fidelity.permutation_estimates(ranks, values.to(phi.dtype), base, output)  # (B, 2p, n, C)
             # Two independent estimates, each made of whole antithetic pairs.
             psi = _split_antithetic(psi, self.permutations) if self.paired else \
                 psi.view(B, 2, self.permutations, n, -1)
@@ -395,13 +385,13 @@ class ExplanationFidelity(LossTerm):
             penalty = (phi - psi1) * (phi - psi2)  # (B, n, C): E = (phi - phi*)^2 per player
             per_class = penalty.sum(1)  # (B, C)
         else:
-            coalitions = sample_kernel_coalitions(B, k, self.coalitions, paired=self.paired).to(x.device)
+            coalitions = fidelity.sample_kernel_coalitions(B, k, self.coalitions, paired=self.paired).to(x.device)
             if k < n:  # place the kept players' memberships; the others are never members
                 index = active.nonzero()[:, 1].view(B, 1, k).expand(B, self.coalitions, k)
                 coalitions = torch.zeros(B, self.coalitions, n, dtype=torch.bool, device=x.device).scatter(
                     2, index, coalitions)
             values = self._game(x, reference, coalitions, element_players)
-            per_class = fidelity_gaps(phi, values.to(phi.dtype), base, coalitions).square().mean(1)  # (B, C)
+            per_class = fidelity.fidelity_gaps(phi, values.to(phi.dtype), base, coalitions).square().mean(1)  # (B, C)
         if self.target != "all":
             classes = target if self.target == "label" else out.logits.detach().argmax(1)
             per_class = per_class.gather(1, classes.view(B, 1))
