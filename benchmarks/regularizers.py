@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -136,21 +135,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-@torch.no_grad()
 def measure_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> dict[str, float]:
-    """Accuracy on `(x, y)` and the mean sparsity of the predicted class's maps (`shapnets.sparsity`)."""
-    from shapnets.sparsity import explanation_sparsity
+    """Accuracy on `(x, y)` and the mean sparsity of the predicted class's maps (`shapnets.sparsity`): the same
+    measurement a fine-tune reports before and after (`training.trainer.explanation_effect`)."""
+    from training.trainer import explanation_effect
 
-    model.eval()
-    correct, sums, counts = 0, {}, {}
-    for xb, yb in zip(x.split(batch), y.split(batch)):
-        expl = model.explain(xb)
-        correct += int((expl.output.argmax(1) == yb).sum())
-        for name, values in explanation_sparsity(expl).items():
-            kept = values[~values.isnan()]
-            sums[name] = sums.get(name, 0.0) + float(kept.sum())
-            counts[name] = counts.get(name, 0) + kept.numel()
-    return {"acc": correct / len(y), **{k: sums[k] / counts[k] if counts[k] else math.nan for k in sums}}
+    measured = explanation_effect(model, zip(x.split(batch), y.split(batch)), torch.device("cpu"),
+                                  max_samples=len(y))
+    return {k: v for k, v in measured.items() if k != "samples"}
 
 
 def _test_tensors(loaded: Any, data_root: str | None, samples: int | None) -> tuple[torch.Tensor, torch.Tensor]:
