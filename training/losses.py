@@ -362,9 +362,11 @@ class ExplanationFidelity(LossTerm):
             x = fidelity.masked_inputs(x, reference, active[:, None], element_players)
             explanation = self.model.explain(x)
         else:
-            if out.explanation is None:
+            if out.explanation is None and self.keep_players is None:
                 raise RuntimeError(f"{self.name} needs the explanation of the forward pass, but none was computed")
-            explanation = out.explanation
+            # With keep_players >= the input's players the whole game is played; the step computed no explanation
+            # (needs_explanation is False with keep_players), so the term explains the input itself.
+            explanation = out.explanation if out.explanation is not None else self.model.explain(x)
             active = torch.ones(B, n, dtype=torch.bool, device=x.device)
         k = int(active[0].sum())
         phi = fidelity.player_sums(explanation.attributions, attribution_players, n)  # (B, n, C)
