@@ -8,15 +8,16 @@ heat map over the image, the strongest pixels marked.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._format import optional_import, signed_sum
 
-if TYPE_CHECKING:
-    from .explanation import Explanation
+# `Explanation` is the type of every `expl` below. It is not imported, not even for type checking: explanation.py
+# imports this module (lazily, in `Explanation.plot`), and the package keeps its import graph free of circles.
+Explanation = Any
 
 __all__ = ["plot_explanation_figure"]
 
