@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from shapnets.pruning import PRUNE_MODES, stage_fractions
+from shapnets.pruning import PRUNE_MODES, configure_pruning, stage_fractions
 from shapnets.sparsity import gini, mass_count, peak_share
 from training.bench import interleaved_medians, markdown_table
 from training.bench_report import write_report
@@ -161,7 +161,7 @@ def benchmark_model(
     timed = x[:time_samples]
     try:
         for p in fractions:
-            model.prune, model.prune_mode = pruned_stages(p, model.num_stages, mode), mode
+            configure_pruning(model, pruned_stages(p, model.num_stages, mode), mode)
             model.skip_inactive = True
             model.evaluation_stats(reset=True)
             logits, maps, kept = explain_all(model, x, batch_size, kept=True)
@@ -260,7 +260,7 @@ def headline(loaded: dict[str, tuple[nn.Module, Tensor, list[Row]]], start: str,
         model, x, _ = loaded[label]
 
         def run() -> None:
-            model.prune, model.prune_mode = pruned_stages(p, model.num_stages, mode), mode
+            configure_pruning(model, pruned_stages(p, model.num_stages, mode), mode)
             model.skip_inactive = True
             explain_all(model, x[:time_samples], batch_size)
         return run

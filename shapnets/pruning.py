@@ -59,15 +59,15 @@ def prune_players(z: Tensor, fraction: float, rows: Tensor | None = None, mode: 
         pruned_mask = norms < fraction * norms.amax(1, keepdim=True)
     else:
         if mode == "all":
-            count = torch.full((norms.shape[0],), math.floor(fraction * n), device=z.device)
-            if int(count[0]) == 0:
+            count: int | Tensor = math.floor(fraction * n)
+            if count == 0:
                 return z
         else:  # "active": the zero-norm players come first in the sorted order and are pruned on top
-            active = (norms > 0).sum(1)
+            active = (norms > 0).sum(1, keepdim=True)
             count = (n - active) + torch.floor(fraction * active.double()).long()
         order = torch.sort(norms, dim=1, stable=True).indices
         ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=z.device).expand_as(order))
-        pruned_mask = ranks < count[:, None]
+        pruned_mask = ranks < count
     if rows is None:
         keep = ~pruned_mask
     else:
