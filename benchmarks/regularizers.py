@@ -38,7 +38,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "regularizers"
-KINDS = ("l1_final", "l1_all", "linf", "l1_final_scaled", "linf_scaled", "l1_all_pruned", "l1_all_pruned30")
+KINDS = ("l1_final", "l1_all", "linf", "l1_final_scaled", "linf_scaled", "l1_final_label", "linf_label",
+         "l1_all_pruned", "l1_all_pruned30")
 
 
 @dataclass(frozen=True)
@@ -57,25 +58,29 @@ FAMILIES = {
         configs={"l1_final": "finetune_conv_mnist_l1_final", "l1_all": "finetune_conv_mnist_l1_all",
                  "linf": "finetune_conv_mnist_linf"},
         weights={"l1_final": [0.005, 0.02], "l1_all": [0.0003, 0.001], "linf": [0.3, 1.0],
-                 "l1_final_scaled": [0.005, 0.02], "linf_scaled": [1.0, 5.0], "l1_all_pruned": [0.001],
-                 "l1_all_pruned30": [0.001]},
+                 "l1_final_scaled": [0.005, 0.02], "linf_scaled": [1.0, 5.0], "l1_final_label": [0.1, 0.3],
+                 "linf_label": [10.0, 30.0], "l1_all_pruned": [0.001], "l1_all_pruned30": [0.001]},
         overrides=("data.limit=10000",),
     ),
     "deep_yeast": Family(
         base="shapnet_deep_yeast",
         configs={kind: "finetune_deep_yeast_l1" for kind in KINDS},
         weights={"l1_final": [0.01, 0.03, 0.1, 0.3], "l1_all": [0.002, 0.01, 0.03], "linf": [0.1, 0.3, 1.0, 3.0],
-                 "l1_final_scaled": [0.01, 0.03, 0.1], "linf_scaled": [0.3, 1.0, 3.0], "l1_all_pruned": [],
+                 "l1_final_scaled": [0.01, 0.03, 0.1], "linf_scaled": [0.3, 1.0, 3.0], "l1_final_label": [],
+                 "linf_label": [], "l1_all_pruned": [],
                  "l1_all_pruned30": []},
     ),
 }
-# kind -> (loss term, layers, scale-free?, extra overrides)
+# kind -> (loss term, layers, scale-free?, extra overrides); `target: all` unless an override says otherwise
 TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
     "l1_final": ("explanation_l1", "final", False, ()),
     "l1_all": ("explanation_l1", "all", False, ()),
     "linf": ("explanation_linf", "final", False, ()),
     "l1_final_scaled": ("explanation_l1", "final", True, ()),
     "linf_scaled": ("explanation_linf", "final", True, ()),
+    # the scale-free terms on the map of each sample's label only (the one a user is shown), the others left free
+    "l1_final_label": ("explanation_l1", "final", True, ("target=label",)),
+    "linf_label": ("explanation_linf", "final", True, ("target=label",)),
     # L1 on every layer, trained with the pruning it is meant for: half of the active pixels after every hidden stage
     "l1_all_pruned": ("explanation_l1", "all", False, ("model.args.prune=[0.5,0.5,0.5,0.5,0.0]",
                                                        "model.args.prune_mode=active",
@@ -85,7 +90,8 @@ TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
                                                          "model.args.prune_during_training=true")),
 }
 LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l1_final_scaled": "L1/L2 final",
-          "linf_scaled": "L-inf/L1 final", "l1_all_pruned": "L1 all layers + pruning (p=0.5) in training",
+          "linf_scaled": "L-inf/L1 final", "l1_final_label": "L1/L2 final, label map",
+          "linf_label": "L-inf/L1 final, label map", "l1_all_pruned": "L1 all layers + pruning (p=0.5) in training",
           "l1_all_pruned30": "L1 all layers + pruning (p=0.3) in training"}
 
 
@@ -97,11 +103,13 @@ def train_command(family: str, kind: str, weight: float) -> list[str]:
     """The `shapnets train` command of one sweep point (resumes an interrupted run)."""
     spec = FAMILIES[family]
     term, layers, scaled, extra = TERMS[kind]
+    target = next((e.split("=", 1)[1] for e in extra if e.startswith("target=")), "all")
+    extra = tuple(e for e in extra if not e.startswith("target="))
     out = run_dir(family, kind, weight)
     config = spec.configs.get(kind, spec.configs["l1_all" if "all" in kind else "l1_final"])
     command = [sys.executable, "-m", "training", "train", str(ROOT / "configs" / f"{config}.yaml"),
                "--output", str(out), "--set", f"name={out.name}",
-               "--set", f"loss.terms=[{{name: {term}, weight: {weight}, layers: {layers}, target: all, "
+               "--set", f"loss.terms=[{{name: {term}, weight: {weight}, layers: {layers}, target: {target}, "
                f"normalize: {str(scaled).lower()}}}]"]
     for override in (*spec.overrides, *extra):
         command += ["--set", override]
@@ -218,12 +226,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
         shipped[kind] = float(weight)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     colors = {"l1_final": "#f1948a", "l1_all": "#85c1e9", "linf": "#82e0aa", "l1_final_scaled": "#c0392b",
-              "linf_scaled": "#1e8449", "l1_all_pruned": "#1f618d", "l1_all_pruned30": "#1f618d"}
+              "linf_scaled": "#1e8449", "l1_final_label": "#7b241c", "linf_label": "#0b5345", "l1_all_pruned": "#1f618d", "l1_all_pruned30": "#1f618d"}
     labels = LABELS
     for ax, metric, kinds, bar, name in (
-            (axes[0], "n90", ("l1_final", "l1_final_scaled", "l1_all", "l1_all_pruned30"), 0.5,
+            (axes[0], "n90", ("l1_final", "l1_final_scaled", "l1_final_label", "l1_all", "l1_all_pruned30"), 0.5,
              "n90: players holding 90% of |attribution| (fewer = sparser)"),
-            (axes[1], "peak_share", ("linf", "linf_scaled"), 0.6,
+            (axes[1], "peak_share", ("linf", "linf_scaled", "linf_label"), 0.6,
              "peak share: largest |attribution| / total (lower = spread)")):
         for kind in kinds:
             pts = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["weight"])

@@ -143,7 +143,9 @@ class TrainConfig:
         device: `auto` (CUDA when available), `cpu` or `cuda`.
         precision: `auto` (bf16 autocast on CUDA, fp32 on CPU), `fp32` or `bf16` (CUDA only).
         compile: wrap the model in `torch.compile`.
-        ema_decay: keep an exponential moving average of the weights with this decay and evaluate with it.
+        ema_decay: keep an exponential moving average of the weights with this decay and evaluate with it; the decay
+            warms up as `min(ema_decay, (1 + n) / (10 + n))` after `n` steps, so short fine-tunes are not
+            reported (and exported) as mostly their start point.
         early_stopping_patience: stop after this many evaluations without a better validation accuracy.
         eval_every: evaluate on the validation set every this many epochs (and after the last one).
         log_every: log the running training loss every this many steps (0: only per epoch).

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 import zoo
@@ -247,6 +247,28 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         raise UserError("no trainable parameters: model.freeze froze every parameter")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def ema_with_warmup(decay: float):
+    """An EMA update for `AveragedModel` whose decay warms up as `min(decay, (1 + n) / (10 + n))` after `n` updates.
+
+    Why: a plain EMA starts from the first weights, and after `n` steps they still carry `decay ** n` of its mass
+    (0.999 ** 157 = 0.85): a short fine-tune evaluated through it reports, and exports, mostly its start point. The
+    warm-up (as timm's ModelEmaV3 and TensorFlow's ExponentialMovingAverage with num_updates) lets the average follow
+    the weights early and reach `decay` after `~10 / (1 - decay)` updates.
+    """
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor | int) -> None:
+        n = int(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        for a, c in zip(averaged, current):
+            if a.is_floating_point():
+                a.lerp_(c, 1.0 - d)
+            else:
+                a.copy_(c)  # counters and integer buffers follow the model
+
+    return update
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
@@ -522,7 +544,7 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
         warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(warmup_steps, total_steps, cfg.optim.min_lr_ratio))
-        ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+        ema = (AveragedModel(model, multi_avg_fn=ema_with_warmup(tc.ema_decay), use_buffers=True)
                if tc.ema_decay is not None else None)
 
         # ---- state that a resume restores
