@@ -100,14 +100,46 @@ class ShapleyConv2d(nn.Module):
         """
         if len(self.bank.weights) == 1:
             return self._one_layer_map(delta, reference)
-        players = self.patches(delta)[..., None, :, :]  # one shared module: G = 1
         ref = None if reference is None else reference.expand(1, len(self.offsets), reference.shape[-1])
+        if skip_inactive:
+            return self._active_patches_map(delta, ref)
+        players = self.patches(delta)[..., None, :, :]  # one shared module: G = 1
         # Players in the padding are null too, but their values are cropped by `fold`: the dense path needs its
         # exact-zero pass over all k players of every patch only if a pixel of the image sits at the reference
         # (checked once per pixel, k times cheaper).
-        zero_null = skip_inactive or bool(delta.eq(0).all(-1).any())
-        phi, _, _ = self.bank.shapley(players, ref, skip_inactive=skip_inactive, zero_null_players=zero_null)
+        zero_null = bool(delta.eq(0).all(-1).any())
+        phi, _, _ = self.bank.shapley(players, ref, zero_null_players=zero_null)
         return self.fold(phi[..., 0, :, :])
+
+    def _active_patches_map(self, delta: Tensor, ref: Tensor | None) -> Tensor:
+        """`forward` with `skip_inactive`: gather, evaluate and scatter back only the patches with an active pixel.
+
+        A patch whose pixels all sit at the reference has Shapley values exactly 0, so it is never built: the work
+        (gather, coalitions, scatter) follows the number of *active* patches, not the image size, and pruning a
+        pixel removes the patches it was the last active player of. Player `j` of the patch anchored at pixel `a`
+        is pixel `a + offset_j`; past the border it is a padding player at the reference (an extra zero row).
+        """
+        B, H, W, C = delta.shape
+        k = len(self.offsets)
+        active = delta.ne(0).any(-1)  # (B, H, W): pixels off the reference
+        anchored = torch.zeros_like(active)
+        for dy, dx in self.offsets:  # the patch at a is active if a + offset_j is, for some j
+            if dy < H and dx < W:
+                anchored[:, : H - dy, : W - dx] |= active[:, dy:, dx:]
+        anchors = anchored.flatten().nonzero().squeeze(1)  # (A,) in (b h w) order
+        h = anchors.remainder(H * W).div(W, rounding_mode="floor")
+        w = anchors.remainder(W)
+        dy, dx = (torch.tensor(d, device=delta.device) for d in zip(*self.offsets))
+        inside = (h[:, None] + dy < H) & (w[:, None] + dx < W)
+        padding_row = B * H * W
+        members = torch.where(inside, anchors[:, None] + dy * W + dx, padding_row)  # (A, k) rows of `rows`
+        rows = torch.cat([rearrange(delta, "b h w c -> (b h w) c"), delta.new_zeros(1, C)])
+        phi, _, _ = self.bank.shapley(rows[members][:, None], ref, skip_inactive=True)  # (A, 1, k, C_out)
+        skipped = B * H * W - len(anchors)
+        self.bank._count(skipped, skipped * 2**k, skipped, skipped * 2**k)
+        out = delta.new_zeros(padding_row + 1, phi.shape[-1]).index_add(
+            0, members.flatten(), rearrange(phi, "a 1 k o -> (a k) o"))
+        return rearrange(out[:padding_row], "(b h w) o -> b h w o", b=B, h=H)
 
     def _one_layer_map(self, delta: Tensor, reference: Tensor | None) -> Tensor:
         """`forward` for a one-layer inner (`hidden=()`), without im2col, col2im or a coalition tensor in memory.
