@@ -96,7 +96,9 @@ class ShapleyConv2d(nn.Module):
             delta: input minus reference, channel-last `(B, H, W, C_in)`.
             reference: per-channel reference `(C_in,)`; `None` means 0.
             skip_inactive: do not evaluate patches whose pixels all sit at the reference (their
-                Shapley values are exactly 0) and evaluate fewer coalitions for partly inactive ones.
+                Shapley values are exactly 0) and evaluate fewer coalitions for partly inactive ones. Values and
+                parameter gradients are those of the dense computation; the gradient with respect to a pixel that
+                sits exactly at the reference is 0 (it is not evaluated).
         """
         if len(self.bank.weights) == 1:
             return self._one_layer_map(delta, reference)
@@ -131,15 +133,12 @@ class ShapleyConv2d(nn.Module):
         w = anchors.remainder(W)
         dy, dx = (torch.tensor(d, device=delta.device) for d in zip(*self.offsets))
         inside = (h[:, None] + dy < H) & (w[:, None] + dx < W)
-        padding_row = B * H * W
-        members = torch.where(inside, anchors[:, None] + dy * W + dx, padding_row)  # (A, k) rows of `rows`
-        rows = torch.cat([rearrange(delta, "b h w c -> (b h w) c"), delta.new_zeros(1, C)])
-        phi, _, _ = self.bank.shapley(rows[members][:, None], ref, skip_inactive=True)  # (A, 1, k, C_out)
+        padding_row = B * H * W  # one past the last pixel: a padding player (at the reference)
+        members = torch.where(inside, anchors[:, None] + dy * W + dx, padding_row)  # (A, k) pixel rows
         skipped = B * H * W - len(anchors)
         self.bank._count(skipped, skipped * 2**k, skipped, skipped * 2**k)
-        out = delta.new_zeros(padding_row + 1, phi.shape[-1]).index_add(
-            0, members.flatten(), rearrange(phi, "a 1 k o -> (a k) o"))
-        return rearrange(out[:padding_row], "(b h w) o -> b h w o", b=B, h=H)
+        out = self.bank.shapley_sums(rearrange(delta, "b h w c -> (b h w) c"), members, ref, active.flatten())
+        return rearrange(out, "(b h w) o -> b h w o", b=B, h=H)
 
     def _one_layer_map(self, delta: Tensor, reference: Tensor | None) -> Tensor:
         """`forward` for a one-layer inner (`hidden=()`), without im2col, col2im or a coalition tensor in memory.
@@ -239,7 +238,8 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
         prune_during_training: also prune in training mode.
         prune_mode: what `prune` counts: `"all"` players (the paper's rule), the `"active"` (non-reference)
             players, or a `"threshold"` on the norm relative to the sample's largest (see `shapnets.pruning`).
-        skip_inactive: skip patches (and coalitions) whose pixels sit at the reference; exact.
+        skip_inactive: skip patches (and coalitions) whose pixels sit at the reference; exact in values and parameter
+            gradients (see `ShapleyConv2d.forward`).
         zero_init_output: start the last stage's output layer at zero, so the logits start at 0
             (the spatial sum over many pixels otherwise starts with large logits).
         output_act: apply the activation after each inner's last layer too (see `ShapleyConv2d`).

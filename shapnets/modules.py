@@ -708,25 +708,11 @@ class ShapleyModuleBank(nn.Module):
                 continue  # every player at the reference: phi = 0 and output = base, nothing to evaluate
             members = [j for j in range(k) if p >> j & 1]
             group = inst % G
-            x = x_p[:, members]  # (m, k', C)
-            if G == 1:
-                projected = torch.einsum("mkc,kch->mkh", x, w1[0, members])
-                offset = at_ref_pieces[piece_index] if per_instance else at_reference[0]
+            if per_instance:
+                offset = at_ref_pieces[piece_index]
             else:
-                projected = torch.einsum("mkc,mkch->mkh", x, w1[group][:, members])
-                offset = at_ref_pieces[piece_index] if per_instance else at_reference[group]
-            masks = coalition_masks(len(members), delta.device, delta.dtype)
-            h = torch.einsum("tk,mkh->tmh", masks, projected) + offset
-            for i in range(1, len(self.weights)):
-                wl, bl = self.weights[i], self.bias(i)
-                if G == 1:
-                    h = torch.einsum("tmi,io->tmo", self.act(h), wl[0])
-                else:
-                    h = torch.einsum("tmi,mio->tmo", self.act(h), wl[group])
-                if bl is not None:
-                    h = h + (bl[0] if G == 1 else bl[group])
-            if self.output_act:
-                h = self.act(h)
+                offset = at_reference[0] if G == 1 else at_reference[group]
+            h = self._subgame_values(x_p[:, members], members, None if G == 1 else group, offset)
             coalitions += len(inst) * 2 ** len(members)
             sub = shapley_from_values(h, len(members))  # (m, k', C_out)
             phi_rows.append((inst[:, None] * k + torch.tensor(members, device=delta.device)).flatten())
@@ -748,6 +734,76 @@ class ShapleyModuleBank(nn.Module):
             base.reshape(*batch, G, out_channels),
             output.reshape(*batch, G, out_channels),
         )
+
+    def _subgame_values(self, x: Tensor, members: list[int], group: Tensor | None, offset: Tensor) -> Tensor:
+        """The inner on every coalition of the active players `members` only: `(m, k', C)` -> `(2^k', m, C_out)`.
+
+        Args:
+            x: the active players' offsets from the reference, `(m, k', C)`.
+            members: which of the `k` player slots they are.
+            group: `(m,)` module of each row, or `None` with one shared module (`G == 1`).
+            offset: the first layer's pre-activation at the reference, `(h_1,)` or `(m, h_1)`.
+        """
+        w1 = self._first_layer_weight()
+        if group is None:
+            projected = torch.einsum("mkc,kch->mkh", x, w1[0, members])
+        else:
+            projected = torch.einsum("mkc,mkch->mkh", x, w1[group][:, members])
+        masks = coalition_masks(len(members), x.device, x.dtype)
+        h = torch.einsum("tk,mkh->tmh", masks, projected) + offset
+        for i in range(1, len(self.weights)):
+            wl, bl = self.weights[i], self.bias(i)
+            if group is None:
+                h = torch.einsum("tmi,io->tmo", self.act(h), wl[0])
+            else:
+                h = torch.einsum("tmi,mio->tmo", self.act(h), wl[group])
+            if bl is not None:
+                h = h + (bl[0] if group is None else bl[group])
+        return self.act(h) if self.output_act else h
+
+    def shapley_sums(self, rows: Tensor, members: Tensor, reference: Tensor | None = None,
+                     active: Tensor | None = None) -> Tensor:
+        """Every row's Shapley values summed over the modules it plays in (one shared module, `G == 1`).
+
+        Module `a` plays the game of the rows `members[a]` (its `k` players' offsets from the reference); only the
+        players that differ from the reference are gathered, each module evaluates the `2^k'` coalitions of its
+        `k'` such players (the others are dummies with Shapley value exactly 0), and each player's value is added
+        onto its row. Nothing is built for reference rows or all-reference modules, so the work follows the active
+        players (the sparse form of `shapley` + a scatter-add, for Conv ShapNets).
+
+        Args:
+            rows: `(R, C)` offsets from the reference.
+            members: `(A, k)` long, the row of every player of every module; `R` (one past the last row) is a
+                padding player, at the reference.
+            reference: the reference, broadcastable to `(1, k, C)`; `None` means zero.
+            active: optional `(R,)` bool, `rows.ne(0).any(-1)` when the caller has it already.
+
+        Returns:
+            `(R, C_out)`: row `r`'s Shapley values summed over every module it is a player of.
+        """
+        if self.num_groups != 1:
+            raise ValueError(f"shapley_sums evaluates one shared module, this bank has {self.num_groups} groups")
+        k, modules = self.num_players, members.shape[0]
+        active = rows.ne(0).any(-1) if active is None else active
+        present = torch.cat([active, active.new_zeros(1)])[members]  # (A, k): players off the reference
+        pattern = (present.long() << torch.arange(k, device=rows.device)).sum(-1)
+        order = torch.argsort(pattern, stable=True)
+        patterns, counts = torch.unique_consecutive(pattern[order], return_counts=True)
+        offset = self._at_reference(rows, reference)[0]
+        out = rows.new_zeros(rows.shape[0], self.out_channels)
+        coalitions = done = 0
+        for p, piece in zip(patterns.tolist(), members.index_select(0, order).split(counts.tolist())):
+            if p == 0:
+                continue  # every player at the reference: all values 0, nothing to evaluate
+            slots = [j for j in range(k) if p >> j & 1]
+            players = piece[:, slots]  # (m, k') rows of the active players
+            values = self._subgame_values(rows[players], slots, None, offset)
+            # In place: an out-of-place index_add would copy all R rows once per pattern.
+            out.index_add_(0, players.flatten(), rearrange(shapley_from_values(values, len(slots)), "m k o -> (m k) o"))
+            coalitions += len(piece) * 2 ** len(slots)
+            done += len(piece)
+        self._count(modules, modules * 2**k, modules - done, modules * 2**k - coalitions)
+        return out
 
     def module(self, g: int) -> ShapleyModule:
         """A stand-alone `ShapleyModule` holding a copy of module `g`'s weights (for auditing)."""

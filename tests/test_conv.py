@@ -184,3 +184,46 @@ def test_rejects_bad_input(x: Tensor, error: type, match: str) -> None:
         net(x)
     with pytest.raises(error, match=match):
         net.explain(x)
+
+
+@pytest.mark.parametrize(("kernel_size", "dilation", "nonzero_reference"), [(2, 2, False), ((1, 3), 1, True),
+                                                                            (2, 8, False)])
+def test_active_patches_path_equals_the_dense_one_with_gradients_and_counts(kernel_size, dilation,
+                                                                             nonzero_reference: bool) -> None:
+    """`skip_inactive` builds only patches with an active pixel: same values and gradients as evaluating them all,
+    and it does (and counts) less work the more pixels sit at the reference (dilation 8 > 5 pixels: every patch
+    but one of each row has padding players)."""
+    torch.manual_seed(0)
+    layer = ShapleyConv2d(3, 2, kernel_size, dilation, hidden=(8,)).to(DT)
+    reference = torch.randn(3, dtype=DT) if nonzero_reference else None
+    delta = torch.randn(2, 5, 6, 3, dtype=DT)
+    delta[torch.rand(2, 5, 6) < 0.6] = 0.0  # pixels at the reference
+    delta.requires_grad_(True)
+    params = list(layer.parameters())
+
+    def grads(skip: bool) -> tuple[Tensor, list[Tensor]]:
+        rep = layer(delta, reference, skip_inactive=skip)
+        found = torch.autograd.grad(rep.square().sum(), [delta, *params])
+        return rep, list(found)
+
+    dense, grad_dense = grads(False)
+    layer.bank.reset_stats()
+    sparse, grad_sparse = grads(True)
+    assert torch.allclose(sparse, dense, atol=ATOL)
+    for g_sparse, g_dense in zip(grad_sparse[1:], grad_dense[1:]):
+        assert torch.allclose(g_sparse, g_dense, atol=ATOL)
+    # The input gradient agrees on active pixels; a pixel at the reference is not evaluated, so its input gradient
+    # is 0 (the documented price of skipping: parameter gradients are unaffected, as shown above).
+    on = delta.detach().ne(0).any(-1)
+    assert torch.allclose(grad_sparse[0][on], grad_dense[0][on], atol=ATOL) and grad_sparse[0][~on].eq(0).all()
+    at_reference = delta.detach().eq(0).all(-1)
+    assert sparse[at_reference].eq(0).all()  # missingness: exactly zero, not just small
+    stats = layer.bank.stats
+    k = len(layer.offsets)
+    assert stats["module_evals"] == delta.shape[0] * 5 * 6 and stats["coalition_evals"] == 60 * 2**k
+    assert 0 < stats["module_evals_skipped"] < stats["module_evals"]
+    assert stats["coalition_evals_skipped"] > stats["module_evals_skipped"]  # partly active patches did less
+    # Every pixel at the reference: nothing is evaluated, the map is exactly 0.
+    layer.bank.reset_stats()
+    assert layer(torch.zeros(1, 5, 6, 3, dtype=DT), reference, skip_inactive=True).eq(0).all()
+    assert layer.bank.stats["module_evals_skipped"] == layer.bank.stats["module_evals"] == 30
