@@ -119,9 +119,9 @@ class ShapleyConv2d(nn.Module):
         A patch whose pixels all sit at the reference has Shapley values exactly 0, so it is never built: the work
         (gather, coalitions, scatter) follows the number of *active* patches, not the image size, and pruning a
         pixel removes the patches it was the last active player of. Player `j` of the patch anchored at pixel `a`
-        is pixel `a + offset_j`; past the border it is a padding player at the reference (an extra zero row).
+        is pixel `a + offset_j`; past the border it is a padding player at the reference.
         """
-        B, H, W, C = delta.shape
+        B, H, W = delta.shape[:3]
         k = len(self.offsets)
         active = delta.ne(0).any(-1)  # (B, H, W): pixels off the reference
         anchored = torch.zeros_like(active)

@@ -684,7 +684,6 @@ class ShapleyModuleBank(nn.Module):
             phi = _null_players_exactly_zero(shapley_from_values(values, k), delta, present)
             return phi, values[0], values[-1]
 
-        w1 = self._first_layer_weight()
         # Pre-activation at the reference: per group when the reference has no batch axes (every use here), else
         # per instance.
         at_reference = self._at_reference(flat, reference)
@@ -708,10 +707,8 @@ class ShapleyModuleBank(nn.Module):
                 continue  # every player at the reference: phi = 0 and output = base, nothing to evaluate
             members = [j for j in range(k) if p >> j & 1]
             group = inst % G
-            if per_instance:
-                offset = at_ref_pieces[piece_index]
-            else:
-                offset = at_reference[0] if G == 1 else at_reference[group]
+            shared = at_reference[0] if G == 1 else at_reference[group]
+            offset = at_ref_pieces[piece_index] if per_instance else shared
             h = self._subgame_values(x_p[:, members], members, None if G == 1 else group, offset)
             coalitions += len(inst) * 2 ** len(members)
             sub = shapley_from_values(h, len(members))  # (m, k', C_out)
