@@ -30,7 +30,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class Family:
     configs: dict[str, str]
     weights: dict[str, list[float]]
     overrides: tuple[str, ...] = ()
+    kind_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # after `overrides`
 
 
 FAMILIES = {
@@ -61,32 +62,34 @@ FAMILIES = {
                  "l1_final_scaled": [0.005, 0.02], "linf_scaled": [1.0, 5.0], "l1_final_label": [0.1, 0.3],
                  "linf_label": [10.0, 30.0], "l1_all_pruned": [0.001], "l1_all_pruned30": [0.001]},
         overrides=("data.limit=10000",),
+        # 30,000 training images: at 10,000 the label-map runs reached the sparsity but not yet the accuracy
+        kind_overrides={kind: ("data.limit=30000",) for kind in ("l1_final_label", "linf_label", "l1_all",
+                                                                  "l1_all_pruned30")},
     ),
     "deep_yeast": Family(
         base="shapnet_deep_yeast",
         configs={kind: "finetune_deep_yeast_l1" for kind in KINDS},
         weights={"l1_final": [0.01, 0.03, 0.1, 0.3], "l1_all": [0.002, 0.01, 0.03], "linf": [0.1, 0.3, 1.0, 3.0],
-                 "l1_final_scaled": [0.01, 0.03, 0.1], "linf_scaled": [0.3, 1.0, 3.0], "l1_final_label": [],
-                 "linf_label": [], "l1_all_pruned": [],
+                 "l1_final_scaled": [0.01, 0.03, 0.1], "linf_scaled": [0.3, 1.0, 3.0],
+                 "l1_final_label": [0.1, 0.3, 1.0], "linf_label": [0.3, 1.0, 3.0], "l1_all_pruned": [],
                  "l1_all_pruned30": []},
     ),
 }
 # kind -> (loss term, layers, scale-free?, extra overrides); `target: all` unless an override says otherwise
 TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
     "l1_final": ("explanation_l1", "final", False, ()),
-    "l1_all": ("explanation_l1", "all", False, ("data.limit=30000",)),
+    "l1_all": ("explanation_l1", "all", False, ()),
     "linf": ("explanation_linf", "final", False, ()),
     "l1_final_scaled": ("explanation_l1", "final", True, ()),
     "linf_scaled": ("explanation_linf", "final", True, ()),
     # the scale-free terms on the map of each sample's label only (the one a user is shown), the others left free
-    # (30,000 training images: at 10,000 the label-map runs reached the sparsity but not yet the accuracy)
-    "l1_final_label": ("explanation_l1", "final", True, ("target=label", "data.limit=30000")),
-    "linf_label": ("explanation_linf", "final", True, ("target=label", "data.limit=30000")),
+    "l1_final_label": ("explanation_l1", "final", True, ("target=label",)),
+    "linf_label": ("explanation_linf", "final", True, ("target=label",)),
     # L1 on every layer, trained with the pruning it is meant for: half of the active pixels after every hidden stage
     "l1_all_pruned": ("explanation_l1", "all", False, ("model.args.prune=[0.5,0.5,0.5,0.5,0.0]",
                                                        "model.args.prune_mode=active",
                                                        "model.args.prune_during_training=true")),
-    "l1_all_pruned30": ("explanation_l1", "all", False, ("data.limit=30000", "model.args.prune=[0.3,0.3,0.3,0.3,0.0]",
+    "l1_all_pruned30": ("explanation_l1", "all", False, ("model.args.prune=[0.3,0.3,0.3,0.3,0.0]",
                                                          "model.args.prune_mode=active",
                                                          "model.args.prune_during_training=true")),
 }
@@ -112,7 +115,7 @@ def train_command(family: str, kind: str, weight: float) -> list[str]:
                "--output", str(out), "--set", f"name={out.name}",
                "--set", f"loss.terms=[{{name: {term}, weight: {weight}, layers: {layers}, target: {target}, "
                f"normalize: {str(scaled).lower()}}}]"]
-    for override in (*spec.overrides, *extra):
+    for override in (*spec.overrides, *spec.kind_overrides.get(kind, ()), *extra):
         command += ["--set", override]
     return command + (["--resume"] if (out / "last.pt").is_file() else ["--overwrite"])
 

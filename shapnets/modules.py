@@ -732,8 +732,10 @@ class ShapleyModuleBank(nn.Module):
             output.reshape(*batch, G, out_channels),
         )
 
-    def _subgame_values(self, x: Tensor, members: list[int], group: Tensor | None, offset: Tensor) -> Tensor:
-        """The inner on every coalition of the active players `members` only: `(m, k', C)` -> `(2^k', m, C_out)`.
+    def _subgame_values(self, x: Tensor, members: list[int], group: Tensor | None, offset: Tensor,
+                        first: int = 0) -> Tensor:
+        """The inner on every coalition of the active players `members` only: `(m, k', C)` -> `(2^k', m, C_out)`
+        (`(2^k' - first, ...)`: the coalitions from `first` on; `first=1` leaves out the empty one).
 
         Args:
             x: the active players' offsets from the reference, `(m, k', C)`.
@@ -746,7 +748,7 @@ class ShapleyModuleBank(nn.Module):
             projected = torch.einsum("mkc,kch->mkh", x, w1[0, members])
         else:
             projected = torch.einsum("mkc,mkch->mkh", x, w1[group][:, members])
-        masks = coalition_masks(len(members), x.device, x.dtype)
+        masks = coalition_masks(len(members), x.device, x.dtype)[first:]
         h = torch.einsum("tk,mkh->tmh", masks, projected) + offset
         for i in range(1, len(self.weights)):
             wl, bl = self.weights[i], self.bias(i)
@@ -787,6 +789,9 @@ class ShapleyModuleBank(nn.Module):
         order = torch.argsort(pattern, stable=True)
         patterns, counts = torch.unique_consecutive(pattern[order], return_counts=True)
         offset = self._at_reference(rows, reference)[0]
+        # The empty coalition is the reference for every module: evaluated once, not once per module (a module with
+        # one active player then costs one evaluation instead of two).
+        empty = self._rest(offset[None, None])[0]  # (1, C_out)
         out = rows.new_zeros(rows.shape[0], self.out_channels)
         coalitions = done = 0
         for p, piece in zip(patterns.tolist(), members.index_select(0, order).split(counts.tolist())):
@@ -794,7 +799,8 @@ class ShapleyModuleBank(nn.Module):
                 continue  # every player at the reference: all values 0, nothing to evaluate
             slots = [j for j in range(k) if p >> j & 1]
             players = piece[:, slots]  # (m, k') rows of the active players
-            values = self._subgame_values(rows[players], slots, None, offset)
+            others = self._subgame_values(rows[players], slots, None, offset, first=1)
+            values = torch.cat([empty.expand(1, *others.shape[1:]), others])
             # In place: an out-of-place index_add would copy all R rows once per pattern.
             out.index_add_(0, players.flatten(), rearrange(shapley_from_values(values, len(slots)), "m k o -> (m k) o"))
             coalitions += len(piece) * 2 ** len(slots)
