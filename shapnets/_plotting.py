@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from ._format import optional_import, signed_sum
 
@@ -19,7 +18,7 @@ from ._format import optional_import, signed_sum
 # imports this module (lazily, in `Explanation.plot`), and the package keeps its import graph free of circles.
 Explanation = Any
 
-__all__ = ["plot_explanation_figure"]
+__all__ = ["features_figure", "pixels_figure"]
 
 _UP, _DOWN = "#c0392b", "#2e86c1"  # red raises the output, blue lowers it (as in shap)
 
@@ -54,34 +53,6 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_explanation_figure(
-    expl: Explanation,
-    *,
-    index: int = 0,
-    top: int = 10,
-    target: int | None = None,
-    kind: str = "waterfall",
-    data: Tensor | Sequence[float] | None = None,
-    feature_values: Sequence[str] | None = None,
-    sample_id: str | None = None,
-    label: int | str | None = None,
-    image: Tensor | None = None,
-    all_classes: bool = False,
-) -> Any:
-    """See `Explanation.plot`."""
-    if kind not in ("waterfall", "bar"):
-        raise ValueError(f'kind must be "waterfall" or "bar", got {kind!r}')
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ValueError(f"top must be a positive integer, got {top!r}")
-    c = expl._one_target(index, target)
-    if len(expl.player_shape) == 1:
-        return _features(expl, index, c, top, kind, data, feature_values, sample_id, label)
-    if len(expl.player_shape) == 2:
-        background = image if image is not None else data
-        return _pixels(expl, index, c, top, background, sample_id, label, all_classes)
-    raise ValueError(f"cannot plot attributions with player axes {expl.player_axes} (one or two axes are drawn)")
-
-
 def _value_strings(expl: Explanation, data: Any, feature_values: Sequence[str] | None, index: int) -> list[str] | None:
     if feature_values is not None:
         if len(feature_values) != expl.num_players:
@@ -97,8 +68,9 @@ def _value_strings(expl: Explanation, data: Any, feature_values: Sequence[str] |
     return [f"{float(v):.4g}" for v in values.flatten()]
 
 
-def _features(expl: Explanation, index: int, c: int, top: int, kind: str, data: Any,
-              feature_values: Sequence[str] | None, sample_id: str | None, label: int | str | None) -> Any:
+def features_figure(expl: Explanation, index: int, c: int, top: int, kind: str, data: Any,
+                    feature_values: Sequence[str] | None, sample_id: str | None, label: int | str | None) -> Any:
+    """A waterfall or bar figure of sample `index`'s attributions to output `c` (one player axis)."""
     plt = _pyplot()
     phi = expl.attributions[index, :, c].detach().cpu().double()
     ranked = expl.top(top, index, c)
@@ -145,8 +117,9 @@ def _features(expl: Explanation, index: int, c: int, top: int, kind: str, data: 
     return fig
 
 
-def _pixels(expl: Explanation, index: int, c: int, top: int, background: Any, sample_id: str | None,
-            label: int | str | None, all_classes: bool) -> Any:
+def pixels_figure(expl: Explanation, index: int, c: int, top: int, background: Any, sample_id: str | None,
+                  label: int | str | None, all_classes: bool) -> Any:
+    """Heat maps of sample `index`'s attributions over the image `background` (two player axes)."""
     plt = _pyplot()
     maps = expl.attributions[index].detach().cpu().double()  # (H, W, C_out)
     classes = [c] + ([k for k in range(maps.shape[-1]) if k != c] if all_classes else [])

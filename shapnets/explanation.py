@@ -73,7 +73,20 @@ class RankedAttribution(NamedTuple):
 
 
 class TensorFields:
-    """`detach` / `to` / `cpu` for a dataclass of tensors, through its `_map(fn)` (fn applied to every tensor)."""
+    """`detach` / `to` / `cpu` for a dataclass of tensors, through its `_map(fn)` (fn applied to every tensor).
+
+    Also `batch_size` and `num_outputs`, read from the dataclass's `output` field `(B, C_out)`.
+    """
+
+    output: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.output.shape[0]
+
+    @property
+    def num_outputs(self) -> int:
+        return self.output.shape[1]
 
     def _map(self: _T, fn) -> _T:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
@@ -141,14 +154,6 @@ class Explanation(TensorFields):
             raise ValueError(f"{len(self.player_names)} player names for {self.num_players} players")
 
     # ------------------------------------------------------------------ shape helpers
-    @property
-    def batch_size(self) -> int:
-        return self.output.shape[0]
-
-    @property
-    def num_outputs(self) -> int:
-        return self.output.shape[1]
-
     @property
     def player_shape(self) -> tuple[int, ...]:
         return tuple(self.attributions.shape[1:-1])
@@ -311,11 +316,19 @@ class Explanation(TensorFields):
             ImportError: matplotlib is missing (names the extra).
             ValueError: an unknown kind, `top < 1`, or player axes that cannot be drawn.
         """
-        from ._plotting import plot_explanation_figure
+        from ._plotting import features_figure, pixels_figure
 
-        return plot_explanation_figure(self, index=index, top=top, target=target, kind=kind, data=data,
-                                       feature_values=feature_values, sample_id=sample_id, label=label,
-                                       image=image, all_classes=all_classes)
+        if kind not in ("waterfall", "bar"):
+            raise ValueError(f'kind must be "waterfall" or "bar", got {kind!r}')
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+            raise ValueError(f"top must be a positive integer, got {top!r}")
+        c = self._one_target(index, target)
+        if len(self.player_shape) == 1:
+            return features_figure(self, index, c, top, kind, data, feature_values, sample_id, label)
+        if len(self.player_shape) == 2:
+            background = image if image is not None else data
+            return pixels_figure(self, index, c, top, background, sample_id, label, all_classes)
+        raise ValueError(f"cannot plot attributions with player axes {self.player_axes} (one or two axes are drawn)")
 
     def _data_array(self, data: Tensor | Any | None) -> Any:
         """`data` as a float numpy array shaped `(B, *players)`, or None."""

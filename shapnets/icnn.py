@@ -158,6 +158,40 @@ def feature_to_pixel(peaks: Tensor, feature_size: Sequence[int], input_size: Seq
 
 
 # ---------------------------------------------------------------------------------------------------- loss
+def _checked_alpha(alpha: float | None, height: int, width: int, who: str) -> float:
+    """`alpha`, or its default for an `H x W` map; refused outside (0, 1)."""
+    alpha = default_alpha(height, width) if alpha is None else float(alpha)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"{who}: alpha must lie in (0, 1), got {alpha}")
+    return alpha
+
+
+def _template_scores(maps: Tensor, tau: float | None, beta: float, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The maps' scores under every template and the templates' prior (call with autocast off).
+
+    Returns:
+        `(x, scores, log_prior)`: the maps `(B, M, H W)` in float32 (or their dtype if wider); `tr(x . T)` for
+        the `H W` positive templates and the negative one (last), `(B, M, H W + 1)`; `log p(T)`, `(H W + 1,)`.
+    """
+    height, width = maps.shape[-2:]
+    cells = height * width
+    dtype = torch.promote_types(maps.dtype, torch.float32)
+    x = rearrange(maps.to(dtype), "b m h w -> b m (h w)")
+    tau_value = default_tau(height, width) if tau is None else float(tau)
+    positive = rearrange(part_templates(height, width, tau_value, beta, dtype).to(x.device), "t h w -> t (h w)")
+    templates = torch.cat([positive, torch.full((1, cells), -tau_value, dtype=dtype, device=x.device)])
+    log_prior = torch.cat([torch.full((cells,), math.log(alpha / cells), dtype=dtype, device=x.device),
+                           torch.full((1,), math.log1p(-alpha), dtype=dtype, device=x.device)])
+    return x, torch.einsum("bmp,tp->bmt", x, templates), log_prior
+
+
+def _reduce(values: Tensor, reduction: str) -> Tensor:
+    """`values` `(M,)` summed (`"sum"`), averaged (`"mean"`) or as they are (`"none"`)."""
+    if reduction == "none":
+        return values
+    return values.sum() if reduction == "sum" else values.mean()
+
+
 def filter_loss(
     maps: Tensor,
     labels: Tensor,
@@ -201,23 +235,12 @@ def filter_loss(
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"filter_loss: reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
     cells = height * width
-    alpha = default_alpha(height, width) if alpha is None else float(alpha)
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"filter_loss: alpha must lie in (0, 1), got {alpha}")
+    alpha = _checked_alpha(alpha, height, width, "filter_loss")
 
     # Scores of O(1) feed exponentials: keep them out of autocast's half precision.
     with torch.autocast(maps.device.type, enabled=False):
-        dtype = torch.promote_types(maps.dtype, torch.float32)
-        x = rearrange(maps.to(dtype), "b m h w -> b m (h w)")
-        positive = rearrange(part_templates(height, width, tau, beta, dtype).to(x.device), "t h w -> t (h w)")
-        tau_value = default_tau(height, width) if tau is None else float(tau)
-        templates = torch.cat([positive, torch.full((1, cells), -tau_value, dtype=dtype, device=x.device)])
-        scores = torch.einsum("bmp,tp->bmt", x, templates)                 # tr(x . T), all H W + 1 templates
+        x, scores, log_prior = _template_scores(maps, tau, beta, alpha)   # tr(x . T), all H W + 1 templates
         log_z = (scores.detach() if normalizer == "constant" else scores).logsumexp(dim=0)   # log Z_T over the batch
-        log_prior = torch.cat([
-            torch.full((cells,), math.log(alpha / cells), dtype=dtype, device=x.device),
-            torch.full((1,), math.log1p(-alpha), dtype=dtype, device=x.device),
-        ])
 
         peaks = x.detach().argmax(dim=-1)                                 # each map's own peak cell, (B, M)
         positive_image = labels.to(x.device)[:, None] == filter_classes.to(x.device)[None, :]
@@ -227,9 +250,7 @@ def filter_loss(
         likelihood = (target_score - target_log_z).exp()                  # p(x | T_x)
         prior = log_prior[target]
         loss = (prior.exp() * prior * likelihood).sum(dim=0)              # -sum_x p(T_x) log(1/p(T_x)) p(x|T_x)
-    if reduction == "none":
-        return loss
-    return loss.sum() if reduction == "sum" else loss.mean()
+    return _reduce(loss, reduction)
 
 
 def filter_mutual_information(
@@ -263,26 +284,14 @@ def filter_mutual_information(
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"filter_mutual_information: reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
     height, width = maps.shape[-2:]
-    cells = height * width
-    alpha = default_alpha(height, width) if alpha is None else float(alpha)
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"filter_mutual_information: alpha must lie in (0, 1), got {alpha}")
+    alpha = _checked_alpha(alpha, height, width, "filter_mutual_information")
     with torch.autocast(maps.device.type, enabled=False):
-        dtype = torch.promote_types(maps.dtype, torch.float32)
-        x = rearrange(maps.to(dtype), "b m h w -> b m (h w)")
-        tau_value = default_tau(height, width) if tau is None else float(tau)
-        positive = rearrange(part_templates(height, width, tau_value, beta, dtype).to(x.device), "t h w -> t (h w)")
-        templates = torch.cat([positive, torch.full((1, cells), -tau_value, dtype=dtype, device=x.device)])
-        scores = torch.einsum("bmp,tp->bmt", x, templates)
+        _, scores, log_prior = _template_scores(maps, tau, beta, alpha)
         log_likelihood = scores - scores.logsumexp(dim=0, keepdim=True)          # log p(x | T), (B, M, T)
-        log_prior = torch.cat([torch.full((cells,), math.log(alpha / cells), dtype=dtype, device=x.device),
-                               torch.full((1,), math.log1p(-alpha), dtype=dtype, device=x.device)])
         log_marginal = (log_likelihood + log_prior).logsumexp(dim=-1, keepdim=True)   # log p(x), (B, M, 1)
         terms = log_prior.exp() * log_likelihood.exp() * (log_likelihood - log_marginal)
         mi = terms.sum(dim=(0, 2))                                                 # (M,)
-    if reduction == "none":
-        return mi
-    return mi.sum() if reduction == "sum" else mi.mean()
+    return _reduce(mi, reduction)
 
 
 # ---------------------------------------------------------------------------------------------------- layer

@@ -327,14 +327,6 @@ class Interactions(TensorFields):
 
     # ------------------------------------------------------------------ shape helpers
     @property
-    def batch_size(self) -> int:
-        return self.output.shape[0]
-
-    @property
-    def num_outputs(self) -> int:
-        return self.output.shape[1]
-
-    @property
     def num_players(self) -> int:
         return self.sii.shape[1]
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor, nn
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,3 +40,25 @@ def data_root() -> Path:
         if c and Path(c).is_dir():
             return Path(c)
     pytest.skip("real data sets not found: set SHAPNETS_DATA to a folder holding mnist/, adult/, yeast/")
+
+
+@pytest.fixture
+def assert_double_round_trip() -> Callable[[nn.Module, nn.Module, Tensor], None]:
+    """`check(net, fresh, x)`: a ShapNet explains `x` (float64) alike after `.double()`, a float32 round trip and a
+    state-dict reload into `fresh` (a float64 copy of its architecture); its reference buffer travels with it."""
+
+    def check(net: nn.Module, fresh: nn.Module, x: Tensor) -> None:
+        a = net.double().explain(x, layers=True)
+        assert net.reference.dtype == torch.float64
+        b = net.to(torch.float32).to(torch.float64).explain(x)
+        torch.testing.assert_close(b.attributions, a.attributions, rtol=0, atol=0)
+        state = net.state_dict()
+        assert "reference" in state
+        fresh.load_state_dict(state)
+        torch.testing.assert_close(fresh.reference, net.reference, rtol=0, atol=0)
+        c = fresh.explain(x, layers=True)
+        assert len(c.layers) == len(a.layers)
+        for za, zc in zip(a.layers, c.layers):
+            torch.testing.assert_close(zc, za, rtol=0, atol=0)
+
+    return check

@@ -139,21 +139,10 @@ def test_gradients_reach_every_parameter() -> None:
             assert p.grad is not None and p.grad.abs().sum() > 0, (s, name)
 
 
-def test_double_to_and_state_dict_round_trip() -> None:
+def test_double_to_and_state_dict_round_trip(assert_double_round_trip) -> None:
     net = ConvShapNet(2, 3, channels=(4,), hidden=(8,), reference=torch.tensor([0.1, -0.3]))
     x = torch.randn(2, 2, 4, 5, dtype=DT)
-    a = net.double().explain(x, layers=True)
-    assert net.reference.dtype == DT
-    b = net.to(torch.float32).to(DT).explain(x)
-    torch.testing.assert_close(b.attributions, a.attributions, rtol=0, atol=0)
-    state = net.state_dict()
-    assert "reference" in state
-    fresh = ConvShapNet(2, 3, channels=(4,), hidden=(8,)).double()
-    fresh.load_state_dict(state)
-    torch.testing.assert_close(fresh.reference, net.reference, rtol=0, atol=0)
-    c = fresh.explain(x, layers=True)
-    for za, zc in zip(a.layers, c.layers):
-        torch.testing.assert_close(zc, za, rtol=0, atol=0)
+    assert_double_round_trip(net, ConvShapNet(2, 3, channels=(4,), hidden=(8,)).double(), x)
 
 
 # ---------------------------------------------------------------------------------------------

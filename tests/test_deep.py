@@ -245,21 +245,10 @@ def test_gradients_reach_every_parameter() -> None:
             assert p.grad is not None and bool((p.grad.flatten(1).abs().sum(1) > 0).all()), name
 
 
-def test_double_to_and_state_dict_round_trip() -> None:
+def test_double_to_and_state_dict_round_trip(assert_double_round_trip) -> None:
     net = DeepShapNet(6, 3, channels=[4, 4, 4], hidden=(8,), reference=torch.randn(6))
     x = torch.randn(4, 6, dtype=DT)
-    a = net.double().explain(x, layers=True)
-    assert net.reference.dtype == DT
-    b = net.to(torch.float32).to(DT).explain(x)
-    torch.testing.assert_close(b.attributions, a.attributions, rtol=0, atol=0)
-
-    state = net.state_dict()
-    assert "reference" in state
-    fresh = DeepShapNet(6, 3, channels=[4, 4, 4], hidden=(8,)).double()
-    fresh.load_state_dict(state)
-    c = fresh.explain(x, layers=True)
-    for za, zc in zip(a.layers, c.layers):
-        torch.testing.assert_close(zc, za, rtol=0, atol=0)
+    assert_double_round_trip(net, DeepShapNet(6, 3, channels=[4, 4, 4], hidden=(8,)).double(), x)
 
 
 # ---------------------------------------------------------------------------------------------

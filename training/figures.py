@@ -81,6 +81,15 @@ def _matplotlib() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, out: str | Path, dpi: int) -> Path:
+    """Write `fig` to the PNG `out` (its folder made as needed), close it and return the path."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
 def _overlay(ax: Any, image: Tensor, attribution: Tensor, limit: float, cmap: Any) -> None:
     """The faded image, then the attribution map whose opacity is |value| / limit (0 is transparent).
 
@@ -189,11 +198,7 @@ def regularizers_figure(
     bar.ax.tick_params(labelsize=6)
     fig.suptitle("explanation of the predicted class (red: for, blue: against; opacity linear in |attribution|); "
                  "n90: pixels holding 90% of the map's |attribution|, peak: largest share of one pixel", fontsize=8)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out, dpi=130)
 
 
 def capsule_poses_figure(
@@ -269,11 +274,7 @@ def capsule_poses_figure(
     axes[0, 1].set_title("recon.", fontsize=6)
     fig.suptitle(f"{source}: {split} sample {index} (true {names[int(label)]}, predicted {names[predicted]}); "
                  "one pose dimension shifted per row", fontsize=8)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out, dpi=110)
 
 
 # ------------------------------------------------------------------------------------------------ command line

@@ -92,6 +92,12 @@ def _check_fractions(path: Path, n: int, val_fraction: float, test_fraction: flo
     return test_fraction
 
 
+def _resolve(root: str | os.PathLike | None, path: str | os.PathLike) -> Path:
+    """`path` with `~` expanded; a relative one is taken against `root` (`None`: the current folder)."""
+    resolved = Path(path).expanduser()
+    return resolved if resolved.is_absolute() or root is None else Path(root).expanduser() / resolved
+
+
 def _close(name: str, options: Sequence[str]) -> str:
     import difflib
 
@@ -169,9 +175,7 @@ def load_csv(
     """
     if path is None or target is None:
         raise ValueError("data.name=csv needs data.path (the CSV file) and data.target (the class column)")
-    file = Path(path).expanduser()
-    if not file.is_absolute() and root is not None:
-        file = Path(root).expanduser() / file
+    file = _resolve(root, path)
     if not file.is_file():
         raise FileNotFoundError(f"data.path: no such CSV file: {file}")
     if missing not in MISSING_POLICIES:
@@ -349,9 +353,7 @@ def load_image_folder(
         raise ValueError(f"data.name=image_folder needs Pillow (pip install pillow): {e}") from e
     if path is None:
         raise ValueError("data.name=image_folder needs data.path (a folder with one subfolder per class)")
-    folder = Path(path).expanduser()
-    if not folder.is_absolute() and root is not None:
-        folder = Path(root).expanduser() / folder
+    folder = _resolve(root, path)
     if not folder.is_dir():
         raise FileNotFoundError(f"data.path: no such image folder: {folder}")
     if channels not in (1, 3):

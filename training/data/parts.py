@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -90,6 +91,14 @@ def _shape_mask(shape: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndar
     raise ValueError(f"unknown part shape {shape!r}; known: {sorted(PART_COLOURS)}")
 
 
+def _check_draw_args(who: str, n: int, image_size: int) -> None:
+    """Refuse an image count or size a generator cannot draw, naming the generator `who`."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
+        raise ValueError(f"{who}: image_size must be an int >= 16, got {image_size!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"{who}: n must be a non-negative int, got {n!r}")
+
+
 def _segment_mask(rows: np.ndarray, cols: np.ndarray, start: np.ndarray, end: np.ndarray, width: float) -> np.ndarray:
     """Pixels within `width` of the segment `start -> end` (row, col)."""
     direction = end - start
@@ -137,10 +146,7 @@ def make_parts_images(
         `(images, labels, landmarks)`: uint8 `(n, 3, S, S)`, int64 `(n,)` (balanced in expectation) and float32
         `(n, 3, 2)` part centres (row, col) in pixels.
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
-        raise ValueError(f"make_parts_images: image_size must be an int >= 16, got {image_size!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"make_parts_images: n must be a non-negative int, got {n!r}")
+    _check_draw_args("make_parts_images", n, image_size)
     rng = np.random.default_rng(GENERATOR_SEED) if rng is None else rng
     rows, cols = np.mgrid[0:image_size, 0:image_size].astype(np.float64)
     labels = rng.integers(0, len(PARTS_CLASSES), size=n)
@@ -152,12 +158,14 @@ def make_parts_images(
     return images, labels.astype(np.int64), landmarks
 
 
-@functools.lru_cache(maxsize=4)
-def _drawn(image_size: int, num_train: int, num_test: int) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-    """The fixed train-file and test draws (cached: every split seed reuses them), read-only."""
-    rng = np.random.default_rng(GENERATOR_SEED)
-    train = make_parts_images(num_train, image_size=image_size, rng=rng)
-    test = make_parts_images(num_test, image_size=image_size, rng=rng)
+@functools.lru_cache(maxsize=8)
+def _drawn(
+    make: Callable[..., tuple[np.ndarray, ...]], generator_seed: int, image_size: int, num_train: int, num_test: int
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """The fixed train-file and test draws of `make` (cached: every split seed reuses them), read-only."""
+    rng = np.random.default_rng(generator_seed)
+    train = make(num_train, image_size=image_size, rng=rng)
+    test = make(num_test, image_size=image_size, rng=rng)
     for array in (*train, *test):
         array.flags.writeable = False
     return train, test
@@ -210,7 +218,7 @@ def load_parts(
         A `DataBundle` whose splits are `PartsDataset`s (with `.landmarks`); `info.preprocessing["landmarks"]`
         names the parts of every class.
     """
-    train, test = _drawn(image_size, num_train, num_test)
+    train, test = _drawn(make_parts_images, GENERATOR_SEED, image_size, num_train, num_test)
     return _parts_bundle(
         "parts", train, test, PARTS_CLASSES, mean=PARTS_MEAN, std=PARTS_STD, reference_grey=_REFERENCE_GREY,
         image_size=image_size, generator_seed=GENERATOR_SEED, seed=seed, val_fraction=val_fraction, limit=limit,

@@ -23,12 +23,21 @@ split. Pixels are scaled to [0, 1] and normalised with the fixed constants `HARD
 from __future__ import annotations
 
 import colorsys
-import functools
 
 import numpy as np
 
 from .core import DataBundle
-from .parts import PART_COLOURS, _parts_bundle, _segment_mask, _shape_mask
+from .parts import (
+    _JITTER,
+    _PART_RADIUS,
+    _SCALE_RANGE,
+    PART_COLOURS,
+    _check_draw_args,
+    _drawn,
+    _parts_bundle,
+    _segment_mask,
+    _shape_mask,
+)
 from .synthetic import GENERATOR_SEED
 
 __all__ = [
@@ -56,9 +65,7 @@ HARD_PARTS_CLASSES: dict[str, tuple[tuple[str, str, tuple[float, float]], ...]] 
 HARD_PARTS_MEAN, HARD_PARTS_STD = 0.28, 0.15
 """Per-channel normalisation constants (close to the training images' pixel mean / std in [0, 1])."""
 
-_PART_RADIUS = 0.16         # part size in object units
-_SCALE_RANGE = (0.45, 0.8)  # object units -> pixels, as a fraction of the image size
-_JITTER = 0.03              # std of each part's displacement, object units
+# The object geometry (_PART_RADIUS, _SCALE_RANGE, _JITTER) is that of `parts`.
 _BACKGROUND = (0.1, 0.4)    # range of the background grey level
 _REFERENCE_GREY = sum(_BACKGROUND) / 2
 _TRAIN, _TEST, _IMAGE_SIZE = 3200, 800, 64
@@ -119,10 +126,7 @@ def make_hard_parts_images(
         `(images, labels, landmarks, occluded)`: uint8 `(n, 3, S, S)`, int64 `(n,)` (balanced in expectation),
         float32 `(n, 3, 2)` part centres (row, col) in pixels and int64 `(n,)` occluded part (-1: none).
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
-        raise ValueError(f"make_hard_parts_images: image_size must be an int >= 16, got {image_size!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"make_hard_parts_images: n must be a non-negative int, got {n!r}")
+    _check_draw_args("make_hard_parts_images", n, image_size)
     rng = np.random.default_rng(GENERATOR_SEED + 1) if rng is None else rng
     rows, cols = np.mgrid[0:image_size, 0:image_size].astype(np.float64)
     labels = rng.integers(0, len(HARD_PARTS_CLASSES), size=n)
@@ -133,17 +137,6 @@ def make_hard_parts_images(
         image, landmarks[i], occluded[i] = _draw_one(rng, int(label), image_size, rows, cols)
         images[i] = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
     return images, labels.astype(np.int64), landmarks, occluded
-
-
-@functools.lru_cache(maxsize=4)
-def _drawn(image_size: int, num_train: int, num_test: int) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-    """The fixed train-file and test draws (cached: every split seed reuses them), read-only."""
-    rng = np.random.default_rng(GENERATOR_SEED + 1)
-    train = make_hard_parts_images(num_train, image_size=image_size, rng=rng)
-    test = make_hard_parts_images(num_test, image_size=image_size, rng=rng)
-    for array in (*train, *test):
-        array.flags.writeable = False
-    return train, test
 
 
 def load_parts_hard(
@@ -169,7 +162,7 @@ def load_parts_hard(
         A `DataBundle` whose splits are `PartsDataset`s (with `.landmarks` and `.occluded`);
         `info.preprocessing["landmarks"]` names the parts of every class.
     """
-    train, test = _drawn(image_size, num_train, num_test)
+    train, test = _drawn(make_hard_parts_images, GENERATOR_SEED + 1, image_size, num_train, num_test)
     return _parts_bundle(
         "parts_hard", train, test, HARD_PARTS_CLASSES, mean=HARD_PARTS_MEAN, std=HARD_PARTS_STD,
         reference_grey=_REFERENCE_GREY, image_size=image_size, generator_seed=GENERATOR_SEED + 1,
