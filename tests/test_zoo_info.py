@@ -74,3 +74,18 @@ def test_a_misspelt_zoo_name_gets_did_you_mean_from_timm_too() -> None:
     # Wrapped once (functools.wraps keeps timm's function as __wrapped__), and timm.models sees the same function.
     assert timm.models.create_model is timm.create_model
     assert not hasattr(timm.create_model.__wrapped__, "__wrapped__")
+
+
+def test_shipped_cards_load_by_name_not_by_a_local_path() -> None:
+    """A card exported into the zoo's own folder shows `zoo.create_model(name, pretrained=True)`: a path would be
+    the exporting machine's, useless to a reader."""
+    from pathlib import Path
+
+    import zoo as zoo_package
+
+    cards = sorted((Path(zoo_package.__file__).parent / "cards").glob("*.md"))
+    assert cards
+    for card in cards:
+        text = card.read_text()
+        assert f'zoo.create_model("{card.stem}", pretrained=True)' in text, card.name
+        assert "load_pretrained(\"/" not in text, card.name

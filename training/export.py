@@ -104,6 +104,9 @@ def explanation_fidelity(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     return result
 
 
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
 def export_to_zoo(
     source: str,
     name: str,
@@ -153,7 +156,9 @@ def export_to_zoo(
         },
         "fidelity": fidelity,
         "training": {
-            "command": f"shapnets train configs/{config_name}.yaml",
+            # Only a config the repository has: a sweep point's run name is not a file (its note says how it ran).
+            "command": f"shapnets train configs/{config_name}.yaml"
+            if (CONFIGS_DIR / f"{config_name}.yaml").is_file() else None,
             "config": config_to_dict(loaded.cfg),
             "time_s": summary.get("wall_time_s"),
             "epochs": summary.get("epochs"),

@@ -200,8 +200,9 @@ def _reference_text(game: Mapping[str, Any] | None, cfg: Mapping[str, Any]) -> s
 def _usage(info: Mapping[str, Any]) -> str:
     cfg = info["pretrained_cfg"]
     args = info["model_args"] or {}
-    if info["source"] == "directory":
-        load = f'model = zoo.load_pretrained("{Path(info["config_path"]).parent}")'
+    folder = Path(info["config_path"]).parent if info["source"] == "directory" else None
+    if folder is not None and folder.resolve() != shipped_dir(info["name"]).resolve():
+        load = f'model = zoo.load_pretrained("{folder}")'
     elif info["has_weights"]:
         load = f'model = zoo.create_model("{info["name"]}", pretrained=True)'
     else:
