@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "regularizers"
 KINDS = ("l1_final", "l1_all", "linf", "l1_final_scaled", "linf_scaled", "l1_final_label", "linf_label",
-         "l1_final_label_cont", "l1_all_pruned", "l1_all_pruned30")
+         "l1_final_label_cont", "l1_all_pruned", "l1_all_pruned30", "l1_all_thr")
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,11 @@ FAMILIES = {
         weights={"l1_final": [0.005, 0.02], "l1_all": [0.0003, 0.001], "linf": [0.3, 1.0],
                  "l1_final_scaled": [0.005, 0.02], "linf_scaled": [1.0, 5.0], "l1_final_label": [0.1, 0.3],
                  "linf_label": [10.0, 30.0], "l1_final_label_cont": [0.05], "l1_all_pruned": [0.001],
-                 "l1_all_pruned30": [0.001]},
+                 "l1_all_pruned30": [0.001], "l1_all_thr": [0.003]},
         overrides=("data.limit=10000",),
         # 30,000 training images: at 10,000 the label-map runs reached the sparsity but not yet the accuracy
         kind_overrides={kind: ("data.limit=30000",) for kind in ("l1_final_label", "linf_label", "l1_final_label_cont",
-                                                                  "l1_all", "l1_all_pruned30")},
+                                                                  "l1_all", "l1_all_pruned30", "l1_all_thr")},
     ),
     "deep_yeast": Family(
         base="shapnet_deep_yeast",
@@ -73,7 +73,7 @@ FAMILIES = {
         weights={"l1_final": [0.01, 0.03, 0.1, 0.3], "l1_all": [0.002, 0.01, 0.03], "linf": [0.1, 0.3, 1.0, 3.0],
                  "l1_final_scaled": [0.01, 0.03, 0.1], "linf_scaled": [0.3, 1.0, 3.0],
                  "l1_final_label": [0.1, 0.3, 1.0], "linf_label": [0.3, 1.0, 3.0], "l1_final_label_cont": [],
-                 "l1_all_pruned": [],
+                 "l1_all_pruned": [], "l1_all_thr": [],
                  "l1_all_pruned30": []},
     ),
 }
@@ -98,13 +98,19 @@ TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
     "l1_all_pruned30": ("explanation_l1", "all", False, ("model.args.prune=[0.3,0.3,0.3,0.3,0.0]",
                                                          "model.args.prune_mode=active",
                                                          "model.args.prune_during_training=true")),
+    # L1 on every layer, trained with threshold pruning (players under 5% of the sample's largest norm set to the
+    # reference): the small values the penalty leaves are removed in training as they will be at inference
+    "l1_all_thr": ("explanation_l1", "all", False, ("model.args.prune=[0.05,0.05,0.05,0.05,0.0]",
+                                                    "model.args.prune_mode=threshold",
+                                                    "model.args.prune_during_training=true")),
 }
 LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l1_final_scaled": "L1/L2 final",
           "linf_scaled": "L-inf/L1 final", "l1_final_label": "L1/L2 final, label map",
           "linf_label": "L-inf/L1 final, label map",
           "l1_final_label_cont": "L1/L2 label map, 2nd fine-tune from 0.15",
           "l1_all_pruned": "L1 all layers + pruning (p=0.5) in training",
-          "l1_all_pruned30": "L1 all layers + pruning (p=0.3) in training"}
+          "l1_all_pruned30": "L1 all layers + pruning (p=0.3) in training",
+          "l1_all_thr": "L1 all layers + threshold pruning (0.05) in training"}
 
 
 def run_dir(family: str, kind: str, weight: float) -> Path:
@@ -239,7 +245,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     colors = {"l1_final": "#f1948a", "l1_all": "#85c1e9", "linf": "#82e0aa", "l1_final_scaled": "#c0392b",
               "linf_scaled": "#1e8449", "l1_final_label": "#7b241c", "linf_label": "#0b5345",
-              "l1_final_label_cont": "#e67e22", "l1_all_pruned": "#1f618d", "l1_all_pruned30": "#1f618d"}
+              "l1_final_label_cont": "#e67e22", "l1_all_pruned": "#1f618d", "l1_all_pruned30": "#1f618d",
+              "l1_all_thr": "#5dade2"}
     labels = LABELS
     for ax, metric, kinds, bar, name in (
             (axes[0], "n90", ("l1_final", "l1_final_scaled", "l1_final_label", "l1_final_label_cont", "l1_all",
