@@ -61,7 +61,7 @@ FAMILIES = {
         weights={"l1_final": [0.005, 0.02], "l1_all": [0.0003, 0.001], "linf": [0.3, 1.0],
                  "l1_final_scaled": [0.005, 0.02], "linf_scaled": [1.0, 5.0], "l1_final_label": [0.1, 0.3],
                  "linf_label": [10.0, 30.0], "l1_final_label_cont": [0.05], "l1_all_pruned": [0.001],
-                 "l1_all_pruned30": [0.001], "l1_all_thr": [0.003]},
+                 "l1_all_pruned30": [0.001], "l1_all_thr": [0.002]},
         overrides=("data.limit=10000",),
         # 30,000 training images: at 10,000 the label-map runs reached the sparsity but not yet the accuracy
         kind_overrides={kind: ("data.limit=30000",) for kind in ("l1_final_label", "linf_label", "l1_final_label_cont",
@@ -98,9 +98,11 @@ TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
     "l1_all_pruned30": ("explanation_l1", "all", False, ("model.args.prune=[0.3,0.3,0.3,0.3,0.0]",
                                                          "model.args.prune_mode=active",
                                                          "model.args.prune_during_training=true")),
-    # L1 on every layer, trained with threshold pruning (players under 5% of the sample's largest norm set to the
-    # reference): the small values the penalty leaves are removed in training as they will be at inference
-    "l1_all_thr": ("explanation_l1", "all", False, ("model.args.prune=[0.05,0.05,0.05,0.05,0.0]",
+    # L1 on every hidden layer (not the final map: there L1 is |logit| and only shrinks the logits), trained with
+    # threshold pruning (players under 5% of the sample's largest norm set to the reference): the small values the
+    # penalty leaves are removed in training as they will be at inference
+    "l1_all_thr": ("explanation_l1", "all", False, ("term.layer_weights=[1,1,1,1,0]",
+                                                    "model.args.prune=[0.05,0.05,0.05,0.05,0.0]",
                                                     "model.args.prune_mode=threshold",
                                                     "model.args.prune_during_training=true")),
 }
@@ -110,7 +112,7 @@ LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l
           "l1_final_label_cont": "L1/L2 label map, 2nd fine-tune from 0.15",
           "l1_all_pruned": "L1 all layers + pruning (p=0.5) in training",
           "l1_all_pruned30": "L1 all layers + pruning (p=0.3) in training",
-          "l1_all_thr": "L1 all layers + threshold pruning (0.05) in training"}
+          "l1_all_thr": "L1 hidden layers + threshold pruning (0.05) in training"}
 
 
 def run_dir(family: str, kind: str, weight: float) -> Path:
@@ -122,13 +124,14 @@ def train_command(family: str, kind: str, weight: float) -> list[str]:
     spec = FAMILIES[family]
     term, layers, scaled, extra = TERMS[kind]
     target = next((e.split("=", 1)[1] for e in extra if e.startswith("target=")), "all")
-    extra = tuple(e for e in extra if not e.startswith("target="))
+    term_args = "".join(f", {e[5:].replace('=', ': ', 1)}" for e in extra if e.startswith("term."))
+    extra = tuple(e for e in extra if not e.startswith(("target=", "term.")))
     out = run_dir(family, kind, weight)
     config = spec.configs.get(kind, spec.configs["l1_all" if "all" in kind else "l1_final"])
     command = [sys.executable, "-m", "training", "train", str(ROOT / "configs" / f"{config}.yaml"),
                "--output", str(out), "--set", f"name={out.name}",
                "--set", f"loss.terms=[{{name: {term}, weight: {weight}, layers: {layers}, target: {target}, "
-               f"normalize: {str(scaled).lower()}}}]"]
+               f"normalize: {str(scaled).lower()}{term_args}}}]"]
     for override in (*spec.overrides, *spec.kind_overrides.get(kind, ()), *extra):
         command += ["--set", override]
     return command + (["--resume"] if (out / "last.pt").is_file() else ["--overwrite"])
