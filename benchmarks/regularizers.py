@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "regularizers"
 KINDS = ("l1_final", "l1_all", "linf", "l1_final_scaled", "linf_scaled", "l1_final_label", "linf_label",
-         "l1_final_label_cont", "l1_all_pruned", "l1_all_pruned30", "l1_all_thr")
+         "l1_final_label_cont", "l1_final_label_cont2", "l1_all_pruned", "l1_all_pruned30", "l1_all_thr")
 
 
 @dataclass(frozen=True)
@@ -60,12 +60,14 @@ FAMILIES = {
                  "linf": "finetune_conv_mnist_linf"},
         weights={"l1_final": [0.005, 0.02], "l1_all": [0.0003, 0.001], "linf": [0.3, 1.0],
                  "l1_final_scaled": [0.005, 0.02], "linf_scaled": [1.0, 5.0], "l1_final_label": [0.1, 0.3],
-                 "linf_label": [10.0, 30.0], "l1_final_label_cont": [0.05], "l1_all_pruned": [0.001],
+                 "linf_label": [10.0, 30.0], "l1_final_label_cont": [0.05], "l1_final_label_cont2": [0.02],
+                 "l1_all_pruned": [0.001],
                  "l1_all_pruned30": [0.001], "l1_all_thr": [0.002]},
         overrides=("data.limit=10000",),
         # 30,000 training images: at 10,000 the label-map runs reached the sparsity but not yet the accuracy
-        kind_overrides={kind: ("data.limit=30000",) for kind in ("l1_final_label", "linf_label", "l1_final_label_cont",
-                                                                  "l1_all", "l1_all_pruned30", "l1_all_thr")},
+        kind_overrides={kind: ("data.limit=30000",) for kind in (
+            "l1_final_label", "linf_label", "l1_final_label_cont", "l1_final_label_cont2", "l1_all", "l1_all_pruned30",
+            "l1_all_thr")},
     ),
     "deep_yeast": Family(
         base="shapnet_deep_yeast",
@@ -73,7 +75,7 @@ FAMILIES = {
         weights={"l1_final": [0.01, 0.03, 0.1, 0.3], "l1_all": [0.002, 0.01, 0.03], "linf": [0.1, 0.3, 1.0, 3.0],
                  "l1_final_scaled": [0.01, 0.03, 0.1], "linf_scaled": [0.3, 1.0, 3.0],
                  "l1_final_label": [0.1, 0.3, 1.0], "linf_label": [0.3, 1.0, 3.0], "l1_final_label_cont": [],
-                 "l1_all_pruned": [], "l1_all_thr": [],
+                 "l1_final_label_cont2": [], "l1_all_pruned": [], "l1_all_thr": [],
                  "l1_all_pruned30": []},
     ),
 }
@@ -91,6 +93,9 @@ TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
     # concentrated maps, win the accuracy back
     "l1_final_label_cont": ("explanation_l1", "final", True, (
         "target=label", "model.init_from=runs/regularizers/conv_l1_final_label_0.15/best.pt", "train.seed=1")),
+    # ... and a third at a lower weight still, from that one
+    "l1_final_label_cont2": ("explanation_l1", "final", True, (
+        "target=label", "model.init_from=runs/regularizers/conv_l1_final_label_cont_0.05/best.pt", "train.seed=2")),
     # L1 on every layer, trained with the pruning it is meant for: half of the active pixels after every hidden stage
     "l1_all_pruned": ("explanation_l1", "all", False, ("model.args.prune=[0.5,0.5,0.5,0.5,0.0]",
                                                        "model.args.prune_mode=active",
@@ -110,6 +115,7 @@ LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l
           "linf_scaled": "L-inf/L1 final", "l1_final_label": "L1/L2 final, label map",
           "linf_label": "L-inf/L1 final, label map",
           "l1_final_label_cont": "L1/L2 label map, 2nd fine-tune from 0.15",
+          "l1_final_label_cont2": "L1/L2 label map, 3rd fine-tune (0.15 -> 0.05 -> 0.02)",
           "l1_all_pruned": "L1 all layers + pruning (p=0.5) in training",
           "l1_all_pruned30": "L1 all layers + pruning (p=0.3) in training",
           "l1_all_thr": "L1 hidden layers + threshold pruning (0.05) in training"}
@@ -248,12 +254,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     colors = {"l1_final": "#f1948a", "l1_all": "#85c1e9", "linf": "#82e0aa", "l1_final_scaled": "#c0392b",
               "linf_scaled": "#1e8449", "l1_final_label": "#7b241c", "linf_label": "#0b5345",
-              "l1_final_label_cont": "#e67e22", "l1_all_pruned": "#1f618d", "l1_all_pruned30": "#1f618d",
+              "l1_final_label_cont": "#e67e22", "l1_final_label_cont2": "#f5b041",
+              "l1_all_pruned": "#1f618d", "l1_all_pruned30": "#1f618d",
               "l1_all_thr": "#5dade2"}
     labels = LABELS
     for ax, metric, kinds, bar, name in (
-            (axes[0], "n90", ("l1_final", "l1_final_scaled", "l1_final_label", "l1_final_label_cont", "l1_all",
-                                      "l1_all_pruned30"), 0.5,
+            (axes[0], "n90", ("l1_final", "l1_final_scaled", "l1_final_label", "l1_final_label_cont",
+                              "l1_final_label_cont2", "l1_all", "l1_all_pruned30", "l1_all_thr"), 0.5,
              "n90: players holding 90% of |attribution| (fewer = sparser)"),
             (axes[1], "peak_share", ("linf", "linf_scaled", "linf_label"), 0.6,
              "peak share: largest |attribution| / total (lower = spread)")):
