@@ -111,6 +111,8 @@ TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
                                                     "model.args.prune_mode=threshold",
                                                     "model.args.prune_during_training=true")),
 }
+# kind -> the (kind, weight) run it was fine-tuned from (the others start from the family's base model)
+STARTS_FROM = {"l1_final_label_cont": ("l1_final_label", 0.15), "l1_final_label_cont2": ("l1_final_label_cont", 0.05)}
 LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l1_final_scaled": "L1/L2 final",
           "linf_scaled": "L-inf/L1 final", "l1_final_label": "L1/L2 final, label map",
           "linf_label": "L-inf/L1 final, label map",
@@ -251,7 +253,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for item in args.ship or []:
         kind, weight = item.split("=")
         shipped[kind] = float(weight)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), layout="constrained")
     colors = {"l1_final": "#f1948a", "l1_all": "#85c1e9", "linf": "#82e0aa", "l1_final_scaled": "#c0392b",
               "linf_scaled": "#1e8449", "l1_final_label": "#7b241c", "linf_label": "#0b5345",
               "l1_final_label_cont": "#e67e22", "l1_final_label_cont2": "#f5b041",
@@ -268,8 +270,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
             pts = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["weight"])
             if not pts:
                 continue
-            xs = [base[metric]] + [r[metric] for r in pts]
-            ys = [100 * base["test_acc"]] + [100 * r["test_acc"] for r in pts]
+            # A later fine-tune stage starts from its predecessor's point, the others from the start model.
+            start = next((r for r in rows if (r["kind"], r["weight"]) == STARTS_FROM.get(kind)), base)
+            xs = [start[metric]] + [r[metric] for r in pts]
+            ys = [100 * start["test_acc"]] + [100 * r["test_acc"] for r in pts]
             ax.plot(xs, ys, "o-", color=colors[kind], label=labels[kind])
             for r in pts:
                 ax.annotate(f"{r['weight']:g}", (r[metric], 100 * r["test_acc"]), fontsize=7,
@@ -283,7 +287,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         ax.text(bar * base[metric], ax.get_ylim()[0], f" {bar:g}x start", fontsize=7, color="grey", va="bottom")
         ax.set_xlabel(name, fontsize=8)
         ax.set_ylabel("test accuracy (%)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.suptitle(f"{data['base']}: fine-tuned with explanation regularizers at several weights (labels); "
                  f"sparsity on {data['samples']} test samples; dotted: -0.5 pt", fontsize=9)
     out = Path(args.out) / f"regularizers_{args.family}_sweep.png"
