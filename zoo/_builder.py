@@ -40,7 +40,7 @@ from ._registry import (
 )
 from .hub import load_weights_into, read_config
 
-__all__ = ["build_model_with_cfg", "register", "register_variant"]
+__all__ = ["build_model_with_cfg", "register", "register_variant", "replace_head"]
 
 
 def build_model_with_cfg(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -104,6 +104,32 @@ def build_model_with_cfg(name: str, pretrained: bool = False, **kwargs: Any) -> 
     return model
 
 
+def replace_head(model: nn.Module, num_classes: int) -> dict[str, list[str]]:
+    """`model.reset_classifier(num_classes)`, reporting which state-dict entries it kept and which are new.
+
+    An entry is new when `reset_classifier` replaced its tensor (the family decides what its head is: a ShapNet's
+    last stage, the output layers of a Shallow ShapNet's inner nets, a linear classifier ...); every other entry is
+    the same tensor as before, so its weights are kept as they were.
+
+    Args:
+        model: a model with timm's `reset_classifier`.
+        num_classes: the new head's classes (`0`: no head, where the family supports it).
+
+    Returns:
+        `kept` (entries untouched), `new` (freshly initialised) and `dropped` (entries the new head no longer has).
+
+    Raises:
+        ValueError: the model has no replaceable head (no `reset_classifier`).
+    """
+    if not callable(getattr(model, "reset_classifier", None)):
+        raise ValueError(f"{type(model).__name__} has no head to replace (no reset_classifier)")
+    before = model.state_dict(keep_vars=True)
+    model.reset_classifier(num_classes)
+    after = model.state_dict(keep_vars=True)
+    new = [k for k, v in after.items() if before.get(k) is not v]
+    return {"kept": [k for k in after if k not in new], "new": new, "dropped": [k for k in before if k not in after]}
+
+
 def _replace_head(model: nn.Module, name: str, num_classes: Any) -> None:
     """Give a pretrained model a freshly initialised head of `num_classes`, keeping every other weight.
 
@@ -114,14 +140,10 @@ def _replace_head(model: nn.Module, name: str, num_classes: Any) -> None:
         raise ValueError(f"{name}: pretrained=True with num_classes={num_classes} needs a new head, but "
                          f"{type(model).__name__} has none to replace (no reset_classifier); use pretrained=False, "
                          "or initialise from the checkpoint with training's model.init_from and strict=false")
-    model.reset_classifier(num_classes)
+    model.pretrained_load_report = replace_head(model, num_classes)
     model.model_args["num_classes"] = num_classes
     model.pretrained_cfg.update(num_classes=num_classes, label_names=None)  # the labels were the old head's
     complete_cfg(model)
-    head = model.pretrained_cfg["classifier"] + "."
-    keys = sorted(model.state_dict())
-    model.pretrained_load_report = {"kept": [k for k in keys if not k.startswith(head)],
-                                    "new": [k for k in keys if k.startswith(head)]}
 
 
 def _add_to_timm(name: str, cfg: ShapNetCfg | None, module: str) -> None:
