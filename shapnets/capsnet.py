@@ -278,6 +278,10 @@ class ReconstructionLossTerm(LossTerm):
 
 
 # ---------------------------------------------------------------------------------------------------- model
+_NO_POOLED = ("a CapsNet's class capsules are its output (their lengths are the scores), so it has no pooled "
+              "features without them: use forward_head(forward_features(x), pre_logits=True) for the class poses")
+
+
 class CapsNet(StreamedBatches, nn.Module):
     """The CapsNet of Sabour et al. (2017): conv1, PrimaryCaps, DigitCaps with dynamic routing, and a decoder.
 
@@ -330,6 +334,8 @@ class CapsNet(StreamedBatches, nn.Module):
     ) -> None:
         super().__init__()
         who = type(self).__name__
+        if num_classes == 0 and not isinstance(num_classes, bool):
+            raise ValueError(f"{who}: num_classes=0 (timm's 'no classifier') is not supported: " + _NO_POOLED)
         sizes = dict(in_chans=in_chans, num_classes=num_classes, conv_channels=conv_channels, conv_kernel=conv_kernel,
                      primary_types=primary_types, primary_dim=primary_dim, primary_kernel=primary_kernel,
                      primary_stride=primary_stride, class_dim=class_dim, routing_iterations=routing_iterations)
@@ -409,6 +415,54 @@ class CapsNet(StreamedBatches, nn.Module):
         """`(B, in_chans, H, W) -> (B, num_classes)` class scores: the class capsules' lengths, in [0, 1)."""
         _, routing = self.route(self._check(x))
         return capsule_lengths(routing.poses)
+
+    # ------------------------------------------------------------------ timm's model interface
+    # The head is the class capsule layer (DigitCaps: one capsule per class, routed from the primary capsules); a
+    # new label set also renews the decoder's first layer, which reads the (masked) class capsules. conv1,
+    # PrimaryCaps and the rest of the decoder keep their weights.
+    @property
+    def num_features(self) -> int:
+        """The primary capsules' dimension (the last axis of `forward_features`)."""
+        return int(self.digits.weight.shape[-1])
+
+    @property
+    def head_hidden_size(self) -> int:
+        """The width of `forward_head(..., pre_logits=True)`: every class capsule's pose, `num_classes * class_dim`."""
+        return self.num_classes * self.class_dim
+
+    def get_classifier(self) -> nn.Module:
+        """The class capsule layer (DigitCaps)."""
+        return self.digits
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A freshly initialised class capsule layer with `num_classes` capsules (and decoder input layer).
+
+        Raises:
+            ValueError: `num_classes` is not a positive int. `0` is refused: the class capsules' lengths are the
+                scores and their poses what the decoder reads, so a CapsNet has no pooled features without them;
+                `forward_head(forward_features(x), pre_logits=True)` gives the class poses.
+        """
+        who = type(self).__name__
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"{who}.reset_classifier: num_classes must be a positive int, got {num_classes!r}; "
+                             + _NO_POOLED)
+        old = self.digits
+        self.digits = DigitCapsules(self.num_primary, old.weight.shape[-1], num_classes, self.class_dim,
+                                    self.routing_iterations, old.detach_routing).to(old.weight)
+        if self.decoder is not None:
+            first = self.decoder[0]
+            self.decoder[0] = nn.Linear(num_classes * self.class_dim, first.out_features).to(first.weight)
+        self.num_classes = num_classes
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The primary capsules `(B, N, num_features)` (squashed), which the class capsule layer routes."""
+        return self.primary(F.relu(self.conv1(self._check(x))))
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        """Class scores (capsule lengths) from `forward_features(x)`; `pre_logits=True`: the class poses flattened,
+        `(B, num_classes * class_dim)`."""
+        poses = self.digits(features).poses
+        return rearrange(poses, "b j d -> b (j d)") if pre_logits else capsule_lengths(poses)
 
     def unnormalize(self, x: Tensor) -> Tensor:
         """The image in [0, 1] behind a normalised input: `x * input_std + input_mean` (the decoder's target).
