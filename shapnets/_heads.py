@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .modules import ShapleyModuleBank, _init_linear_
 
-__all__ = ["BankShape", "StagedHead", "bank_like", "drop_output_layer", "renew_output_layer"]
+__all__ = ["BankShape", "StagedHead", "bank_like", "drop_output_layer", "renew_output_layer", "take_levels"]
 
 
 @dataclass(frozen=True)
@@ -175,3 +175,23 @@ def drop_output_layer(bank: ShapleyModuleBank) -> None:
     bank.output_act = True  # the last hidden layer's activation, which the dropped layer used to follow
     bank.out_channels = int(bank.weights[-1].shape[-1])
     bank._output_dropped, bank._dropped_output_bias = True, output_bias
+
+
+def take_levels(count: int, indices: int | list[int] | tuple[int, ...] | None, who: str) -> list[int]:
+    """Absolute, sorted feature levels from timm's `indices` (`None`: all; an int `n`: the last `n`; negatives count
+    from the end).
+
+    Raises:
+        ValueError: an index outside the `count` levels.
+    """
+    if indices is None:
+        return list(range(count))
+    if isinstance(indices, int):
+        if not 0 < indices <= count:
+            raise ValueError(f"{who}: indices={indices} (the last n levels) must lie in [1, {count}]")
+        return list(range(count - indices, count))
+    bad = [i for i in indices if not -count <= int(i) < count]
+    if bad:
+        raise ValueError(f"{who}: feature levels {bad} lie outside the model's {count} (0..{count - 1}, or negative "
+                         "from the end)")
+    return sorted({int(i) % count for i in indices})

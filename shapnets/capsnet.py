@@ -9,13 +9,14 @@ Theory, guarantees and where this departs from the paper or the original code: d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import Tensor, nn
 
+from ._heads import take_levels
 from ._streaming import StreamedBatches, streamed
 from ._validation import check_input, finite_output
 from .contract import LossTerm, StepOutput, no_layers
@@ -453,6 +454,32 @@ class CapsNet(StreamedBatches, nn.Module):
             first = self.decoder[0]
             self.decoder[0] = nn.Linear(num_classes * self.class_dim, first.out_features).to(first.weight)
         self.num_classes = num_classes
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's feature levels: conv1's map (stride 1) and the PrimaryCaps conv map (its capsules before squashing,
+        at the PrimaryCaps stride)."""
+        conv = self.primary.conv
+        return [dict(num_chs=self.conv1.out_channels, reduction=1, module="conv1"),
+                dict(num_chs=conv.out_channels, reduction=int(conv.stride[0]), module="primary.conv")]
+
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's feature levels `(B, C, H, W)`: 0 conv1's (ReLU) map, 1 the PrimaryCaps conv map.
+
+        Returns:
+            The maps of `indices` (default both), or with `intermediates_only=False` also `forward_features(x)`.
+        """
+        take = take_levels(2, indices, type(self).__name__)
+        if output_fmt != "NCHW":
+            raise ValueError(f"{type(self).__name__}.forward_intermediates: output_fmt must be 'NCHW', got "
+                             f"{output_fmt!r}")
+        conv1 = F.relu(self.conv1(self._check(x)))
+        primary = self.primary.conv(conv1) if 1 in take or not intermediates_only else None
+        maps = [level for i, level in enumerate((conv1, primary)) if i in take]
+        if intermediates_only:
+            return maps
+        return squash(group_capsules(primary, self.primary.capsule_dim)), maps
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The primary capsules `(B, N, num_features)` (squashed), which the class capsule layer routes."""

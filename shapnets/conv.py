@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ._heads import BankShape, StagedHead
+from ._heads import BankShape, StagedHead, take_levels
 from ._streaming import StreamedBatches, streamed
 from ._validation import check_input, check_reference, finite_output
 from .explanation import Explanation
@@ -347,6 +347,36 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
             self.channel_split.append(self._dropped_head[0][0].in_channels)
         else:
             self.channel_split.pop()
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's feature levels: every stage before the head, its map's channels, stride 1 (dilated, no pooling)."""
+        levels, width = [], self.in_chans
+        for s in range(self.body_stages):
+            width = self.stages[s].bank.out_channels + width - self.channel_split[s]
+            levels.append(dict(num_chs=width, reduction=1, module=f"stages.{s}"))
+        return levels
+
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's per-stage representations: the Shapley maps of the stages in `indices` (default: every stage
+        before the head), `(B, C_s, H, W)` (`output_fmt="NHWC"`: channel-last), each explained by its own pixels.
+
+        Returns:
+            The maps, or with `intermediates_only=False` also `forward_features(x)` (channel-last) first.
+        """
+        take = take_levels(self.body_stages, indices, type(self).__name__)
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"{type(self).__name__}.forward_intermediates: output_fmt must be 'NCHW' or 'NHWC', got "
+                             f"{output_fmt!r}")
+        z = self._input_offsets(self._check(x))
+        maps = []
+        last = self.body_stages if not intermediates_only else (max(take) + 1 if take else 0)
+        for s in range(last):
+            z = self._stage(s, z)
+            if s in take:
+                maps.append(z if output_fmt == "NHWC" else rearrange(z, "b h w c -> b c h w"))
+        return maps if intermediates_only else (z, maps)
 
     def working_elements(self, x: Tensor) -> int:
         pixels = x.shape[-2] * x.shape[-1]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ._heads import take_levels
 from ._streaming import StreamedBatches, streamed
 from ._validation import check_input, finite_output, image_size_errors
 from .contract import LossTerm, StepOutput, no_layers
@@ -618,6 +619,43 @@ class InterpretableCNN(StreamedBatches, nn.Module):
         if num_classes:
             self.interpretable_layer.reset_classes(num_classes)
         self.num_classes = num_classes
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's feature levels: the backbone's top map and the interpretable layer's masked filter maps.
+
+        Raises:
+            ValueError: the backbone does not say its stride (a `reduction` attribute or timm's `feature_info`).
+        """
+        info = getattr(self.backbone, "feature_info", None)
+        if info is not None and callable(getattr(info, "reduction", None)):
+            reduction = info.reduction()
+            reduction = reduction[-1] if isinstance(reduction, list | tuple) else reduction
+        else:
+            reduction = getattr(self.backbone, "reduction", None)
+        if not isinstance(reduction, int):
+            raise ValueError(f"{type(self).__name__}: the backbone does not say its stride (a `reduction` attribute "
+                             "or timm's feature_info), so its feature levels are unknown")
+        top = self.interpretable_layer.conv.in_channels
+        return [dict(num_chs=top, reduction=reduction, module="backbone"),
+                dict(num_chs=self.num_filters, reduction=reduction, module="interpretable_layer")]
+
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's feature levels `(B, C, H, W)`: 0 the backbone's top map, 1 the masked filter maps.
+
+        Returns:
+            The maps of `indices` (default both), or with `intermediates_only=False` also `forward_features(x)`.
+        """
+        take = take_levels(2, indices, type(self).__name__)
+        if output_fmt != "NCHW":
+            raise ValueError(f"{type(self).__name__}.forward_intermediates: output_fmt must be 'NCHW', got "
+                             f"{output_fmt!r}")
+        x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
+        top = self.top_features(x)
+        masked = self.interpretable_layer(top) if 1 in take or not intermediates_only else None
+        maps = [level for i, level in enumerate((top, masked)) if i in take]
+        return maps if intermediates_only else (masked, maps)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The masked filter maps `(B, num_features, H, W)` on the backbone's top map."""

@@ -10,6 +10,7 @@ stage) and the plain baselines; the others refuse with an error that says so.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -177,7 +178,8 @@ def test_shallow_new_head_and_no_head_stay_exact(hidden: tuple[int, ...]) -> Non
 
 
 # The resnet18-backed ICNNs repeat icnn_vgg_small's head at 5 s each on a CPU: with --runslow.
-POOLED_NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in {"icnn_resnet18", "icnn_timm"} else n for n in NAMES]
+POOLED_NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY | {"icnn_resnet18", "icnn_timm"} else n
+                for n in zoo.list_models()]
 
 
 @pytest.mark.parametrize("name", POOLED_NAMES)
@@ -236,3 +238,69 @@ def test_torch_compile_inductor(name: str) -> None:
     model = timm.create_model(name, pretrained=True).eval()
     x = _input(model)
     torch.testing.assert_close(torch.compile(model)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+# features_only: the image families (timm's test_model_forward_features); tabular families are refused clearly.
+FEATURE_NAMES = ["shapnet_conv", "shapnet_conv_mnist", "icnn_vgg_small", "icnn_vgg_small_parts", "capsnet_small_mnist"]
+
+
+@pytest.mark.parametrize("name", FEATURE_NAMES)
+def test_features_only_gives_per_stage_maps_matching_feature_info(name: str) -> None:
+    model = _create(name, features_only=True, pretrained=name in zoo.list_models(pretrained=True)).eval()
+    channels, reduction = model.feature_info.channels(), model.feature_info.reduction()
+    assert len(channels) == len(reduction) >= 2 and reduction == sorted(reduction)
+    x = _input(model)
+    with torch.no_grad():
+        outputs = model(x)
+    assert len(outputs) == len(channels)
+    for c, r, o in zip(channels, reduction, outputs):  # timm's assertions, NCHW
+        assert o.shape[:2] == (2, c) and torch.isfinite(o).all()
+        assert o.shape[2] <= math.ceil(x.shape[2] / r) + 1 and o.shape[3] <= math.ceil(x.shape[3] / r) + 1
+    last = _create(name, features_only=True, out_indices=(-1,)).eval()
+    assert last.feature_info.channels() == channels[-1:]
+    assert [m.shape[1] for m in last(x)] == channels[-1:]
+
+
+def test_conv_shapnet_features_are_its_stage_representations() -> None:
+    model = timm.create_model("shapnet_conv_mnist", pretrained=True).eval()
+    features = timm.create_model("shapnet_conv_mnist", pretrained=True, features_only=True).eval()
+    x = _input(model)
+    with torch.no_grad():
+        reps = model.representations(x)[:-1]  # every stage before the head
+        maps = features(x)
+    assert len(maps) == len(reps)
+    for rep, m in zip(reps, maps):
+        torch.testing.assert_close(m, rep.permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="outside the model's 4"):
+        timm.create_model("shapnet_conv", features_only=True, out_indices=(4,))
+
+
+@pytest.mark.parametrize("name", ["shapnet_deep", "shapnet_shallow_yeast", "baseline_mlp"])
+def test_features_only_on_a_tabular_family_is_refused_clearly(name: str) -> None:
+    with pytest.raises(ValueError, match=r"features_only=True needs feature maps.*tabular data"):
+        timm.create_model(name, features_only=True)
+
+
+# pretrained_cfg_overlay=dict(file=...) and checkpoint_path=: a saved state dict recreates the same model. The
+# resnet18 ICNNs and the paper-size CapsNets take 5-15 s each on a CPU (two more builds of 8-11 M parameters), and
+# the same code path is covered by their small siblings: with --runslow.
+ROUND_TRIP_SLOW = HEAVY | {"icnn_resnet18", "icnn_timm", "capsnet", "capsnet_mnist"}
+ROUND_TRIP_NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in ROUND_TRIP_SLOW else n for n in zoo.list_models()]
+
+
+@pytest.mark.parametrize("name", ROUND_TRIP_NAMES)
+def test_state_dict_round_trips_through_overlay_file_and_checkpoint_path(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = _create(name).eval()
+    file = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(file))
+    torch.manual_seed(1)  # another initialisation: only the loaded weights can make the outputs equal
+    overlaid = _create(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file))).eval()
+    pt = tmp_path / "model.pth"
+    torch.save(source.state_dict(), pt)
+    from_path = _create(name, checkpoint_path=str(pt)).eval()
+    x = _input(source)
+    with torch.no_grad():
+        expected = source(x)
+        torch.testing.assert_close(overlaid(x), expected)
+        torch.testing.assert_close(from_path(x), expected)

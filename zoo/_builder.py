@@ -13,6 +13,7 @@ weights when `pretrained`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 
 from shapnets.contract import rename_args
 
+from ._features import FeatureStages
 from ._paths import CONFIG_NAME, WEIGHTS_NAME, shipped_dir
 from ._registry import (
     ARCHITECTURES,
@@ -63,6 +65,12 @@ def build_model_with_cfg(name: str, pretrained: bool = False, **kwargs: Any) -> 
     family = ENTRIES.get(arch, Family())
     cfg = resolve_cfg(name, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None))
     kwargs.pop("cache_dir", None)  # no download cache: nothing is downloaded
+    features_only = bool(kwargs.pop("features_only", False))
+    feature_args = {k: kwargs.pop(k) for k in ("out_indices", "feature_cls", "output_fmt") if k in kwargs}
+    if feature_args and not features_only:
+        raise TypeError(f"{name}: {sorted(feature_args)} only go with features_only=True")
+    if features_only:
+        _check_features(name, model_class(name), feature_args)
     kwargs.pop("pretrained_model_args", None)  # timm's `local-dir:` copy of model_args, already in kwargs
 
     location = weights_location(name, cfg)
@@ -101,7 +109,33 @@ def build_model_with_cfg(name: str, pretrained: bool = False, **kwargs: Any) -> 
         model.pretrained_cfg["file"] = str(location)
         if new_head:
             _replace_head(model, name, new_classes)
+    if features_only:
+        return FeatureStages(model, feature_args.get("out_indices"))
     return model
+
+
+def _check_features(name: str, model_cls: type[nn.Module], feature_args: Mapping[str, Any]) -> None:
+    """Refuse `features_only=True` where a family has no feature maps, and timm options we do not implement.
+
+    Raises:
+        ValueError: a tabular (or other map-less) family, or a `feature_cls` / `output_fmt` other than the default.
+    """
+    if not callable(getattr(model_cls, "forward_intermediates", None)):
+        what = ("takes tabular data: its representations are per feature, not maps" if "in_features" in
+                _parameters(model_cls) else "has no feature levels (no forward_intermediates)")
+        raise ValueError(f"{name}: features_only=True needs feature maps, but {model_cls.__name__} {what}; use "
+                         "model.forward_features(x) for the representation its head reads")
+    cls = feature_args.get("feature_cls")
+    if cls not in (None, "getter"):
+        raise ValueError(f"{name}: feature_cls={cls!r} is not supported; the zoo's feature wrapper is the "
+                         "'getter' kind (forward_intermediates)")
+    fmt = feature_args.get("output_fmt")
+    if fmt not in (None, "NCHW"):
+        raise ValueError(f"{name}: features_only gives NCHW maps, got output_fmt={fmt!r}")
+
+
+def _parameters(model_cls: type[nn.Module]) -> set[str]:
+    return set(inspect.signature(model_cls.__init__).parameters)
 
 
 def replace_head(model: nn.Module, num_classes: int) -> dict[str, list[str]]:
