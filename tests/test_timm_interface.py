@@ -304,3 +304,14 @@ def test_state_dict_round_trips_through_overlay_file_and_checkpoint_path(name: s
         expected = source(x)
         torch.testing.assert_close(overlaid(x), expected)
         torch.testing.assert_close(from_path(x), expected)
+
+
+def test_no_head_on_a_model_whose_only_stage_is_the_head_is_refused() -> None:
+    model = shapnets.DeepShapNet(2, 3, channels=[])  # 2 features: one butterfly stage, which is the head
+    assert model.num_stages == 1
+    with pytest.raises(ValueError, match="the head is the model's only stage"):
+        model.reset_classifier(0)
+    model.reset_classifier(4)  # a new head is fine: it reads the input game, as the old one did
+    x = torch.randn(3, 2)
+    model.explain(x).check_local_accuracy()
+    assert model(x).shape == (3, 4)
