@@ -9,13 +9,14 @@ Theory, guarantees and where this departs from the paper or the original code: d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import Tensor, nn
 
+from ._heads import take_levels
 from ._streaming import StreamedBatches, streamed
 from ._validation import check_input, finite_output
 from .contract import LossTerm, StepOutput, no_layers
@@ -278,6 +279,10 @@ class ReconstructionLossTerm(LossTerm):
 
 
 # ---------------------------------------------------------------------------------------------------- model
+_NO_POOLED = ("a CapsNet's class capsules are its output (their lengths are the scores), so it has no pooled "
+              "features without them: use forward_head(forward_features(x), pre_logits=True) for the class poses")
+
+
 class CapsNet(StreamedBatches, nn.Module):
     """The CapsNet of Sabour et al. (2017): conv1, PrimaryCaps, DigitCaps with dynamic routing, and a decoder.
 
@@ -330,6 +335,8 @@ class CapsNet(StreamedBatches, nn.Module):
     ) -> None:
         super().__init__()
         who = type(self).__name__
+        if num_classes == 0 and not isinstance(num_classes, bool):
+            raise ValueError(f"{who}: num_classes=0 (timm's 'no classifier') is not supported: " + _NO_POOLED)
         sizes = dict(in_chans=in_chans, num_classes=num_classes, conv_channels=conv_channels, conv_kernel=conv_kernel,
                      primary_types=primary_types, primary_dim=primary_dim, primary_kernel=primary_kernel,
                      primary_stride=primary_stride, class_dim=class_dim, routing_iterations=routing_iterations)
@@ -409,6 +416,80 @@ class CapsNet(StreamedBatches, nn.Module):
         """`(B, in_chans, H, W) -> (B, num_classes)` class scores: the class capsules' lengths, in [0, 1)."""
         _, routing = self.route(self._check(x))
         return capsule_lengths(routing.poses)
+
+    # ------------------------------------------------------------------ timm's model interface
+    # The head is the class capsule layer (DigitCaps: one capsule per class, routed from the primary capsules); a
+    # new label set also renews the decoder's first layer, which reads the (masked) class capsules. conv1,
+    # PrimaryCaps and the rest of the decoder keep their weights.
+    @property
+    def num_features(self) -> int:
+        """The primary capsules' dimension (the last axis of `forward_features`)."""
+        return int(self.digits.weight.shape[-1])
+
+    @property
+    def head_hidden_size(self) -> int:
+        """The width of `forward_head(..., pre_logits=True)`: every class capsule's pose, `num_classes * class_dim`."""
+        return self.num_classes * self.class_dim
+
+    def get_classifier(self) -> nn.Module:
+        """The class capsule layer (DigitCaps)."""
+        return self.digits
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A freshly initialised class capsule layer with `num_classes` capsules (and decoder input layer).
+
+        Raises:
+            ValueError: `num_classes` is not a positive int. `0` is refused: the class capsules' lengths are the
+                scores and their poses what the decoder reads, so a CapsNet has no pooled features without them;
+                `forward_head(forward_features(x), pre_logits=True)` gives the class poses.
+        """
+        who = type(self).__name__
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"{who}.reset_classifier: num_classes must be a positive int, got {num_classes!r}; "
+                             + _NO_POOLED)
+        old = self.digits
+        self.digits = DigitCapsules(self.num_primary, old.weight.shape[-1], num_classes, self.class_dim,
+                                    self.routing_iterations, old.detach_routing).to(old.weight)
+        if self.decoder is not None:
+            first = self.decoder[0]
+            self.decoder[0] = nn.Linear(num_classes * self.class_dim, first.out_features).to(first.weight)
+        self.num_classes = num_classes
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's feature levels: conv1's map (stride 1) and the PrimaryCaps conv map (its capsules before squashing,
+        at the PrimaryCaps stride)."""
+        conv = self.primary.conv
+        return [dict(num_chs=self.conv1.out_channels, reduction=1, module="conv1"),
+                dict(num_chs=conv.out_channels, reduction=int(conv.stride[0]), module="primary.conv")]
+
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's feature levels `(B, C, H, W)`: 0 conv1's (ReLU) map, 1 the PrimaryCaps conv map.
+
+        Returns:
+            The maps of `indices` (default both), or with `intermediates_only=False` also `forward_features(x)`.
+        """
+        take = take_levels(2, indices, type(self).__name__)
+        if output_fmt != "NCHW":
+            raise ValueError(f"{type(self).__name__}.forward_intermediates: output_fmt must be 'NCHW', got "
+                             f"{output_fmt!r}")
+        conv1 = F.relu(self.conv1(self._check(x)))
+        primary = self.primary.conv(conv1) if 1 in take or not intermediates_only else None
+        maps = [level for i, level in enumerate((conv1, primary)) if i in take]
+        if intermediates_only:
+            return maps
+        return squash(group_capsules(primary, self.primary.capsule_dim)), maps
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The primary capsules `(B, N, num_features)` (squashed), which the class capsule layer routes."""
+        return self.primary(F.relu(self.conv1(self._check(x))))
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        """Class scores (capsule lengths) from `forward_features(x)`; `pre_logits=True`: the class poses flattened,
+        `(B, num_classes * class_dim)`."""
+        poses = self.digits(features).poses
+        return rearrange(poses, "b j d -> b (j d)") if pre_logits else capsule_lengths(poses)
 
     def unnormalize(self, x: Tensor) -> Tensor:
         """The image in [0, 1] behind a normalised input: `x * input_std + input_mean` (the decoder's target).

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ._heads import StagedHead, bank_like
+from ._heads import BankShape, StagedHead, take_levels
 from ._streaming import StreamedBatches, streamed
 from ._validation import check_input, check_reference, finite_output
 from .explanation import Explanation
@@ -220,7 +221,8 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
 
     Args:
         in_chans: image channels.
-        num_classes: outputs; the last stage's channels.
+        num_classes: outputs; the last stage's channels. `0`: no head (timm's pooled features): the last hidden
+            stage's map is the model's, `forward` returns its sum over the pixels `(B, num_features)`.
         channels: output channels of the hidden stages; there are `len(channels) + 1` stages.
         kernel_size: patch size of every stage.
         kernel_sizes: optional per-stage patch sizes (overrides `kernel_size`), e.g. alternating
@@ -278,21 +280,24 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
             raise ValueError(f"{num_stages} stages need {num_stages} dilations, got {len(dilations)}")
         if len(split) != num_stages:
             raise ValueError(f"{num_stages} stages need {num_stages} channel_split entries, got {len(split)}")
-        self.in_chans, self.num_classes, self.residual = in_chans, num_classes, residual
+        if num_classes < 0:
+            raise ValueError(f"ConvShapNet: num_classes must be >= 0 (0: no head), got {num_classes}")
+        head_classes = num_classes or 1  # without a head (0), one is built and dropped: its shape is kept
+        self.in_chans, self.num_classes, self.residual = in_chans, head_classes, residual
         self.channel_split: list[int] = []
         self.stages = nn.ModuleList()
         width = in_chans
-        for s, (c_out, d, kernel) in enumerate(zip([*channels, num_classes], dilations, kernels)):
+        for s, (c_out, d, kernel) in enumerate(zip([*channels, head_classes], dilations, kernels)):
             take = width if split[s] is None else int(split[s])
             if not 1 <= take <= width:
                 raise ValueError(f"stage {s}: channel_split {take} must lie in [1, {width}] (channels available)")
             self.channel_split.append(take)
             self.stages.append(ShapleyConv2d(take, c_out, kernel, d, hidden, act_layer, output_act))
             width = c_out + width - take
-        if width != num_classes:
+        if width != head_classes:
             raise ValueError(
-                f"the last map has {width} channels but must have num_classes={num_classes}: "
-                f"channel_split carries {width - num_classes} channel(s) past the last stage"
+                f"the last map has {width} channels but must have num_classes={head_classes}: "
+                f"channel_split carries {width - head_classes} channel(s) past the last stage"
             )
         if zero_init_output:
             nn.init.zeros_(self.stages[-1].bank.weights[-1])
@@ -300,6 +305,8 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
         self.prune_during_training, self.skip_inactive = prune_during_training, skip_inactive
         ref = torch.as_tensor(reference) if reference is not None and not isinstance(reference, Tensor) else reference
         self.register_buffer("reference", check_reference(ref, (in_chans,), "ConvShapNet"))
+        if num_classes == 0:
+            self.reset_classifier(0)
 
     @property
     def num_stages(self) -> int:
@@ -344,24 +351,64 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """The channel-last map the head reads, `(B, H, W, num_features)` (the input offsets for one stage)."""
         z = self._input_offsets(self._check(x))
-        for s in range(self.num_stages - 1):
+        for s in range(self.body_stages):
             z = self._stage(s, z)
         return z
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
-        """Logits from `forward_features(x)`; `pre_logits=True`: the map summed over pixels `(B, num_features)`."""
-        if not pre_logits:
+        """Logits from `forward_features(x)`; `pre_logits=True` (or no head): the map summed over pixels
+        `(B, num_features)`."""
+        if not pre_logits and self.num_classes:
             features = self._stage(self.num_stages - 1, features)
         return features.sum((1, 2))
 
-    def _head_in_channels(self) -> int:
-        return self.channel_split[-1]  # the last stage reads every channel (checked in __init__)
+    def _head_shape(self) -> tuple[BankShape, Any, Any]:
+        head = self.stages[-1]
+        return BankShape.of(head.bank), head.kernel_size, head.dilation
 
-    def _new_head(self, num_classes: int) -> nn.Module:
-        old = self.stages[-1]
-        new = ShapleyConv2d(old.bank.in_channels, num_classes, old.kernel_size, old.dilation)
-        new.bank = bank_like(old.bank, num_classes)  # the old stage's hidden widths and activation
+    def _build_head(self, shape: tuple[BankShape, Any, Any], num_classes: int) -> nn.Module:
+        bank, kernel_size, dilation = shape
+        new = ShapleyConv2d(bank.in_channels, num_classes, kernel_size, dilation, bank.hidden, bank.act_layer,
+                            bank.output_act)
+        new.bank = bank.build(num_classes, self.reference)  # the old head's output bias too
         return new
+
+    def _head_changed(self, num_classes: int) -> None:
+        # The head reads every channel (checked in __init__); without it the map keeps them all.
+        if num_classes:
+            self.channel_split.append(self._dropped_head[0][0].in_channels)
+        else:
+            self.channel_split.pop()
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's feature levels: every stage before the head, its map's channels, stride 1 (dilated, no pooling)."""
+        levels, width = [], self.in_chans
+        for s in range(self.body_stages):
+            width = self.stages[s].bank.out_channels + width - self.channel_split[s]
+            levels.append(dict(num_chs=width, reduction=1, module=f"stages.{s}"))
+        return levels
+
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's per-stage representations: the Shapley maps of the stages in `indices` (default: every stage
+        before the head), `(B, C_s, H, W)` (`output_fmt="NHWC"`: channel-last), each explained by its own pixels.
+
+        Returns:
+            The maps, or with `intermediates_only=False` also `forward_features(x)` (channel-last) first.
+        """
+        take = take_levels(self.body_stages, indices, type(self).__name__)
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"{type(self).__name__}.forward_intermediates: output_fmt must be 'NCHW' or 'NHWC', got "
+                             f"{output_fmt!r}")
+        z = self._input_offsets(self._check(x))
+        maps = []
+        last = self.body_stages if not intermediates_only else (max(take) + 1 if take else 0)
+        for s in range(last):
+            z = self._stage(s, z)
+            if s in take:
+                maps.append(z if output_fmt == "NHWC" else rearrange(z, "b h w c -> b c h w"))
+        return maps if intermediates_only else (z, maps)
 
     def working_elements(self, x: Tensor) -> int:
         pixels = x.shape[-2] * x.shape[-1]

@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ._heads import StagedHead, bank_like
+from ._heads import BankShape, StagedHead
 from ._streaming import StreamedBatches, streamed
 from ._tabular import TabularGame
 from ._validation import finite_output
@@ -98,7 +98,9 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
 
     Args:
         in_features: `D`, the number of features; padded to the next power of two `P` internally.
-        num_classes: outputs; the last stage's channels.
+        num_classes: outputs; the last stage's channels. `0`: no head (timm's pooled features): the last hidden
+            stage's representation is the model's, `forward` returns its sum over the features
+            `(B, num_features)`.
         channels: channels of the hidden representations: an int (used for every hidden stage) or
             one width per hidden stage. There are `len(channels) + 1` stages, at least
             `butterfly_stages_needed(in_features)` (log2(D) for a power of two, more with padding).
@@ -137,9 +139,9 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
         super().__init__()
         if in_features < 2:
             raise ValueError(f"DeepShapNet needs at least 2 features, got {in_features}")
-        if num_classes < 1 or in_channels < 1:
-            raise ValueError(f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}")
-        self.num_classes = num_classes
+        if num_classes < 0 or in_channels < 1:
+            raise ValueError(f"num_classes must be >= 0 and in_channels >= 1, got {num_classes}, {in_channels}")
+        self.num_classes = num_classes or 1  # without a head (0), one is built and dropped: its shape is kept
         self.num_padded = 1 << math.ceil(math.log2(in_features))
         min_stages = butterfly_stages_needed(in_features)
         if isinstance(channels, int):
@@ -151,7 +153,7 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
                 f"every output row depends on every input: give at least {min_stages - 1} hidden channel widths, "
                 f"got {len(channels)}"
             )
-        self.stage_channels = [in_channels, *channels, num_classes]
+        self.stage_channels = [in_channels, *channels, self.num_classes]
         self.residual = residual
         self._init_game(in_features, in_channels, reference, feature_names)
         self.register_buffer("live_rows", torch.tensor(live_rows(in_features)), persistent=False)
@@ -161,6 +163,8 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
         )
         self.prune, self.prune_mode = stage_fractions(prune, len(self.stages), prune_mode), prune_mode
         self.prune_during_training, self.skip_inactive = prune_during_training, skip_inactive
+        if num_classes == 0:
+            self.reset_classifier(0)
 
     @property
     def num_stages(self) -> int:
@@ -209,24 +213,28 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
     def forward_features(self, x: Tensor) -> Tensor:
         """The padded representation the head reads, `(B, P, num_features)` (the input offsets for one stage)."""
         z, reference = self._padded_input(self._check(x))
-        for s in range(self.num_stages - 1):
+        for s in range(self.body_stages):
             z = self._stage(s, z, reference)
         return z
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
-        """Logits from `forward_features(x)`; `pre_logits=True`: the features summed over rows `(B, num_features)`."""
-        if not pre_logits:
+        """Logits from `forward_features(x)`; `pre_logits=True` (or no head): the features summed over rows
+        `(B, num_features)`."""
+        if not pre_logits and self.num_classes:
             last = self.num_stages - 1
             reference = self._padded_input(self.reference[None])[1] if last == 0 else None
             features = self._stage(last, features, reference)
         return features.index_select(1, self.live_rows).sum(1)
 
-    def _head_in_channels(self) -> int:
-        return self.stage_channels[-2]
+    def _head_shape(self) -> BankShape:
+        return BankShape.of(self.stages[-1])
 
-    def _new_head(self, num_classes: int) -> nn.Module:
-        self.stage_channels[-1] = num_classes
-        return bank_like(self.stages[-1], num_classes)
+    def _build_head(self, shape: BankShape, num_classes: int) -> nn.Module:
+        return shape.build(num_classes, self.reference)
+
+    def _head_changed(self, num_classes: int) -> None:
+        self.stage_channels = [*self.stage_channels[: len(self.stages) + 1 - (1 if num_classes else 0)],
+                               *([num_classes] if num_classes else [])]
 
     def working_elements(self, x: Tensor) -> int:
         return max(stage.coalition_elements() for stage in self.stages)

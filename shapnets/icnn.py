@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ._heads import take_levels
 from ._streaming import StreamedBatches, streamed
 from ._validation import check_input, finite_output, image_size_errors
 from .contract import LossTerm, StepOutput, no_layers
@@ -386,6 +387,15 @@ class InterpretableConv2d(nn.Module):
         self.last_maps, self.last_masked, self.last_peaks = maps, masked, peaks
         return masked
 
+    def reset_classes(self, num_classes: int) -> None:
+        """Assign the filters to a new label set of `num_classes`: the running per-class activation starts anew (the
+        conv keeps its weights). A filter's class is the round robin until the first labelled batch."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"InterpretableConv2d: num_classes must be a positive int, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.class_activation = self.class_activation.new_zeros(self.num_filters, num_classes)
+        self.class_seen = self.class_seen.new_zeros(num_classes)
+
     @property
     def filter_classes(self) -> Tensor:
         """`(M,)` the class each filter is assigned to (see docs/theory.md#interpretable-cnns)."""
@@ -574,15 +584,97 @@ class InterpretableCNN(StreamedBatches, nn.Module):
             raise ValueError(f"InterpretableCNN: filter_loss_weight must be >= 0, got {filter_loss_weight}")
         channels = _feature_channels(backbone) if feature_channels is None else feature_channels
         self.backbone = backbone
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"InterpretableCNN: num_classes must be an int >= 0 (0: no head), got {num_classes!r}")
         self.in_chans, self.num_classes, self.pool = in_chans, num_classes, pool
         self.filter_loss_weight = float(filter_loss_weight)
         self.interpretable_layer = InterpretableConv2d(
-            channels, channels if num_filters is None else num_filters, num_classes, kernel_size,
+            channels, channels if num_filters is None else num_filters, max(num_classes, 1), kernel_size,
             beta=beta, tau=tau, alpha=alpha, normalizer=normalizer, momentum=momentum, assignment=assignment,
             interpretable=interpretable,
         )
         self.num_filters = self.interpretable_layer.num_filters
-        self.head = nn.Linear(self.num_filters, num_classes)
+        self.head: nn.Module = nn.Linear(self.num_filters, num_classes) if num_classes else nn.Identity()
+
+    # ------------------------------------------------------------------ timm's model interface
+    # The head is the linear layer on the pooled masked filter maps; a new label set also restarts the filters'
+    # class assignment (the interpretable layer's running per-class activation), while every conv keeps its weights.
+    @property
+    def num_features(self) -> int:
+        """The interpretable filters `M` (what the head reads, pooled)."""
+        return self.num_filters
+
+    @property
+    def head_hidden_size(self) -> int:
+        """timm's width before the classifier: `num_features`."""
+        return self.num_filters
+
+    def get_classifier(self) -> nn.Module:
+        """The linear head on the pooled masked filter maps."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A freshly initialised head with `num_classes` outputs and a new class assignment of the filters (`0`: no
+        head, the model returns the pooled masked maps `(B, num_features)`; the assignment is left as it was).
+
+        Raises:
+            ValueError: `num_classes` is not an int >= 0.
+        """
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"{type(self).__name__}.reset_classifier: num_classes must be an int >= 0 (0: no head, "
+                             f"pooled features), got {num_classes!r}")
+        like = self.interpretable_layer.conv.weight
+        self.head = nn.Linear(self.num_filters, num_classes).to(like) if num_classes else nn.Identity()
+        if num_classes:
+            self.interpretable_layer.reset_classes(num_classes)
+        self.num_classes = num_classes
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's feature levels: the backbone's top map and the interpretable layer's masked filter maps.
+
+        Raises:
+            ValueError: the backbone does not say its stride (a `reduction` attribute or timm's `feature_info`).
+        """
+        info = getattr(self.backbone, "feature_info", None)
+        if info is not None and callable(getattr(info, "reduction", None)):
+            reduction = info.reduction()
+            reduction = reduction[-1] if isinstance(reduction, list | tuple) else reduction
+        else:
+            reduction = getattr(self.backbone, "reduction", None)
+        if not isinstance(reduction, int):
+            raise ValueError(f"{type(self).__name__}: the backbone does not say its stride (a `reduction` attribute "
+                             "or timm's feature_info), so its feature levels are unknown")
+        top = self.interpretable_layer.conv.in_channels
+        return [dict(num_chs=top, reduction=reduction, module="backbone"),
+                dict(num_chs=self.num_filters, reduction=reduction, module="interpretable_layer")]
+
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's feature levels `(B, C, H, W)`: 0 the backbone's top map, 1 the masked filter maps.
+
+        Returns:
+            The maps of `indices` (default both), or with `intermediates_only=False` also `forward_features(x)`.
+        """
+        take = take_levels(2, indices, type(self).__name__)
+        if output_fmt != "NCHW":
+            raise ValueError(f"{type(self).__name__}.forward_intermediates: output_fmt must be 'NCHW', got "
+                             f"{output_fmt!r}")
+        x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
+        top = self.top_features(x)
+        masked = self.interpretable_layer(top) if 1 in take or not intermediates_only else None
+        maps = [level for i, level in enumerate((top, masked)) if i in take]
+        return maps if intermediates_only else (masked, maps)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The masked filter maps `(B, num_features, H, W)` on the backbone's top map."""
+        x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
+        return self.interpretable_layer(self.top_features(x))
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits from `forward_features(x)`; `pre_logits=True`: the pooled maps `(B, num_features)`."""
+        pooled = self._pooled(features)
+        return pooled if pre_logits else self.head(pooled)
 
     # ------------------------------------------------------------------ forward
     def top_features(self, x: Tensor) -> Tensor:
@@ -610,9 +702,7 @@ class InterpretableCNN(StreamedBatches, nn.Module):
     @finite_output
     def forward(self, x: Tensor) -> Tensor:
         """`(B, in_chans, H_in, W_in) -> (B, num_classes)` logits."""
-        x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
-        masked = self.interpretable_layer(self.top_features(x))
-        return self.head(self._pooled(masked))
+        return self.forward_head(self.forward_features(x))
 
     # ------------------------------------------------------------------ training
     def loss_terms(self) -> list[FilterLossTerm]:
@@ -669,7 +759,9 @@ class InterpretableCNN(StreamedBatches, nn.Module):
             cell_values = torch.zeros_like(masked).flatten(2)
             cell_values = cell_values.scatter(2, peak_cell[..., None], pooled[..., None])
             cell_values = rearrange(cell_values, "b m (h w) -> b m h w", h=height)
-        weight = self.head.weight
+        # Without a head the pooled maps are the output: the identity "head" splits them the same way.
+        weight = self.head.weight if self.num_classes else torch.eye(filters, dtype=x.dtype, device=x.device)
+        bias = self.head.bias if self.num_classes else weight.new_zeros(filters)
         cell_attributions = torch.einsum("bmhw,cm->bhwc", cell_values, weight)
         share_rows = _share_matrix(in_height, height, x)
         share_cols = _share_matrix(in_width, width, x)
@@ -684,7 +776,7 @@ class InterpretableCNN(StreamedBatches, nn.Module):
         }
         return Explanation(
             attributions=attributions,
-            base=self.head.bias.expand(batch, -1),
+            base=bias.expand(batch, -1),
             output=logits,
             reference=None,
             player_axes=("height", "width"),

@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ._heads import drop_output_layer, renew_output_layer
 from ._streaming import StreamedBatches, streamed
 from ._tabular import TabularGame
 from ._validation import finite_output
@@ -73,7 +74,9 @@ class ShallowShapNet(StreamedBatches, TabularGame):
 
     Args:
         in_features: `D`, the number of features (players).
-        num_classes: number of outputs (classes).
+        num_classes: number of outputs (classes). `0`: no head (timm's pooled features): the inner nets end at
+            their last hidden layer, and `forward` returns its sum over the modules `(B, num_features)`, still
+            explained exactly.
         groups: `"singles"`, `"pairs"` or a list of feature-index tuples (mixed arities, overlaps).
         hidden: hidden widths of every module's inner MLP.
         reference: the reference input: `None` (zeros: the training mean for standardized data), a
@@ -107,10 +110,10 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         num_classes = rename_args(type(self), dict(num_classes=num_classes, out_features=out_features))["num_classes"]
         if num_classes is None:
             raise TypeError("ShallowShapNet needs num_classes (the number of outputs)")
-        if in_features < 1 or num_classes < 1 or in_channels < 1:
-            raise ValueError(f"in_features, num_classes, in_channels must be >= 1, got "
+        if in_features < 1 or num_classes < 0 or in_channels < 1:
+            raise ValueError(f"in_features, in_channels must be >= 1 and num_classes >= 0 (0: no head), got "
                              f"{in_features}, {num_classes}, {in_channels}")
-        self.num_classes = num_classes
+        self.num_classes = num_classes or 1  # without a head (0), one is built and dropped
         self.groups = make_groups(groups, in_features)
         self._init_game(in_features, in_channels, reference, feature_names)
 
@@ -122,8 +125,93 @@ class ShallowShapNet(StreamedBatches, TabularGame):
             members = [g for g in self.groups if len(g) == k]
             self.register_buffer(f"index_{k}", torch.tensor(members, dtype=torch.long), persistent=False)
             self.banks.append(
-                ShapleyModuleBank(len(members), k, in_channels, num_classes, hidden, act_layer, max_players)
+                ShapleyModuleBank(len(members), k, in_channels, self.num_classes, hidden, act_layer, max_players)
             )
+        if num_classes == 0:
+            self.reset_classifier(0)
+
+    @property
+    def out_channels(self) -> int:
+        """Output channels: `num_classes`, or `num_features` without a head."""
+        return self.num_classes or self.num_features
+
+    # ------------------------------------------------------------------ timm's model interface
+    # The head is the output layer of every module's inner net: each module still plays only on its group, so the
+    # network stays a sum of module games and every explanation stays exact, whatever the head's weights.
+    @property
+    def num_features(self) -> int:
+        """The width of the inner nets' last hidden layer (what the output layers read).
+
+        Raises:
+            ValueError: the inner nets have no hidden layer (`hidden=()`): the output layer is the whole inner.
+        """
+        bank = self.banks[0]
+        if not self.num_classes:
+            return bank.out_channels
+        if len(bank.weights) < 2:
+            raise ValueError(f"{type(self).__name__} with hidden=() has no features: each inner net is one "
+                             "linear layer, its head")
+        return int(bank.weights[-1].shape[1])
+
+    @property
+    def head_hidden_size(self) -> int:
+        """timm's width before the classifier: `num_features`."""
+        return self.num_features
+
+    def get_classifier(self) -> nn.Module:
+        """The module banks: the head is their inner nets' output layers (`banks.*.weights.-1`, `biases.-1`)."""
+        return self.banks
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Freshly initialised output layers with `num_classes` outputs in every module's inner net (`0`: none).
+
+        Every hidden layer keeps its weights. With `num_classes=0` each inner net ends at its last hidden layer
+        (activated) and `forward` returns the modules' sum `(B, num_features)`; explanations stay exact.
+
+        Raises:
+            ValueError: `num_classes` is not an int >= 0, or `0` with `hidden=()` (no hidden layer to keep).
+        """
+        name = type(self).__name__
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"{name}.reset_classifier: num_classes must be an int >= 0 (0: no head, pooled "
+                             f"features), got {num_classes!r}")
+        if num_classes == 0 and self.num_classes:
+            try:
+                for bank in self.banks:
+                    drop_output_layer(bank)
+            except ValueError as e:
+                raise ValueError(f"{name}.reset_classifier(0): {e}") from None
+        elif num_classes:
+            for bank in self.banks:
+                renew_output_layer(bank, num_classes)
+        self.num_classes = num_classes
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Every module's last hidden activation at the input, `(B, num_modules, num_features)` (bank by bank)."""
+        width = self.num_features
+        x = self._check(x)
+        features = []
+        for k, bank in zip(self.arities, self.banks):
+            xg = x[:, self._index(k)].flatten(2)  # (B, G, k*C)
+            h = torch.einsum("bgi,gio->bgo", xg, bank.weights[0]) + bank.biases[0]
+            for i in range(1, len(bank.weights) - (1 if self.num_classes else 0)):
+                h = torch.einsum("bgi,gio->bgo", bank.act(h), bank.weights[i]) + bank.biases[i]
+            features.append(bank.act(h))
+        return torch.cat(features, dim=1) if features else x.new_zeros(x.shape[0], 0, width)
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits from `forward_features(x)`; `pre_logits=True` (or no head): the features summed over modules."""
+        if pre_logits or not self.num_classes:
+            return features.sum(1)
+        out = features.new_zeros(features.shape[0], self.num_classes)
+        start = 0
+        for bank in self.banks:
+            part = features[:, start:start + bank.num_groups]
+            start += bank.num_groups
+            logits = torch.einsum("bgi,gio->bgo", part, bank.weights[-1])
+            bias = bank.bias(len(bank.weights) - 1)
+            out = out + (logits if bias is None else logits + bias).sum(1)
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_classes={self.num_classes}, modules={len(self.groups)}"
@@ -139,7 +227,7 @@ class ShallowShapNet(StreamedBatches, TabularGame):
     def forward(self, x: Tensor) -> Tensor:
         """Logits `sum_j f_j(x_{A_j})` with one inner evaluation per module."""
         x = self._check(x)
-        out = x.new_zeros(x.shape[0], self.num_classes)
+        out = x.new_zeros(x.shape[0], self.out_channels)
         for k, bank in zip(self.arities, self.banks):
             out = out + bank(x[:, self._index(k)]).sum(1)  # (B, G, k, C) -> (B, G, O) -> (B, O)
         return out
@@ -160,9 +248,9 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         no_layers(self, layers)
         x = self._check(x)
         B = x.shape[0]
-        attributions = x.new_zeros(B, self.in_features, self.num_classes)
-        base = x.new_zeros(B, self.num_classes)
-        output = x.new_zeros(B, self.num_classes)
+        attributions = x.new_zeros(B, self.in_features, self.out_channels)
+        base = x.new_zeros(B, self.out_channels)
+        output = x.new_zeros(B, self.out_channels)
         delta = x - self.reference
         for k, bank in zip(self.arities, self.banks):
             index = self._index(k)

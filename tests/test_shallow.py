@@ -247,7 +247,7 @@ def test_group_above_max_players() -> None:
         ShallowShapNet(5, 2, groups=[(0, 1, 2, 3)], max_players=3)
 
 
-@pytest.mark.parametrize("args", [(0, 2), (3, 0)])
+@pytest.mark.parametrize("args", [(0, 2), (3, -1)])  # num_classes=0 is timm's "no head" (tests/test_timm_interface.py)
 def test_sizes_must_be_positive(args: tuple[int, int]) -> None:
     with pytest.raises(ValueError, match="must be >= 1"):
         ShallowShapNet(*args, groups="singles")

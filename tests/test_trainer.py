@@ -143,12 +143,16 @@ def test_init_from_checkpoint_strict_and_partial(tmp_path: Path) -> None:
     assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
     initialize_from(ShallowShapNet(D, 2, hidden=(16,)), str(best.parent))  # a run folder works too
 
+    # Another number of classes (a new label set): a new head, the output layers of the inner nets; the rest loads.
     other_head = ShallowShapNet(D, 3, hidden=(16,))
-    with pytest.raises(UserError, match=r"shape mismatch.*strict_init=false"):
-        initialize_from(other_head, str(best))
-    report = initialize_from(other_head, str(best), strict=False)
-    assert report["mismatched"] and all("weights.1" in k or "biases.1" in k for k in report["mismatched"])
+    report = initialize_from(other_head, str(best))
+    assert report["new"] and all("weights.1" in k or "biases.1" in k for k in report["new"])
     assert torch.equal(other_head.state_dict()["banks.0.weights.0"], trained["banks.0.weights.0"])
+    other_width = ShallowShapNet(D, 2, hidden=(8,))  # a mismatch beyond the head: refused unless strict=false
+    with pytest.raises(UserError, match=r"shape mismatch.*strict_init=false"):
+        initialize_from(other_width, str(best))
+    report = initialize_from(other_width, str(best), strict=False)
+    assert report["mismatched"] and all("weights" in k or "biases" in k for k in report["mismatched"])
     with pytest.raises(UserError, match="no-such-thing"):
         initialize_from(model, str(tmp_path / "no-such-thing"))
 

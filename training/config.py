@@ -56,7 +56,9 @@ class ModelConfig:
         init_from: fine-tuning start point: a training checkpoint (`.pt`), a pretrained folder
             (`model.safetensors` + `config.json`) or a zoo name; `None` trains from scratch.
         freeze: fnmatch patterns of parameter names that are not trained (e.g. `"banks.0.*"`).
-        strict_init: with `init_from`, require every parameter to match by name and shape.
+        strict_init: with `init_from`, require every parameter to match by name and shape, except a head for another
+            number of classes (a fine-tune on a new label set): that head is newly initialised and reported, as
+            timm's `pretrained=True, num_classes=N` does.
     """
 
     name: str = "shapnet_shallow"

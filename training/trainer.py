@@ -14,6 +14,7 @@ curves.png (the learning curves, drawn from metrics.csv at the end of the run).
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import fnmatch
 import json
@@ -63,6 +64,7 @@ __all__ = [
     "evaluate",
     "initialize_from",
     "load_data",
+    "log_init_report",
     "seed_everything",
     "train",
     "warmup_cosine",
@@ -75,7 +77,7 @@ BUDGET_PROBE_STEPS = (5, 35)
 before it pay for warm-ups: cuDNN autotuning, lazy allocation)."""
 
 RUN_FILES = ("last.pt", "best.pt", "config.yaml", "data_info.json", "metrics.csv", "train.log", "summary.json",
-             "explanation_effect.json", "curves.png")
+             "explanation_effect.json", "init_from.json", "curves.png")
 """Files a run writes into its output folder (the ones `--overwrite` replaces)."""
 
 class TrainingDiverged(RuntimeError):
@@ -183,35 +185,78 @@ def _state_dict_from(source: str) -> dict[str, Tensor]:
 
 
 def initialize_from(model: nn.Module, source: str, strict: bool = True) -> dict[str, list[str]]:
-    """Load initial weights (fine-tuning).
+    """Load initial weights (fine-tuning), giving the model a new head when the label set changed.
 
-    With `strict`, every parameter and buffer must match by name and shape; without it, entries that are missing,
-    unexpected or of another shape (e.g. a new classification head) are skipped and reported.
+    A source whose entries differ from the model's only in the head (another number of classes: a fine-tune on a new
+    label set) is timm's `pretrained=True, num_classes=N`: the whole head is newly initialised
+    (`zoo.replace_head`), every other entry is loaded, and the data set's own `data_args` buffers (a ShapNet's
+    `reference`: what "absent" means in the new data) are kept as the data set gave them. Otherwise, with `strict`,
+    every parameter and buffer must match by name and shape; without it, entries that are missing, unexpected or
+    of another shape are skipped and reported.
 
     Returns:
-        The names of `missing`, `unexpected` and `mismatched` entries.
+        The names of `missing`, `unexpected` and `mismatched` entries (skipped), `kept` (loaded from the source),
+        `new` (a newly initialised head) and `from_data` (kept as the data set gave them).
+
+    Raises:
+        UserError: an unreadable source, or (with `strict`) one that does not match beyond the head.
     """
     state = _state_dict_from(source)
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
-    if strict:
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        if missing or unexpected or mismatched:
-            details = [f"{label}: {names[:5]}{' ...' if len(names) > 5 else ''}"
-                       for label, names in (("missing", missing), ("unexpected", unexpected),
-                                            ("shape mismatch", mismatched)) if names]
-            raise UserError(f"model.init_from={source!r} does not match the model ({'; '.join(details)}); "
-                            "set model.strict_init=false to load what matches")
-        model.load_state_dict(state)
-        return {"missing": [], "unexpected": [], "mismatched": []}
-    result = model.load_state_dict({k: v for k, v in state.items() if k not in mismatched}, strict=False)
-    report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys),
-              "mismatched": mismatched}
-    for label, names in report.items():
-        if names:
-            log.info("init_from: %d %s entries skipped: %s", len(names), label, ", ".join(names[:8]))
+    report: dict[str, list[str]] = {"missing": [], "unexpected": [], "mismatched": [], "kept": [], "new": [],
+                                    "from_data": []}
+    head = _new_head_keys(model, mismatched)
+    if head:
+        from_data = [k for k in getattr(model, "data_args", ()) if k in own and k not in head]
+        skip = set(head) | set(from_data)
+        state = {k: v for k, v in state.items() if k not in skip}
+        own = {k: v for k, v in own.items() if k not in skip}
+        mismatched = [k for k in mismatched if k not in skip]
+        report.update(new=head, from_data=from_data)
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if strict and (missing or unexpected or mismatched):
+        details = [f"{label}: {names[:5]}{' ...' if len(names) > 5 else ''}"
+                   for label, names in (("missing", missing), ("unexpected", unexpected),
+                                        ("shape mismatch", mismatched)) if names]
+        raise UserError(f"model.init_from={source!r} does not match the model ({'; '.join(details)}); "
+                        "set model.strict_init=false to load what matches")
+    loaded = {k: v for k, v in state.items() if k in own and k not in mismatched}
+    model.load_state_dict(loaded, strict=False)
+    report.update(missing=missing, unexpected=unexpected, mismatched=mismatched,
+                  kept=[k for k in model.state_dict() if k in loaded])
+    for label in ("missing", "unexpected", "mismatched"):
+        if report[label]:
+            log.info("init_from: %d %s entries skipped: %s", len(report[label]), label,
+                     ", ".join(report[label][:8]))
     return report
+
+
+def _new_head_keys(model: nn.Module, mismatched: list[str]) -> list[str]:
+    """The head's entries, newly initialised, when every mismatch lies in the model's head; else `[]` (untouched).
+
+    The head is what `zoo.replace_head` renews (the family's `reset_classifier`): a ShapNet's last stage, the
+    output layers of a Shallow ShapNet's inner nets, a linear classifier.
+    """
+    classes = getattr(model, "num_classes", None)
+    if not mismatched or not callable(getattr(model, "reset_classifier", None)) or not isinstance(classes, int):
+        return []
+    probe = copy.deepcopy(model)  # find the head without touching the model unless it is the only mismatch
+    head = zoo.replace_head(probe, classes)["new"]
+    if not set(mismatched) <= set(head):
+        return []
+    return zoo.replace_head(model, classes)["new"]
+
+
+def log_init_report(source: str, report: dict[str, list[str]]) -> None:
+    """Say in the run's log which entries came from `source`, which are new and which are the data set's."""
+    log.info("initialised from %s: %d entries kept", source, len(report["kept"]))
+    if report["new"]:
+        log.info("init_from: new head for the new label set, %d entries newly initialised: %s",
+                 len(report["new"]), ", ".join(report["new"]))
+    if report["from_data"]:
+        log.info("init_from: kept as the data set gives them: %s", ", ".join(report["from_data"]))
 
 
 def apply_freeze(model: nn.Module, patterns: list[str]) -> int:
@@ -450,7 +495,8 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
 
     Returns:
         A summary dict: best validation accuracy and epoch, test metrics, epochs and steps run, wall time,
-        samples per second, the output folder.
+        samples per second, the output folder, and with `model.init_from` what it kept (a count) and initialised
+        anew (`init_from.json` in the run folder lists every entry).
 
     Raises:
         UserError: bad config values, an existing output folder, missing data, unknown model.
@@ -490,8 +536,9 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
             raise UserError(f"data.shift_pixels={dc.shift_pixels} needs images, but {info.name} has inputs of shape "
                             f"{tuple(info.input_shape)}; set it to 0")
         model = build_model(cfg.model, info)
+        init_report = None
         if cfg.model.init_from:
-            initialize_from(model, cfg.model.init_from, cfg.model.strict_init)
+            init_report = initialize_from(model, cfg.model.init_from, cfg.model.strict_init)
         apply_freeze(model, cfg.model.freeze)
         model.to(device)
         # Checked now (players, input layout), not after the first epoch; runs on the main process only.
@@ -510,8 +557,11 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
             log.addHandler(file_handler)
             if log.getEffectiveLevel() > logging.INFO:
                 log.setLevel(logging.INFO)
-        if cfg.model.init_from:
-            log.info("initialised from %s", cfg.model.init_from)
+        if init_report is not None:
+            log_init_report(cfg.model.init_from, init_report)
+            if dist_info.is_main and not resume:
+                report = {"source": cfg.model.init_from, **init_report}
+                ckpt.atomic_write_bytes(json.dumps(report, indent=2).encode(), out / "init_from.json")
         n_total = sum(p.numel() for p in model.parameters())
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("model %s: %d parameters, %d trainable", cfg.model.name, n_total, n_trainable)
@@ -780,6 +830,9 @@ def train(cfg: ExperimentConfig, *, output_dir: str | Path | None = None, resume
             "total_params": n_total,
             "output_dir": str(out),
             "explanation_effect": effect,
+            "init_from": None if init_report is None else {
+                "source": cfg.model.init_from, "kept": len(init_report["kept"]), "new": init_report["new"],
+                "from_data": init_report["from_data"]},
         }
         summary = (f"{cfg.name}: best val acc {_pct(result['best_val_acc'])} (epoch {best['epoch']}), "
                    f"test acc {_pct(test.get('acc'))}, macro {_pct(test.get('acc_macro'))}, "

@@ -30,7 +30,7 @@ from torch import nn
 # The family files register their names (with timm too) when imported.
 from . import baselines, capsnet_models, icnn_models, shapnets_models  # noqa: F401
 from ._args import ACT_LAYERS, jsonable
-from ._builder import build_model_with_cfg, register, register_variant
+from ._builder import build_model_with_cfg, register, register_variant, replace_head
 from ._paths import card_path, shipped_dir
 from ._registry import (
     ARCHITECTURES,
@@ -65,6 +65,7 @@ __all__ = [
     "read_config",
     "register",
     "register_variant",
+    "replace_head",
     "save_pretrained",
     "sha256_of",
     "shipped_dir",

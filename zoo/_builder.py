@@ -13,6 +13,7 @@ weights when `pretrained`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 
 from shapnets.contract import rename_args
 
+from ._features import FeatureStages
 from ._paths import CONFIG_NAME, WEIGHTS_NAME, shipped_dir
 from ._registry import (
     ARCHITECTURES,
@@ -40,7 +42,7 @@ from ._registry import (
 )
 from .hub import load_weights_into, read_config
 
-__all__ = ["build_model_with_cfg", "register", "register_variant"]
+__all__ = ["build_model_with_cfg", "register", "register_variant", "replace_head"]
 
 
 def build_model_with_cfg(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -63,6 +65,12 @@ def build_model_with_cfg(name: str, pretrained: bool = False, **kwargs: Any) -> 
     family = ENTRIES.get(arch, Family())
     cfg = resolve_cfg(name, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None))
     kwargs.pop("cache_dir", None)  # no download cache: nothing is downloaded
+    features_only = bool(kwargs.pop("features_only", False))
+    feature_args = {k: kwargs.pop(k) for k in ("out_indices", "feature_cls", "output_fmt") if k in kwargs}
+    if feature_args and not features_only:
+        raise TypeError(f"{name}: {sorted(feature_args)} only go with features_only=True")
+    if features_only:
+        _check_features(name, model_class(name), feature_args)
     kwargs.pop("pretrained_model_args", None)  # timm's `local-dir:` copy of model_args, already in kwargs
 
     location = weights_location(name, cfg)
@@ -101,7 +109,59 @@ def build_model_with_cfg(name: str, pretrained: bool = False, **kwargs: Any) -> 
         model.pretrained_cfg["file"] = str(location)
         if new_head:
             _replace_head(model, name, new_classes)
+    if features_only:
+        return FeatureStages(model, feature_args.get("out_indices"))
     return model
+
+
+def _check_features(name: str, model_cls: type[nn.Module], feature_args: Mapping[str, Any]) -> None:
+    """Refuse `features_only=True` where a family has no feature maps, and timm options we do not implement.
+
+    Raises:
+        ValueError: a tabular (or other map-less) family, or a `feature_cls` / `output_fmt` other than the default.
+    """
+    if not callable(getattr(model_cls, "forward_intermediates", None)):
+        what = ("takes tabular data: its representations are per feature, not maps" if "in_features" in
+                _parameters(model_cls) else "has no feature levels (no forward_intermediates)")
+        raise ValueError(f"{name}: features_only=True needs feature maps, but {model_cls.__name__} {what}; use "
+                         "model.forward_features(x) for the representation its head reads")
+    cls = feature_args.get("feature_cls")
+    if cls not in (None, "getter"):
+        raise ValueError(f"{name}: feature_cls={cls!r} is not supported; the zoo's feature wrapper is the "
+                         "'getter' kind (forward_intermediates)")
+    fmt = feature_args.get("output_fmt")
+    if fmt not in (None, "NCHW"):
+        raise ValueError(f"{name}: features_only gives NCHW maps, got output_fmt={fmt!r}")
+
+
+def _parameters(model_cls: type[nn.Module]) -> set[str]:
+    return set(inspect.signature(model_cls.__init__).parameters)
+
+
+def replace_head(model: nn.Module, num_classes: int) -> dict[str, list[str]]:
+    """`model.reset_classifier(num_classes)`, reporting which state-dict entries it kept and which are new.
+
+    An entry is new when `reset_classifier` replaced its tensor (the family decides what its head is: a ShapNet's
+    last stage, the output layers of a Shallow ShapNet's inner nets, a linear classifier ...); every other entry is
+    the same tensor as before, so its weights are kept as they were.
+
+    Args:
+        model: a model with timm's `reset_classifier`.
+        num_classes: the new head's classes (`0`: no head, where the family supports it).
+
+    Returns:
+        `kept` (entries untouched), `new` (freshly initialised) and `dropped` (entries the new head no longer has).
+
+    Raises:
+        ValueError: the model has no replaceable head (no `reset_classifier`).
+    """
+    if not callable(getattr(model, "reset_classifier", None)):
+        raise ValueError(f"{type(model).__name__} has no head to replace (no reset_classifier)")
+    before = model.state_dict(keep_vars=True)
+    model.reset_classifier(num_classes)
+    after = model.state_dict(keep_vars=True)
+    new = [k for k, v in after.items() if before.get(k) is not v]
+    return {"kept": [k for k in after if k not in new], "new": new, "dropped": [k for k in before if k not in after]}
 
 
 def _replace_head(model: nn.Module, name: str, num_classes: Any) -> None:
@@ -114,14 +174,10 @@ def _replace_head(model: nn.Module, name: str, num_classes: Any) -> None:
         raise ValueError(f"{name}: pretrained=True with num_classes={num_classes} needs a new head, but "
                          f"{type(model).__name__} has none to replace (no reset_classifier); use pretrained=False, "
                          "or initialise from the checkpoint with training's model.init_from and strict=false")
-    model.reset_classifier(num_classes)
+    model.pretrained_load_report = replace_head(model, num_classes)
     model.model_args["num_classes"] = num_classes
     model.pretrained_cfg.update(num_classes=num_classes, label_names=None)  # the labels were the old head's
     complete_cfg(model)
-    head = model.pretrained_cfg["classifier"] + "."
-    keys = sorted(model.state_dict())
-    model.pretrained_load_report = {"kept": [k for k in keys if not k.startswith(head)],
-                                    "new": [k for k in keys if k.startswith(head)]}
 
 
 def _add_to_timm(name: str, cfg: ShapNetCfg | None, module: str) -> None:

@@ -36,12 +36,18 @@ def _activation(act_layer: str | type[nn.Module], who: str) -> type[nn.Module]:
     return ACT_LAYERS[key]
 
 
+def _check_classes(num_classes: object, who: str) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"{who}.reset_classifier: num_classes must be an int >= 0 (0: no head, pooled features), "
+                         f"got {num_classes!r}")
+
+
 class BaselineMLP(nn.Module):
     """A plain MLP classifier for tabular inputs `(B, D)`.
 
     Args:
         in_features: `D`.
-        num_classes: outputs (logits).
+        num_classes: outputs (logits); `0`: no head, the model returns the last hidden layer's output.
         hidden: widths of the hidden layers.
         act_layer: activation name (`"relu"`, `"gelu"`, ...: see `zoo.ACT_LAYERS`) or class.
         dropout: dropout after every hidden activation.
@@ -50,9 +56,9 @@ class BaselineMLP(nn.Module):
     def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (64, 64),
                  act_layer: str | type[nn.Module] = "relu", dropout: float = 0.0) -> None:
         super().__init__()
-        if in_features < 1 or num_classes < 1 or any(int(h) < 1 for h in hidden):
-            raise ValueError(f"BaselineMLP: in_features, num_classes and hidden widths must be >= 1, got "
-                             f"{in_features}, {num_classes}, {list(hidden)}")
+        if in_features < 1 or num_classes < 0 or any(int(h) < 1 for h in hidden):
+            raise ValueError(f"BaselineMLP: in_features and hidden widths must be >= 1 and num_classes >= 0 (0: no "
+                             f"head), got {in_features}, {num_classes}, {list(hidden)}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"BaselineMLP: dropout must lie in [0, 1), got {dropout}")
         act = _activation(act_layer, "BaselineMLP")
@@ -64,7 +70,7 @@ class BaselineMLP(nn.Module):
             if dropout:
                 layers.append(nn.Dropout(dropout))
             width = int(h)
-        layers.append(nn.Linear(width, num_classes))
+        layers.append(nn.Linear(width, num_classes) if num_classes else nn.Identity())
         self.layers = nn.Sequential(*layers)
         self.in_features, self.num_classes = in_features, num_classes
 
@@ -86,16 +92,19 @@ class BaselineMLP(nn.Module):
 
     @property
     def head_hidden_size(self) -> int:
-        return int(self.layers[0].in_features if len(self.layers) == 1 else
-                   next(m.out_features for m in reversed(self.layers[:-1]) if isinstance(m, nn.Linear)))
+        return int(next((m.out_features for m in reversed(self.layers[:-1]) if isinstance(m, nn.Linear)),
+                        self.in_features))
 
     def get_classifier(self) -> nn.Module:
         return self.layers[-1]
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new last layer with `num_classes` outputs (`0`: none, the model returns `forward_features`)."""
+        _check_classes(num_classes, type(self).__name__)
         width = self.head_hidden_size
-        self.layers[-1] = (nn.Linear(width, num_classes) if num_classes else nn.Identity()).to(self.layers[0].weight)
+        like = next(self.parameters(), None)
+        head = nn.Linear(width, num_classes) if num_classes else nn.Identity()
+        self.layers[-1] = head.to(like) if like is not None else head
         self.num_classes = num_classes
 
 
@@ -104,15 +113,15 @@ class BaselineCNN(nn.Module):
 
     Args:
         in_chans: image channels.
-        num_classes: outputs (logits).
+        num_classes: outputs (logits); `0`: no head, the model returns the pooled features.
         channels: width of each stage (one 3x3 conv-BN-ReLU per stage, 2x2 max pooling between stages).
     """
 
     def __init__(self, in_chans: int, num_classes: int, channels: Sequence[int] = (16, 24, 32)) -> None:
         super().__init__()
-        if in_chans < 1 or num_classes < 1 or not channels or any(int(c) < 1 for c in channels):
-            raise ValueError(f"BaselineCNN: in_chans, num_classes and the stage widths must be >= 1 (at least one "
-                             f"stage), got {in_chans}, {num_classes}, {list(channels)}")
+        if in_chans < 1 or num_classes < 0 or not channels or any(int(c) < 1 for c in channels):
+            raise ValueError(f"BaselineCNN: in_chans and the stage widths must be >= 1 (at least one stage) and "
+                             f"num_classes >= 0 (0: no head), got {in_chans}, {num_classes}, {list(channels)}")
         layers: list[nn.Module] = []
         width = in_chans
         for stage, c in enumerate(channels):
@@ -122,7 +131,7 @@ class BaselineCNN(nn.Module):
             width = int(c)
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(width, num_classes)
+        self.head = nn.Linear(width, num_classes) if num_classes else nn.Identity()
         self.in_chans, self.num_classes = in_chans, num_classes
 
     @finite_output
@@ -153,6 +162,7 @@ class BaselineCNN(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new linear head with `num_classes` outputs (`0`: none, the model returns the pooled features)."""
+        _check_classes(num_classes, type(self).__name__)
         self.head = (nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()).to(
             self.features[0].weight)
         self.num_classes = num_classes
