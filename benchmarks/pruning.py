@@ -57,7 +57,7 @@ Row = dict[str, Any]
 DEFAULT_FRACTIONS = [round(0.1 * i, 1) for i in range(10)]
 TOP_SHARE = 0.1
 ROW_COLUMNS = ["p", "accuracy", "players kept", "modules skipped", "coalitions skipped", "coalition evals / sample",
-               "skip ms", "masked ms",
+               "skip ms", "masked ms", "explain ms (interleaved)",
                "speed-up (masked / skip)", "same predictions (share)", "max logit diff / max |logit|"]
 SPARSITY_COLUMNS = ["model", "architecture", "players", "non-zero players", "samples", "accuracy", "top-10% mass",
                     "Gini", "n90", "peak share"]
@@ -283,6 +283,31 @@ def headline(loaded: dict[str, tuple[nn.Module, Tensor, list[Row]]], start: str,
             for label, row in chosen.items()]
 
 
+def interleaved_explain_times(loaded: dict[str, tuple[nn.Module, Tensor, list[Row]]], *, mode: str,
+                              time_samples: int, repeats: int, warmup: int, batch_size: int) -> None:
+    """Time `explain` for every model at every `p` of its rows in one interleaved loop and store it in each row as
+    `"explain ms (interleaved)"`: the curves against wall time then compare configurations measured under the same
+    load (timed fraction by fraction, a shared machine's changing load bends them)."""
+    saved = {label: (list(m.prune), m.prune_mode, m.skip_inactive) for label, (m, _, _) in loaded.items()}
+
+    def runner(model: nn.Module, x: Tensor, p: float) -> Any:
+        def run() -> None:
+            configure_pruning(model, pruned_stages(p, model.num_stages, mode), mode)
+            model.skip_inactive = True
+            explain_all(model, x[:time_samples], batch_size)
+        return run
+
+    fns = {f"{label} {r['p']}": runner(model, x, r["p"]) for label, (model, x, rows) in loaded.items() for r in rows}
+    try:
+        times = interleaved_medians(fns, repeats, warmup)
+    finally:
+        for label, (m, _, _) in loaded.items():
+            m.prune, m.prune_mode, m.skip_inactive = saved[label]
+    for label, (_, _, rows) in loaded.items():
+        for r in rows:
+            r["explain ms (interleaved)"] = 1e3 * times[f"{label} {r['p']}"]
+
+
 def plot_curves(results: dict[str, list[Row]], out: Path) -> Path | None:
     """Accuracy against `p`, against coalition evaluations done and against explain time, one line per model
     (None without matplotlib)."""
@@ -296,12 +321,12 @@ def plot_curves(results: dict[str, list[Row]], out: Path) -> Path | None:
         return None
     panels = [("p", "pruning fraction p (every stage but the last)"),
               ("coalition evals / sample", "coalition evaluations done per sample"),
-              ("skip ms", "explain time (ms, skipping on)")]
+              ("explain ms (interleaved)", "explain time (ms, all configurations timed interleaved)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6))
     for label, rows in results.items():
         accuracy = [100 * r["accuracy"] for r in rows]
         for ax, (key, _) in zip(axes, panels):
-            ax.plot([r[key] for r in rows], accuracy, marker="o", markersize=3, label=label)
+            ax.plot([r.get(key, r.get("skip ms")) for r in rows], accuracy, marker="o", markersize=3, label=label)
     for ax, (_, xlabel) in zip(axes, panels):
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel("test accuracy (%)", fontsize=8)
@@ -370,8 +395,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {device}, float32. p prunes every stage but "
         f"the last; p counts `{args.mode}` players (see `shapnets.pruning`). Times: `explain` on "
         f"{args.time_samples} samples (batches of {args.batch_size}), median of "
-        f"{args.repeats} after {args.warmup} warm-up, skip and masked timed in turn; skipped fractions and "
-        "predictions on all samples.\n",
+        f"{args.repeats} after {args.warmup} warm-up: `skip ms` and `masked ms` timed in turn per fraction, "
+        "`explain ms (interleaved)` every model at every p timed in one interleaved loop (compare these across p and "
+        "models); skipped fractions and predictions on all samples.\n",
     ]
     for label, source in zip(labels, args.sources):
         loaded, x, y = load_test_samples(source, args.data_root, args.samples, device)
@@ -383,10 +409,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         architecture = type(model).__name__
         models[label] = {"source": source, "architecture": architecture, "dataset": loaded.info.name,
                          "stages": model.num_stages, "rows": rows, "sparsity": sparsity}
-        sections += [f"### {label} ({architecture}, {loaded.info.name}, {len(x)} test samples, "
+        print(f"[{label}] done", file=sys.stderr)
+    interleaved_explain_times(runs, mode=args.mode, time_samples=args.time_samples, repeats=args.repeats,
+                              warmup=args.warmup, batch_size=args.batch_size)
+    for label, (model, x, rows) in runs.items():
+        m = models[label]
+        sections += [f"### {label} ({m['architecture']}, {m['dataset']}, {len(x)} test samples, "
                      f"{model.num_stages} stages)\n",
                      markdown_table(rows, [c for c in ROW_COLUMNS if c in rows[0]]) + "\n"]
-        print(f"[{label}] done", file=sys.stderr)
     sparsity_rows = [{"model": label, "architecture": m["architecture"], **m["sparsity"]}
                      for label, m in runs_info(models) if m["sparsity"]]
     if sparsity_rows:
