@@ -10,9 +10,16 @@ trainer's best-validation-accuracy pick ignores the term and tends to keep the f
 shipped model itself, not fine-tuned.
 
     python benchmarks/fidelity_sweep.py --data yeast breast_cancer adult --weights 0.3 1 3 10
+    python benchmarks/fidelity_sweep.py --data breast_cancer --weights 100 --epochs 16 --tag _p4 \
+        --term permutations=4 --set optim.lr=0.0005
+
+`--set section.key=value` overrides the config (as `shapnets train --set`), `--term key=value` the fidelity term's
+own arguments; `--tag` names such a variant's run folders (`<data>_w<weight><tag>`). A run stopped before its end
+resumes from its `last.pt`.
 
 Prints one table per model, writes `<out>/fidelity_sweep.json` and draws `docs/figures/fidelity_sweep.png`
-(own error against test accuracy, one curve per model, KernelShap(1024)'s error as a dashed line).
+(own error against test accuracy, one panel per model; KernelShap(1024)'s error on each point's model as a cross,
+on the shipped model as a dashed line).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ if str(ROOT) not in sys.path:
 
 from training.bench import Budgets, Case, captum_methods, compare, make_game, markdown_table  # noqa: E402
 from training.cli import load_source, load_split  # noqa: E402
-from training.config import config_from_dict, config_to_dict, load_config  # noqa: E402
+from training.config import apply_overrides, config_from_dict, config_to_dict, load_config  # noqa: E402
 from training.trainer import evaluate, train  # noqa: E402
 
 KERNEL = "KernelShap (1024)"
@@ -68,22 +75,34 @@ def measure(source: str, label: str, samples: int, data_root: str | None, kernel
             "players": game.num_kept}
 
 
-def run_point(data: str, weight: float, out: Path, epochs: int | None, max_steps: int | None) -> Path:
-    """Fine-tune (or reuse) one sweep point; returns its run folder."""
-    folder = out / f"{data}_w{weight:g}"
+def run_point(data: str, weight: float, out: Path, epochs: int | None, max_steps: int | None,
+              overrides: list[str] = (), term: list[str] = (), tag: str = "") -> Path:
+    """Fine-tune (or reuse, or resume) one sweep point; returns its run folder.
+
+    `overrides` are `section.key=value` config overrides, `term` `key=value` arguments of the fidelity term.
+    """
+    folder = out / f"{data}_w{weight:g}{tag}"
     if (folder / "summary.json").is_file():
         return folder
-    cfg = load_config(ROOT / "configs" / f"finetune_deep_{data}_fidelity.yaml")
+    cfg = load_config(ROOT / "configs" / f"finetune_deep_{data}_fidelity.yaml", list(overrides))
     values = config_to_dict(cfg)
     values["loss"]["terms"][0]["weight"] = float(weight)
+    # The term's arguments sit in a list, out of reach of `section.key` overrides: parse them the same way.
+    apply_overrides(values["loss"]["terms"][0], list(term))
     values["name"] = f"finetune_deep_{data}_fidelity"
     if epochs is not None:
         values["train"]["epochs"] = epochs
     if max_steps is not None:
         values["train"]["max_steps"] = max_steps
     cfg = config_from_dict(values)
-    train(cfg, output_dir=folder, overwrite=True)
+    resume = (folder / "last.pt").is_file()
+    train(cfg, output_dir=folder, resume=resume, overwrite=not resume)
     return folder
+
+
+def _ordered(points: Any) -> list[dict[str, Any]]:
+    """Points by weight, then variant (the shipped model, weight 0, first)."""
+    return sorted(points, key=lambda p: (p["weight"], p.get("tag") or "", p.get("epochs") or 0, p["run"]))
 
 
 def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -94,17 +113,21 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
     for ax, (data, points) in zip(axes[0], results.items()):
-        points = sorted(points, key=lambda p: (p["weight"], p.get("epochs") or 0))
-        ax.plot([100 * p["test_acc"] for p in points], [p["own_error"] for p in points], "o-",
+        points = _ordered(points)
+        ax.plot([100 * p["test_acc"] for p in points], [p["own_error"] for p in points], "o",
                 label="own explain()")
+        # KernelShap's error moves with the model: a fine-tune can make the game more additive, which helps it too.
+        ax.plot([100 * p["test_acc"] for p in points], [p["kernel_error"] for p in points], "x", color="gray",
+                label="KernelShap(1024), same model")
         for p in points:
-            label = f"w={p['weight']:g}" + (f", {p['epochs']} ep" if p.get("epochs") else "")
+            label = f"w={p['weight']:g}" + (f", {p['epochs']} ep" if p.get("epochs") else "") + (p.get("tag") or "")
             ax.annotate(label, (100 * p["test_acc"], p["own_error"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
-        kernel = points[0].get("kernel_error")
-        if kernel is not None:
-            ax.axhline(kernel, ls="--", color="gray", label="KernelShap(1024), shipped model")
-        ax.axvline(100 * points[0]["test_acc"] - 0.5, ls=":", color="red", label="shipped acc - 0.5 pt")
+        base = next((p for p in points if p["weight"] == 0), None)
+        if base is not None and base.get("kernel_error") is not None:
+            ax.axhline(base["kernel_error"], ls="--", color="gray", label="KernelShap(1024), shipped model")
+        if base is not None:
+            ax.axvline(100 * base["test_acc"] - 0.5, ls=":", color="red", label="shipped acc - 0.5 pt")
         ax.set_yscale("log")
         ax.set_xlabel("test accuracy (%)")
         ax.set_ylabel("rel. L2 error vs exact_shapley")
@@ -124,9 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=None, help="override the configs' train.epochs")
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value of every point (repeatable), e.g. --set optim.lr=0.0005")
+    parser.add_argument("--term", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an argument of the fidelity term (repeatable), e.g. --term permutations=4")
+    parser.add_argument("--tag", default="", help="suffix of the run folders and labels of this variant")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "fidelity_sweep.png"))
     parser.add_argument("--measure-only", action="store_true", help="measure finished runs, train nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure and train nothing: the table and figure of the points already in --out")
     parser.add_argument("--merge", nargs="*", default=[], help="other sweeps' fidelity_sweep.json to add to the "
                         "table and figure (e.g. longer fine-tunes)")
     args = parser.parse_args(argv)
@@ -135,41 +165,49 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "fidelity_sweep.json"
     results: dict[str, list[dict[str, Any]]] = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    for data in args.data:
-        points = {p["weight"]: p for p in results.get(data, [])}
-        if 0.0 not in points:
-            points[0.0] = {"weight": 0.0, "run": f"shapnet_deep_{data}",
-                           **measure(f"shapnet_deep_{data}", data, args.samples, args.data_root)}
+    for data in [] if args.report_only else args.data:
+        points = {p["run"]: p for p in results.get(data, [])}  # one point per run (weights repeat across tags)
+        base_run = f"shapnet_deep_{data}"
         for weight in args.weights:
-            folder = out / f"{data}_w{weight:g}"
+            folder = out / f"{data}_w{weight:g}{args.tag}"
             if args.measure_only and not (folder / "summary.json").is_file():
                 continue
-            folder = run_point(data, weight, out, args.epochs, args.max_steps)
+            folder = run_point(data, weight, out, args.epochs, args.max_steps, args.set, args.term, args.tag)
             # The weights at the end of the fine-tune (last.pt), not the trainer's best-validation-accuracy pick:
             # that selection ignores the term and tends to keep the first epoch, before the explanation has moved.
             epochs = json.loads((folder / "summary.json").read_text()).get("epochs")
-            point = {"weight": weight, "run": str(folder / "last.pt"), "epochs": epochs,
+            point = {"weight": weight, "run": str(folder / "last.pt"), "epochs": epochs, "tag": args.tag,
+                     "settings": [*args.set, *(f"term.{t}" for t in args.term)],
                      **measure(str(folder / "last.pt"), data, args.samples, args.data_root)}
-            points[weight] = point
-            results[data] = sorted(points.values(), key=lambda p: p["weight"])
+            points[point["run"]] = point
+            results[data] = _ordered(points.values())
             results_path.write_text(json.dumps(results, indent=2))
-            print(f"{data} w={weight:g}: own {point['own_error']:.4f} KernelShap {point['kernel_error']:.4f} "
+            print(f"{data} w={weight:g}{args.tag}: own {point['own_error']:.4f} KernelShap {point['kernel_error']:.4f} "
                   f"test acc {100 * point['test_acc']:.2f}%", flush=True)
-        results[data] = sorted(points.values(), key=lambda p: p["weight"])
+        # The shipped model last: a sweep stopped while measuring it keeps its fine-tuned points.
+        if base_run not in points:
+            points[base_run] = {"weight": 0.0, "run": base_run,
+                                **measure(base_run, data, args.samples, args.data_root)}
+        results[data] = _ordered(points.values())
         results_path.write_text(json.dumps(results, indent=2))
     for other in args.merge:
         for data, extra in json.loads(Path(other).read_text()).items():
             known = {p["run"] for p in results.get(data, [])}
             results.setdefault(data, []).extend(p for p in extra if p["run"] not in known)
-            results[data].sort(key=lambda p: (p["weight"], p["run"]))
+            results[data] = _ordered(results[data])
     for data, points in results.items():
-        base = points[0]
-        rows = [{"weight": p["weight"], "epochs": p.get("epochs", 0), "own rel. L2": p["own_error"],
-                 "KernelShap(1024) rel. L2": p["kernel_error"],
-                 "test acc %": 100 * p["test_acc"], "acc - shipped (pt)": 100 * (p["test_acc"] - base["test_acc"]),
-                 "goal met": bool(p["own_error"] <= base["kernel_error"]
-                                  and p["test_acc"] >= base["test_acc"] - 0.005)} for p in points]
-        print(f"\n### shapnet_deep_{data} ({base['players']} players, {args.samples} test samples)\n")
+        # The shipped model (weight 0) is the accuracy baseline; a sweep stopped before measuring it has none.
+        base = next((p for p in points if p["weight"] == 0), None)
+        rows = []
+        for p in points:
+            drop = None if base is None else round(100 * (p["test_acc"] - base["test_acc"]), 2)
+            # The issue's goal: at or below KernelShap(1024)'s error on the same model and samples, within 0.5 pt
+            # of the shipped model's test accuracy.
+            goal = "?" if drop is None else ("yes" if p["own_error"] <= p["kernel_error"] and drop >= -0.5 else "no")
+            rows.append({"weight": p["weight"], "variant": p.get("tag") or "", "epochs": p.get("epochs", 0),
+                         "own rel. L2": p["own_error"], "KernelShap(1024) rel. L2": p["kernel_error"],
+                         "test acc %": 100 * p["test_acc"], "acc - shipped (pt)": drop, "goal met": goal})
+        print(f"\n### shapnet_deep_{data} ({points[0]['players']} players, {args.samples} test samples)\n")
         print(markdown_table(rows, list(rows[0])))
     if results:
         try:
