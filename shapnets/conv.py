@@ -139,7 +139,7 @@ class ShapleyConv2d(nn.Module):
         skipped = B * H * W - len(anchors)
         self.bank._count(skipped, skipped * 2**k, skipped, skipped * 2**k)
         out = self.bank.shapley_sums(rearrange(delta, "b h w c -> (b h w) c"), members, ref, active.flatten())
-        return rearrange(out, "(b h w) o -> b h w o", b=B, h=H)
+        return out.view(B, H, W, out.shape[-1])  # explicit sizes: einops cannot split an empty batch axis
 
     def _one_layer_map(self, delta: Tensor, reference: Tensor | None) -> Tensor:
         """`forward` for a one-layer inner (`hidden=()`), without im2col, col2im or a coalition tensor in memory.
