@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from shapnets import ShallowShapNet
+from shapnets import DeepShapNet, ShallowShapNet
 from shapnets.and_or import and_or_interactions, or_inverse_transform, or_transform, zeta_transform
 from shapnets.interaction_stats import jaccard_by_order, order_statistics
 from shapnets.interactions import moebius_transform
@@ -75,6 +75,18 @@ def _balanced_indices(labels: Tensor, count: int, seed: int) -> Tensor:
             if q and len(picked) < count:
                 picked.append(q.pop(0))
     return torch.tensor(sorted(picked), dtype=torch.long)
+
+
+def _structural_kind(model: nn.Module) -> str | None:
+    """`"shallow"` / `"deep"` where the model's own structure gives its outputs on every coalition, else None.
+
+    A Deep ShapNet with pruning in eval mode is left to the oracle: pruning couples all rows of a sample.
+    """
+    if isinstance(model, ShallowShapNet):
+        return "shallow"
+    if isinstance(model, DeepShapNet) and not any(model.prune):
+        return "deep"
+    return None
 
 
 def _split_tensors(dataset: Any) -> tuple[Tensor, Tensor]:
@@ -150,9 +162,9 @@ class InteractionTracker:
         else:
             raise UserError(f"train.track_interactions supports tables (D,) and images (C, H, W), got inputs of shape "
                             f"{shape}")
-        # A Shallow ShapNet gives its logits on every coalition from its own modules (any output is a function of
-        # them); every other model goes through the oracle's masked forward passes.
-        self.structural = isinstance(model, ShallowShapNet)
+        # Shallow and Deep ShapNets give their logits on every coalition from their own structure (any output is a
+        # function of them); every other model goes through the oracle's masked forward passes.
+        self.structural = _structural_kind(model) if self.chosen is not None else None
         seed = 0
         i_train, i_test = _balanced_indices(train_y, self.samples, seed), _balanced_indices(test_y, self.samples, seed)
         self.train_x, self.train_y = train_x[i_train].float(), train_y[i_train]
@@ -164,8 +176,10 @@ class InteractionTracker:
         """`(2^players, B, 1)`: the tracked output of every sample on every coalition of the players."""
         x = x.to(self.device)
         ref = self.reference.to(self.device, x.dtype)
-        if self.structural:
+        if self.structural == "shallow":
             logits = self._structural_values(model, x)
+        elif self.structural == "deep":
+            logits = model.coalition_outputs(x, self.chosen)
         elif self.chosen is not None:
             chosen = self.chosen.to(self.device)
 
@@ -234,8 +248,12 @@ class InteractionTracker:
         try:
             if isinstance(skip, bool):
                 model.skip_inactive = False
-            train_records, train_err = self._records(self._values(model, self.train_x, self.train_y))
-            test_records, test_err = self._records(self._values(model, self.test_x, self.test_y))
+            # Training and test samples in one evaluation: one pass of per-call costs instead of two.
+            values = self._values(model, torch.cat([self.train_x, self.test_x]), torch.cat([self.train_y,
+                                                                                            self.test_y]))
+            split = len(self.train_y)
+            train_records, train_err = self._records(values[:, :split])
+            test_records, test_err = self._records(values[:, split:])
         finally:
             model.train(was_training)
             if isinstance(skip, bool):
@@ -266,7 +284,8 @@ class InteractionTracker:
         """A fresh run: empty `interactions.jsonl` and record the initial model (epoch 0)."""
         log.info("tracking %s interactions of %d train + %d test samples over %s (%s), every %d epoch(s), via %s",
                  self.kind, len(self.train_y), len(self.test_y), self.layout, self.output, self.every,
-                 "the model's own modules" if self.structural else f"the oracle (2^{self.players} forward rows each)")
+                 f"the {self.structural} ShapNet's own structure" if self.structural else
+                 f"the oracle (2^{self.players} forward rows each)")
         if resume and self.path.is_file():
             return
         self.path.write_text("")
