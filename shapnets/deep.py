@@ -296,11 +296,11 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
 
         * a stage-`s` module reads two rows whose values depend only on the players in their reach (the
           features wired into them by the earlier stages), so it is evaluated once per distinct restriction of
-          the coalitions to that reach (4 per module at stage 0, 16 at stage 1, ...) and the results are copied
-          to every coalition sharing it;
-        * the logits are the last stage's Shapley values summed over the rows, which by efficiency is
-          `sum_modules f(z_a, z_b) - f(reference)`: the last stage evaluates its inner function once per
-          coalition, not on the `2^2` coalitions of each module.
+          the coalitions to that reach (4 per module at stage 0, 16 at stage 1, ...), never on all `2^n`
+          coalitions before the last stage;
+        * a module of two players needs `f(a)` and `f(b)` (one row each, so at that row's few entries) and
+          `f(ab)`: one evaluation per entry instead of the `2^2` coalitions of the dense computation; the logits
+          are the last stage's Shapley values summed over the rows, by efficiency `sum f(ab) - f(reference)`.
 
         Args:
             x: `(B, D)` or `(B, D, C)` inputs.
@@ -352,45 +352,54 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
             values = sub.new_zeros(2, b, self.num_padded, sub.shape[2])
             values[1, :, row_of.to(device)] = sub[:, chosen.to(device)] - self.reference[chosen.to(device)]
             for s in range(self.num_stages - 1):
-                stride = self.stage_stride(s)
-                index = gathers[s][:, None, :, None].expand(-1, b, -1, values.shape[-1])
-                z = values.gather(0, index)  # (K, b, P, C): both rows of every module on its K coalitions
-                ref = _to_pairs(reference, stride) if s == 0 else None
-                phi, _, _ = self.stages[s].shapley(_to_pairs(z, stride), ref)
-                phi = _from_pairs(phi, stride)
+                z, phi = self._stage_on_coalitions(s, values, gathers[s], reference)
                 values = z + phi if self.residual and phi.shape[-1] == z.shape[-1] else phi
-            out.append(self._last_stage_on_coalitions(values, gathers[-1], reference))
+            out.append(self._stage_on_coalitions(self.num_stages - 1, values, gathers[-1], reference, True)[1])
         return torch.cat(out, 1)
 
-    def _last_stage_on_coalitions(self, values: Tensor, key: Tensor, reference: Tensor) -> Tensor:
-        """Logits `(T, b, num_classes)` from the last stage's compressed input rows `values` `(K, b, P, C)`.
+    def _stage_on_coalitions(self, s: int, values: Tensor, key: Tensor, reference: Tensor,
+                             last: bool = False) -> tuple[Tensor, Tensor]:
+        """Stage `s` on compressed rows: `values` `(K, b, P, C)`, row r of coalition j at `values[key[j, r], :, r]`.
 
-        `key` `(T, P)`: the compressed row of every coalition. By efficiency a module's two Shapley values sum to
-        `f(z_a, z_b) - f(reference)`, so each module is evaluated once per coalition. Its first layer is linear:
-        `W_a z_a + W_b z_b` is assembled from the projections of the compressed rows (`K`, not `T`, products),
-        in the `(G, h_1, coalitions x samples)` layout the bank's later layers take without copies.
+        A module of two players has `phi_a = ((f(a) - f(0)) + (f(ab) - f(b))) / 2`: the singletons `f(a)` depend
+        on one row each (evaluated at that row's `K` compressed entries), only `f(ab)` on the union of the two
+        rows' reaches (one evaluation per entry of `key`, not the `2^2` coalitions of the dense computation). The
+        first layer is linear, so `f(ab)`'s pre-activation is assembled from the rows' projections; everything is
+        kept in the `(G, h_1, entries x samples)` layout the bank's later layers take without copies.
+
+        Returns:
+            `(z, phi)`: the input rows `(J, b, P, C)` and their Shapley values `(J, b, P, C_out)` at the `J` entries
+            of `key`; with `last`, `(None, logits (J, b, num_classes))`: the module values summed by efficiency,
+            `sum_modules f(ab) - f(0)`, plus the residual.
         """
-        last = self.num_stages - 1
-        stride, bank = self.stage_stride(last), self.stages[last]
-        b, T = values.shape[1], key.shape[0]
+        stride, bank = self.stage_stride(s), self.stages[s]
+        b, J = values.shape[1], key.shape[0]
         weight = bank._first_layer_weight()  # (G, 2, C, h_1)
         rows = rearrange(_to_pairs(values, stride), "k b g two c -> g two c (k b)")
         projected = torch.einsum("gsch,gscn->gshn", weight, rows)  # (G, 2, h_1, K b)
-        slot = rearrange(_to_pairs(key[..., None], stride)[..., 0], "t g two -> g two t")  # (G, 2, T)
-        # Column t * b + i of the coalition layout reads column key * b + i of the projections.
-        column = rearrange(slot[..., None] * b + torch.arange(b, device=key.device), "g two t b -> g two (t b)")
+        slot = rearrange(_to_pairs(key[..., None], stride)[..., 0], "j g two -> g two j")  # (G, 2, J)
+        # Column j * b + i of the coalition layout reads column key * b + i of the compressed rows.
+        column = rearrange(slot[..., None] * b + torch.arange(b, device=key.device), "g two j b -> g two (j b)")
         hidden = projected.shape[2]
-        pre = projected[:, 0].gather(2, column[:, 0, None].expand(-1, hidden, -1))
+        at_reference = bank._at_reference(projected, _to_pairs(reference, stride) if s == 0 else None)[..., None]
+        pre = at_reference + projected[:, 0].gather(2, column[:, 0, None].expand(-1, hidden, -1))
         pre += projected[:, 1].gather(2, column[:, 1, None].expand(-1, hidden, -1))
-        ref = _to_pairs(reference, stride) if last == 0 else None
-        at_reference = bank._at_reference(pre, ref)  # (G, h_1): the first layer at the reference
-        pre += at_reference[:, :, None]
-        out = bank._rest_grouped(torch.cat([at_reference[:, :, None], pre], 2), overwrite=True)  # (G, C_out, 1 + T b)
-        logits = rearrange((out[:, :, 1:] - out[:, :, :1]).sum(0), "c (t b) -> t b c", t=T)
-        if self.residual and bank.in_channels == bank.out_channels:
-            z = values.gather(0, key[:, None, :, None].expand(-1, b, -1, values.shape[-1]))
-            logits = logits + z.index_select(2, self.live_rows).sum(2)
-        return logits
+        if last:
+            out = bank._rest_grouped(torch.cat([at_reference, pre], 2), overwrite=True)  # (G, C_out, 1 + J b)
+            logits = rearrange((out[:, :, 1:] - out[:, :, :1]).sum(0), "c (j b) -> j b c", j=J)
+            if self.residual and bank.in_channels == bank.out_channels:
+                z = values.gather(0, key[:, None, :, None].expand(-1, b, -1, values.shape[-1]))
+                logits = logits + z.index_select(2, self.live_rows).sum(2)
+            return None, logits
+        pair = bank._rest_grouped(pre, overwrite=True)  # f(ab): (G, C_out, J b)
+        empty = bank._rest_grouped(at_reference.clone(), overwrite=True)  # f(0): (G, C_out, 1)
+        singles = [bank._rest_grouped(at_reference + projected[:, i], overwrite=True) for i in range(2)]
+        single = [v.gather(2, column[:, i, None].expand(-1, v.shape[1], -1)) for i, v in enumerate(singles)]
+        phi = torch.stack([(single[0] - empty) + (pair - single[1]), (single[1] - empty) + (pair - single[0])], 1)
+        phi = _from_pairs(rearrange(phi * 0.5, "g two o (j b) -> j b g two o", j=J), stride)
+        z = values.gather(0, key[:, None, :, None].expand(-1, b, -1, values.shape[-1]))  # (J, b, P, C)
+        # Missingness exactly, as in the dense computation: a row at the reference has value 0, not ~1e-18.
+        return z, phi.masked_fill(~z.ne(0).any(-1, keepdim=True), 0.0)
 
     def interactions(self, x: Tensor, layer: int, max_order: int | None = None) -> Interactions:
         """Exact interactions of one layer's game with respect to that layer's inputs (not of the network).

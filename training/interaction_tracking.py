@@ -170,6 +170,7 @@ class InteractionTracker:
         self.train_x, self.train_y = train_x[i_train].float(), train_y[i_train]
         self.test_x, self.test_y = test_x[i_test].float(), test_y[i_test]
         self.total_cost = 0.0
+        self.epoch_costs: list[tuple[float, float]] = []  # (tracking s, the epoch's training-step s) per evaluation
 
     # ------------------------------------------------------------------ the games
     def _values(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -298,6 +299,8 @@ class InteractionTracker:
             return
         rec = self.evaluate(model, epoch, row)
         epoch_time = row.get("epoch_time_s")
+        if epoch_time:
+            self.epoch_costs.append((rec["cost_s"], epoch_time))
         log.info("interactions at epoch %d: %.2fs%s, matching error %.1e", epoch, rec["cost_s"],
                  f" ({rec['cost_s'] / epoch_time:.2f}x the epoch's {epoch_time:.2f}s)" if epoch_time else "",
                  rec["matching_error"])
@@ -305,6 +308,13 @@ class InteractionTracker:
     def finish(self) -> Path | None:
         """Draw `interaction_dynamics.png` from the records; None (and a log line) without matplotlib."""
         log.info("interaction tracking: %.1fs in all", self.total_cost)
+        if self.epoch_costs:
+            # The slow-down of a tracked epoch over its training steps alone (validation left out: an upper bound).
+            ratios = sorted((cost + steps) / steps for cost, steps in self.epoch_costs)
+            log.info("interaction tracking cost: median %.2fs per evaluation, a tracked epoch takes %.2fx its "
+                     "training steps' time (median over %d epochs; worst %.2fx)",
+                     sorted(c for c, _ in self.epoch_costs)[len(ratios) // 2], ratios[len(ratios) // 2],
+                     len(ratios), ratios[-1])
         try:
             return plot_dynamics(read_records(self.path), self.figure)
         except ImportError:
