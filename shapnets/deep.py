@@ -21,7 +21,7 @@ from ._streaming import StreamedBatches, streamed
 from ._tabular import TabularGame
 from ._validation import finite_output
 from .explanation import Explanation
-from .interactions import Interactions, check_layer
+from .interactions import Interactions, check_layer, check_module_kind
 from .modules import ShapleyModuleBank, evaluation_stats
 from .pruning import prune_players, stage_fractions
 
@@ -401,7 +401,7 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
         # Missingness exactly, as in the dense computation: a row at the reference has value 0, not ~1e-18.
         return z, phi.masked_fill(~z.ne(0).any(-1, keepdim=True), 0.0)
 
-    def interactions(self, x: Tensor, layer: int, max_order: int | None = None) -> Interactions:
+    def interactions(self, x: Tensor, layer: int, max_order: int | None = None, kind: str = "and") -> Interactions:
         """Exact interactions of one layer's game with respect to that layer's inputs (not of the network).
 
         Stage `layer` is the game `F(Z) = sum_pairs f_pair(Z_a, Z_{a + stride})` of its input rows `Z` (the
@@ -418,12 +418,15 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
             x: `(B, D)` or `(B, D, C)` model input.
             layer: the stage, `0..num_stages - 1` (negative counts from the end).
             max_order: list only subsets of at most this many players (1 or 2 here).
+            kind: `"and"` (Harsanyi dividends) or `"or"` (OR interactions, from the same module values: they live
+                on the same subsets); `"and_or"` of the network through `shapnets.exact_interactions`.
 
         Returns:
             `Interactions` with dividends `(B, S, C_layer)`, sii `(B, D, D, C_layer)`; base and output are the
             summed module values at the stage's reference and at its input.
         """
         stage_index = check_layer(layer, self.num_stages, type(self).__name__)
+        kind = check_module_kind(kind, f"{type(self).__name__}.interactions")
         x = self._check(x)
         if stage_index == 0:
             z, reference = self._padded_input(x)
@@ -437,6 +440,6 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
         rows = torch.arange(self.num_padded, device=z.device)[:, None]
         members = feature_of_row[_to_pairs(rows, stride)[..., 0]]  # (pairs, 2): the features each module plays on
         return Interactions.from_module_games(
-            [(values, members)], self.in_features, max_order, player_names=self.feature_names,
+            [(values, members)], self.in_features, max_order, kind, player_names=self.feature_names,
             method=f"{type(self).__name__} layer {stage_index} (per-layer game)",
         )
