@@ -15,6 +15,9 @@ tracking evaluation, so `--epochs E` gives `E - 1` intervals per run. Printed pe
   cost of one evaluation (`cost_s` in interactions.jsonl), and `(steps + tracking) / steps`, the slow-down
   against the optimisation steps alone (an upper bound: validation left out);
 * `via`: the model's own structure (Shallow and Deep ShapNets) or the oracle's masked forward passes.
+
+`--structure` instead times one tracking evaluation of each ShapNet config's freshly built model through its own
+structure and through the oracle, alternating, in this process (`--repeats` times each), and prints the speed-up.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from training.config import load_config
-from training.interaction_tracking import read_records
-from training.trainer import load_data, train
+from training.config import load_config, track_interactions_options
+from training.interaction_tracking import InteractionTracker, read_records
+from training.trainer import build_model, load_data, train
 
 DEFAULT_CONFIGS = ["configs/baseline_mlp_yeast.yaml", "configs/shallow_yeast.yaml", "configs/deep_yeast.yaml",
                    "configs/baseline_mlp_breast_cancer.yaml", "configs/shallow_breast_cancer.yaml",
@@ -72,15 +75,45 @@ def one_run(path: str, bundle, epochs: int, tracked: bool, players: int, clock: 
     return {"walls": clock.intervals(), "steps": steps, "costs": costs}
 
 
+def structure_vs_oracle(path: str, repeats: int) -> dict[str, float | str]:
+    """Median time of one tracking evaluation through the model's structure and through the oracle, alternated."""
+    cfg = load_config(path, ["train.device=cpu"])
+    bundle = load_data(cfg)
+    model = build_model(cfg.model, bundle.info).eval()
+    options = track_interactions_options({"players": min(10, bundle.info.input_shape[0])})
+    times: dict[str, list[float]] = {"structure": [], "oracle": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker = InteractionTracker(options, model, bundle, torch.device("cpu"), Path(tmp))
+        structural = tracker.structural
+        if structural is None:
+            raise SystemExit(f"{path}: the model has no structural path (only Shallow and Deep ShapNets)")
+        for _ in range(repeats):
+            for via in ("structure", "oracle"):
+                tracker.structural = structural if via == "structure" else None
+                times[via].append(tracker.evaluate(model, 0)["cost_s"])
+    row = {"config": Path(path).stem, **{f"{k}_s": statistics.median(v) for k, v in times.items()}}
+    row["speedup"] = row["oracle_s"] / row["structure_s"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (>= 2: E - 1 wall intervals)")
     parser.add_argument("--rounds", type=int, default=1, help="pairs of runs (off, on) per config")
+    parser.add_argument("--structure", action="store_true", help="structure vs oracle per evaluation instead")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be >= 2 (an epoch's wall time is the interval between two epoch records)")
     torch.set_num_threads(1)
+    if args.structure:
+        paths = [p for p in args.configs if load_config(p).model.name in ("shapnet_shallow", "shapnet_deep")]
+        found = [structure_vs_oracle(p, args.repeats) for p in paths]
+        print("| config | structure (s/eval) | oracle (s/eval) | speed-up |\n|---|---|---|---|")
+        for r in found:
+            print(f"| {r['config']} | {r['structure_s']:.2f} | {r['oracle_s']:.2f} | {r['speedup']:.1f}x |", flush=True)
+        return
     logger = logging.getLogger("training")
     logger.setLevel(logging.INFO)
     clock = EpochClock()
