@@ -93,26 +93,32 @@ def _from_pairs(z: Tensor, stride: int) -> Tensor:
     return rearrange(z, "... (hi lo) two c -> ... (hi two lo) c", two=2, lo=stride)
 
 
+def _member_slots(masks: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """`(R, n)` membership of each player in each mask, and its rank among the mask's members."""
+    members = (masks[:, None] >> torch.arange(n)) & 1
+    return members, (members.cumsum(1) - 1).clamp(min=0)
+
+
 def _deposit(index: Tensor, masks: Tensor, n: int) -> Tensor:
     """`(K, R)`: the bits of `index` `(K,)` (modulo `2^popcount`) placed at the set bits of each of `masks` `(R,)`."""
-    bits = torch.arange(n)
-    members = ((masks[:, None] >> bits) & 1).bool()  # (R, n)
-    slot = (members.long().cumsum(1) - 1).clamp(min=0)  # the j-th member takes bit j of the index
-    taken = ((index[:, None, None] >> slot[None]) & 1).bool() & members[None]  # (K, R, n)
-    return (taken.long() << bits).sum(-1)
+    members, slot = _member_slots(masks, n)
+    out = index.new_zeros(index.shape[0], masks.shape[0])
+    for bit in range(n):  # one player at a time: (K, R) integers, never (K, R, n)
+        out |= (((index[:, None] >> slot[:, bit]) & 1) & members[:, bit]) << bit
+    return out
 
 
 def _popcount(masks: Tensor) -> Tensor:
-    return ((masks[:, None] >> torch.arange(64)) & 1).sum(1)
+    return ((masks[:, None] >> torch.arange(63)) & 1).sum(1)
 
 
 def _compress(coalitions: Tensor, masks: Tensor, n: int) -> Tensor:
     """`(K, R)`: the index of `coalitions & masks` among the subsets of `masks` (`_deposit`'s inverse)."""
-    bits = torch.arange(n)
-    members = ((masks[:, None] >> bits) & 1).bool()  # (R, n)
-    slot = (members.long().cumsum(1) - 1).clamp(min=0)
-    present = ((coalitions[..., None] >> bits) & 1).bool() & members  # (K, R, n)
-    return (present.long() << slot).sum(-1)
+    members, slot = _member_slots(masks, n)
+    out = torch.zeros_like(coalitions)
+    for bit in range(n):
+        out |= (((coalitions >> bit) & 1) & members[:, bit]) << slot[:, bit]
+    return out
 
 
 class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
