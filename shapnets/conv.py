@@ -22,7 +22,7 @@ from ._heads import BankShape, StagedHead, take_levels
 from ._streaming import StreamedBatches, streamed
 from ._validation import check_input, check_reference, finite_output
 from .explanation import Explanation
-from .interactions import Interactions, check_layer
+from .interactions import Interactions, check_layer, check_module_kind
 from .modules import ShapleyModuleBank, evaluation_stats
 from .pruning import prune_players, stage_fractions
 
@@ -190,7 +190,7 @@ class ShapleyConv2d(nn.Module):
         return rearrange(pixel, "h w k -> (h w) k")
 
     def interactions(self, delta: Tensor, reference: Tensor | None = None,
-                     max_order: int | None = None) -> Interactions:
+                     max_order: int | None = None, kind: str = "and") -> Interactions:
         """Exact interactions of the layer's game `F(Z) = sum_patches f(patch)` over the pixels of its input.
 
         Per output channel the layer is a Shallow ShapNet whose groups are the patches, so its dividends are
@@ -202,17 +202,19 @@ class ShapleyConv2d(nn.Module):
             delta: input minus reference, channel-last `(B, H, W, C_in)`.
             reference: per-channel reference `(C_in,)`; `None` means 0.
             max_order: list only subsets of at most this many pixels.
+            kind: `"and"` (Harsanyi dividends) or `"or"` (OR interactions, from the same patch values).
 
         Returns:
             `Interactions` over the `H * W` pixels (`player_shape=(H, W)`), dividends `(B, S, C_out)`, sii
             `(B, H*W, H*W, C_out)` (dense: mind the memory for large images and batches).
         """
+        kind = check_module_kind(kind, f"{type(self).__name__}.interactions")
         height, width = delta.shape[1:3]
         players = self.patches(delta)[..., None, :, :]
         ref = None if reference is None else reference.expand(1, len(self.offsets), reference.shape[-1])
         values = rearrange(self.bank.coalition_values(players, ref), "t b h w 1 o -> t b (h w) o")
         members = self.patch_members(height, width).to(delta.device)
-        return Interactions.from_module_games([(values, members)], height * width, max_order,
+        return Interactions.from_module_games([(values, members)], height * width, max_order, kind,
                                               player_shape=(height, width), method=type(self).__name__)
 
 
@@ -442,7 +444,7 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
             method=type(self).__name__,
         )
 
-    def interactions(self, x: Tensor, layer: int, max_order: int | None = None) -> Interactions:
+    def interactions(self, x: Tensor, layer: int, max_order: int | None = None, kind: str = "and") -> Interactions:
         """Exact interactions of one stage's game with respect to that stage's input pixels (not of the network).
 
         Stage `layer` plays `F(Z) = sum_patches f(patch)` on the channels it takes (`channel_split`) of its
@@ -455,16 +457,18 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
             x: `(B, C, H, W)` images.
             layer: the stage, `0..num_stages - 1` (negative counts from the end).
             max_order: list only subsets of at most this many pixels.
+            kind: `"and"` (Harsanyi dividends) or `"or"` (OR interactions, from the same patch values).
 
         Returns:
             `Interactions` over the `H * W` pixels (`player_shape=(H, W)`), per output channel of the stage.
         """
         stage_index = check_layer(layer, self.num_stages, type(self).__name__)
+        check_module_kind(kind, f"{type(self).__name__}.interactions")
         x = self._check(x)
         take = self.channel_split[stage_index]
         if stage_index == 0:
             z, reference = self._input_offsets(x), self.reference[:take]
         else:
             z, reference = self.representations(x)[stage_index - 1], None
-        found = self.stages[stage_index].interactions(z[..., :take], reference, max_order)
+        found = self.stages[stage_index].interactions(z[..., :take], reference, max_order, kind)
         return replace(found, method=f"{type(self).__name__} layer {stage_index} (per-layer game)")

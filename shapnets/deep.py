@@ -21,7 +21,7 @@ from ._streaming import StreamedBatches, streamed
 from ._tabular import TabularGame
 from ._validation import finite_output
 from .explanation import Explanation
-from .interactions import Interactions, check_layer
+from .interactions import Interactions, check_layer, check_module_kind
 from .modules import ShapleyModuleBank, evaluation_stats
 from .pruning import prune_players, stage_fractions
 
@@ -91,6 +91,34 @@ def _to_pairs(z: Tensor, stride: int) -> Tensor:
 
 def _from_pairs(z: Tensor, stride: int) -> Tensor:
     return rearrange(z, "... (hi lo) two c -> ... (hi two lo) c", two=2, lo=stride)
+
+
+def _member_slots(masks: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """`(R, n)` membership of each player in each mask, and its rank among the mask's members."""
+    members = (masks[:, None] >> torch.arange(n)) & 1
+    return members, (members.cumsum(1) - 1).clamp(min=0)
+
+
+def _deposit(index: Tensor, masks: Tensor, n: int) -> Tensor:
+    """`(K, R)`: the bits of `index` `(K,)` (modulo `2^popcount`) placed at the set bits of each of `masks` `(R,)`."""
+    members, slot = _member_slots(masks, n)
+    out = index.new_zeros(index.shape[0], masks.shape[0])
+    for bit in range(n):  # one player at a time: (K, R) integers, never (K, R, n)
+        out |= (((index[:, None] >> slot[:, bit]) & 1) & members[:, bit]) << bit
+    return out
+
+
+def _popcount(masks: Tensor) -> Tensor:
+    return ((masks[:, None] >> torch.arange(63)) & 1).sum(1)
+
+
+def _compress(coalitions: Tensor, masks: Tensor, n: int) -> Tensor:
+    """`(K, R)`: the index of `coalitions & masks` among the subsets of `masks` (`_deposit`'s inverse)."""
+    members, slot = _member_slots(masks, n)
+    out = torch.zeros_like(coalitions)
+    for bit in range(n):
+        out |= (((coalitions >> bit) & 1) & members[:, bit]) << slot[:, bit]
+    return out
 
 
 class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
@@ -273,7 +301,121 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
             method=type(self).__name__,
         )
 
-    def interactions(self, x: Tensor, layer: int, max_order: int | None = None) -> Interactions:
+    @torch.no_grad()
+    def coalition_outputs(self, x: Tensor, players: Sequence[int] | Tensor, max_rows: int = 1 << 12) -> Tensor:
+        """The network's outputs on every coalition of some features, the other features at the reference.
+
+        The same numbers as the oracle's masked forward passes (`shapnets.oracle.coalition_values` of
+        `model` over those features), from the network's own wiring instead of `2^n` full forward passes:
+
+        * a stage-`s` module reads two rows whose values depend only on the players in their reach (the
+          features wired into them by the earlier stages), so it is evaluated once per distinct restriction of
+          the coalitions to that reach (4 per module at stage 0, 16 at stage 1, ...), never on all `2^n`
+          coalitions before the last stage;
+        * a module of two players needs `f(a)` and `f(b)` (one row each, so at that row's few entries) and
+          `f(ab)`: one evaluation per entry instead of the `2^2` coalitions of the dense computation; the logits
+          are the last stage's Shapley values summed over the rows, by efficiency `sum f(ab) - f(reference)`.
+
+        Args:
+            x: `(B, D)` or `(B, D, C)` inputs.
+            players: the `n` distinct features that play (player `j` is feature `players[j]`; `n <= 16`).
+            max_rows: samples are processed in chunks of `max(1, max_rows // 2^n)`: small chunks keep the
+                coalition tensors in cache (on one CPU core, 2^12 rows ran about 2x faster than 2^16).
+
+        Returns:
+            `(2^n, B, num_classes)`: row `t` is the output with the features whose bits are set in `t` taken
+            from `x` (row order of `coalition_masks`), exact up to rounding.
+
+        Raises:
+            ValueError: bad `players`, or pruning is active in this mode (it couples all rows of a sample, so
+                the wiring no longer bounds what a module depends on: use the oracle).
+        """
+        x = self._check(x)
+        chosen = torch.as_tensor(players, dtype=torch.long).flatten().cpu()
+        n = chosen.numel()
+        if n < 1 or n > 16 or len(set(chosen.tolist())) != n or int(chosen.min()) < 0 \
+                or int(chosen.max()) >= self.in_features:
+            raise ValueError(f"coalition_outputs: players must be 1..16 distinct feature indices in "
+                             f"[0, {self.in_features}), got {chosen.tolist()}")
+        if any(self.prune) and (self.prune_during_training or not self.training):
+            raise ValueError("coalition_outputs: pruning makes every row depend on the whole sample; use "
+                             "shapnets.oracle.coalition_values on the model instead")
+        T, device = 2**n, x.device
+        # A row of a representation depends only on the players wired into it ("reach", as bits). Each one is
+        # kept compressed: `values[j, :, r]` is row r on the j-th subset of its reach, `2^|reach|` rows in all
+        # (padded to the stage's largest reach), never the `2^n` coalitions until the last stage.
+        row_of = self.live_rows.cpu()[chosen]
+        reach = torch.zeros(self.num_padded, dtype=torch.long)
+        reach[row_of] = 1 << torch.arange(n)
+        gathers = []  # per stage: the compressed row each module input reads, (K_s, P)
+        for s in range(self.num_stages):
+            stride = self.stage_stride(s)
+            # A module reads both its rows: its outputs depend on the union of their reaches.
+            pair = _to_pairs(reach[:, None], stride)[..., 0]
+            union = _from_pairs((pair[:, :1] | pair[:, 1:])[..., None].expand(-1, 2, 1), stride)[:, 0]
+            count = 1 << int(_popcount(union).max()) if s < self.num_stages - 1 else T
+            coalitions = _deposit(torch.arange(count), union, n) if s < self.num_stages - 1 else \
+                torch.arange(T)[:, None].expand(T, self.num_padded)
+            gathers.append(_compress(coalitions, reach, n).to(device))
+            reach = union
+        reference = self._padded_input(self.reference[None])[1]  # (P, C): what stage 0 plays against
+        out = []
+        for sub in x.split(max(1, max_rows // T)):
+            b = sub.shape[0]
+            # Stage 0's rows: a player's row is 0 (absent) or its offset (present); every other row is 0.
+            values = sub.new_zeros(2, b, self.num_padded, sub.shape[2])
+            values[1, :, row_of.to(device)] = sub[:, chosen.to(device)] - self.reference[chosen.to(device)]
+            for s in range(self.num_stages - 1):
+                z, phi = self._stage_on_coalitions(s, values, gathers[s], reference)
+                values = z + phi if self.residual and phi.shape[-1] == z.shape[-1] else phi
+            out.append(self._stage_on_coalitions(self.num_stages - 1, values, gathers[-1], reference, True)[1])
+        return torch.cat(out, 1)
+
+    def _stage_on_coalitions(self, s: int, values: Tensor, key: Tensor, reference: Tensor,
+                             last: bool = False) -> tuple[Tensor, Tensor]:
+        """Stage `s` on compressed rows: `values` `(K, b, P, C)`, row r of coalition j at `values[key[j, r], :, r]`.
+
+        A module of two players has `phi_a = ((f(a) - f(0)) + (f(ab) - f(b))) / 2`: the singletons `f(a)` depend
+        on one row each (evaluated at that row's `K` compressed entries), only `f(ab)` on the union of the two
+        rows' reaches (one evaluation per entry of `key`, not the `2^2` coalitions of the dense computation). The
+        first layer is linear, so `f(ab)`'s pre-activation is assembled from the rows' projections; everything is
+        kept in the `(G, h_1, entries x samples)` layout the bank's later layers take without copies.
+
+        Returns:
+            `(z, phi)`: the input rows `(J, b, P, C)` and their Shapley values `(J, b, P, C_out)` at the `J` entries
+            of `key`; with `last`, `(None, logits (J, b, num_classes))`: the module values summed by efficiency,
+            `sum_modules f(ab) - f(0)`, plus the residual.
+        """
+        stride, bank = self.stage_stride(s), self.stages[s]
+        b, J = values.shape[1], key.shape[0]
+        weight = bank._first_layer_weight()  # (G, 2, C, h_1)
+        rows = rearrange(_to_pairs(values, stride), "k b g two c -> g two c (k b)")
+        projected = torch.einsum("gsch,gscn->gshn", weight, rows)  # (G, 2, h_1, K b)
+        slot = rearrange(_to_pairs(key[..., None], stride)[..., 0], "j g two -> g two j")  # (G, 2, J)
+        # Column j * b + i of the coalition layout reads column key * b + i of the compressed rows.
+        column = rearrange(slot[..., None] * b + torch.arange(b, device=key.device), "g two j b -> g two (j b)")
+        hidden = projected.shape[2]
+        at_reference = bank._at_reference(projected, _to_pairs(reference, stride) if s == 0 else None)[..., None]
+        pre = at_reference + projected[:, 0].gather(2, column[:, 0, None].expand(-1, hidden, -1))
+        pre += projected[:, 1].gather(2, column[:, 1, None].expand(-1, hidden, -1))
+        if last:
+            out = bank._rest_grouped(torch.cat([at_reference, pre], 2), overwrite=True)  # (G, C_out, 1 + J b)
+            logits = rearrange((out[:, :, 1:] - out[:, :, :1]).sum(0), "c (j b) -> j b c", j=J)
+            if self.residual and bank.in_channels == bank.out_channels:
+                z = values.gather(0, key[:, None, :, None].expand(-1, b, -1, values.shape[-1]))
+                logits = logits + z.index_select(2, self.live_rows).sum(2)
+            return None, logits
+        pair = bank._rest_grouped(pre, overwrite=True)  # f(ab): (G, C_out, J b)
+        empty = bank._rest_grouped(at_reference.clone(), overwrite=True)  # f(0): (G, C_out, 1)
+        singles = [bank._rest_grouped(at_reference + projected[:, i], overwrite=True) for i in range(2)]
+        single = [v.gather(2, column[:, i, None].expand(-1, v.shape[1], -1)) for i, v in enumerate(singles)]
+        phi = torch.stack([(single[0] - empty) + (pair - single[1]), (single[1] - empty) + (pair - single[0])], 1)
+        phi = _from_pairs(rearrange(phi * 0.5, "g two o (j b) -> j b g two o", j=J), stride)
+        z = values.gather(0, key[:, None, :, None].expand(-1, b, -1, values.shape[-1]))  # (J, b, P, C)
+        # Missingness exactly, as in the dense computation: a row at the reference has value 0, not ~1e-18.
+        return z, phi.masked_fill(~z.ne(0).any(-1, keepdim=True), 0.0)
+
+    def interactions(self, x: Tensor, layer: int, max_order: int | None = None, kind: str = "and") -> Interactions:
         """Exact interactions of one layer's game with respect to that layer's inputs (not of the network).
 
         Stage `layer` is the game `F(Z) = sum_pairs f_pair(Z_a, Z_{a + stride})` of its input rows `Z` (the
@@ -290,12 +432,15 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
             x: `(B, D)` or `(B, D, C)` model input.
             layer: the stage, `0..num_stages - 1` (negative counts from the end).
             max_order: list only subsets of at most this many players (1 or 2 here).
+            kind: `"and"` (Harsanyi dividends) or `"or"` (OR interactions, from the same module values: they live
+                on the same subsets); `"and_or"` of the network through `shapnets.exact_interactions`.
 
         Returns:
             `Interactions` with dividends `(B, S, C_layer)`, sii `(B, D, D, C_layer)`; base and output are the
             summed module values at the stage's reference and at its input.
         """
         stage_index = check_layer(layer, self.num_stages, type(self).__name__)
+        kind = check_module_kind(kind, f"{type(self).__name__}.interactions")
         x = self._check(x)
         if stage_index == 0:
             z, reference = self._padded_input(x)
@@ -309,6 +454,6 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
         rows = torch.arange(self.num_padded, device=z.device)[:, None]
         members = feature_of_row[_to_pairs(rows, stride)[..., 0]]  # (pairs, 2): the features each module plays on
         return Interactions.from_module_games(
-            [(values, members)], self.in_features, max_order, player_names=self.feature_names,
+            [(values, members)], self.in_features, max_order, kind, player_names=self.feature_names,
             method=f"{type(self).__name__} layer {stage_index} (per-layer game)",
         )

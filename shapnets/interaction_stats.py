@@ -180,17 +180,23 @@ def jaccard_by_order(
                          f"{tuple(test_labels.shape)}")
     K = int(orders.max()) if max_order is None else int(max_order)
     classes = sorted(set(train_labels.tolist()) & set(test_labels.tolist()))
-    per_class: dict[int, list[float]] = {}
-    for c in classes:
-        mean_a = a[train_labels.to(a.device) == c].mean(0)
-        mean_b = b[test_labels.to(b.device) == c].mean(0)
-        sims = []
-        for k in range(1, K + 1):
-            at = orders == k
-            u, w = _nonnegative(mean_a[at]), _nonnegative(mean_b[at])
-            den = torch.maximum(u, w).sum()
-            sims.append(float(torch.minimum(u, w).sum() / den) if den > 0 else math.nan)
-        per_class[int(c)] = sims
+    if not classes:
+        return {"mean": [math.nan] * K, "per_class": {}}
+    # All classes and orders at once: class means by one product, then the summed min / max of each order's
+    # entries by one product with the order indicator (the non-negative halves of an entry share its order).
+    wanted = torch.tensor(classes, device=a.device)
+
+    def class_means(v: Tensor, labels: Tensor) -> Tensor:
+        member = (labels.to(v.device)[None, :] == wanted[:, None]).to(v.dtype)  # (classes, B)
+        return (member @ v) / member.sum(1, keepdim=True)
+
+    u, w = _nonnegative(class_means(a, train_labels)), _nonnegative(class_means(b, test_labels))
+    in_order = (orders[:, None] == torch.arange(1, K + 1, device=orders.device)[None, :]).to(a.dtype)  # (S, K)
+    in_order = torch.cat([in_order, in_order])
+    numerator, denominator = torch.minimum(u, w) @ in_order, torch.maximum(u, w) @ in_order  # (classes, K)
+    sims = torch.where(denominator > 0, numerator / denominator.clamp(min=torch.finfo(a.dtype).tiny),
+                       torch.full_like(numerator, math.nan))
+    per_class: dict[int, list[float]] = {int(c): row for c, row in zip(classes, sims.tolist())}
     mean = []
     for k in range(K):
         column = [s[k] for s in per_class.values() if not math.isnan(s[k])]

@@ -151,6 +151,28 @@ def _check_max_order(max_order: int | None) -> int | None:
     return int(max_order)
 
 
+def check_module_kind(kind: str, who: str) -> str:
+    """`kind` for a model's own `interactions`: `"and"` or `"or"`; `"and_or"` and unknown kinds get a clear error."""
+    if kind == "and_or":
+        raise ValueError(f"{who}: kind='and_or' splits the game on every coalition of all its players, which the "
+                         f"model's modules do not give; use shapnets.exact_interactions(fn, x, reference, "
+                         f"kind='and_or') (up to {MAX_ORACLE_PLAYERS} players)")
+    if kind not in ("and", "or"):
+        raise ValueError(f"{who}: unknown interaction kind {kind!r}: expected 'and' or 'or' ('and_or' through "
+                         f"shapnets.exact_interactions)")
+    return kind
+
+
+def _or_rows(values: Tensor, k: int) -> Tensor:
+    """OR interactions in coalition row order (row 0: `v(∅)`), as `shapnets.and_or.or_transform` (no import circle).
+
+    `I_or(T) = -sum_{L ⊆ T} (-1)^(|T|-|L|) v(N \\ L)`: minus the Möbius transform of the complemented game.
+    """
+    rows = -moebius_transform(values.flip(0), k)
+    rows[0] = values[0]
+    return rows
+
+
 def check_layer(layer: int, num_layers: int, who: str) -> int:
     """`layer` as an index in `[0, num_layers)` (negative counts from the end), or a clear error."""
     if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
@@ -236,13 +258,16 @@ class Interactions(TensorFields):
         games: Sequence[tuple[Tensor, Tensor]],
         num_players: int,
         max_order: int | None = None,
+        kind: str = "and",
         **meta,
     ) -> Interactions:
         """Interactions of a sum of module games from each module's coalition values.
 
         The game is `v(S) = sum_m f_m(S ∩ A_m)`: module `m` plays on its group `A_m`. By linearity of the
         Möbius transform its dividends are the modules' own, summed where groups share a subset, and 0 on every
-        subset that lies in no group; the Shapley interaction index adds up the same way.
+        subset that lies in no group; the Shapley interaction index adds up the same way. The OR interactions
+        are linear in the game too, and a player outside `A_m` is a dummy of `f_m`, whose OR interactions vanish
+        on every subset holding it: they add up from the modules' own in the same way (`kind="or"`).
 
         Args:
             games: pairs `(values, members)`, one per arity: `values` `(2^k, B, M, C_out)` the coalition values
@@ -251,9 +276,11 @@ class Interactions(TensorFields):
                 dummy, whose subsets' dividends are 0 and are not listed).
             num_players: `P`.
             max_order: list only subsets of at most this many players (the SII still uses all dividends).
+            kind: `"and"` (Harsanyi dividends) or `"or"` (OR interactions; the SII stays the game's).
             **meta: `player_names`, `player_shape`, `class_names`, `method`.
         """
         max_order = _check_max_order(max_order)
+        kind = check_module_kind(kind, "Interactions.from_module_games")
         if not games:
             raise ValueError("from_module_games needs at least one (values, members) pair")
         position: dict[tuple[int, ...], int] = {}
@@ -270,6 +297,7 @@ class Interactions(TensorFields):
                                  f"[{int(members.min())}, {int(members.max())}]")
             largest = max(largest, k)
             dividends = moebius_transform(values, k)  # (2^k, B, M, C)
+            listed = dividends if kind == "and" else _or_rows(values, k)
             local, rows = _subsets(k, max_order)
             module_players = members.tolist()
             source, target = [], []
@@ -280,7 +308,7 @@ class Interactions(TensorFields):
                         continue  # a padding slot: a dummy, its dividends are exactly 0
                     source.append(s * len(module_players) + m)
                     target.append(position.setdefault(tuple(sorted(chosen)), len(position)))
-            picked = rearrange(dividends[rows.to(values.device)], "s b m c -> b (s m) c")
+            picked = rearrange(listed[rows.to(values.device)], "s b m c -> b (s m) c")
             pieces.append((picked[:, torch.tensor(source, dtype=torch.long, device=values.device)], target))
 
             # SII: every module's own matrix, added at its players' pairs (slots that are not players dropped).
@@ -311,19 +339,21 @@ class Interactions(TensorFields):
             base=base,
             output=output,
             complete=max_order is None or max_order >= largest,
+            kind=kind,
             **meta,
         )
 
     @classmethod
-    def from_coalition_values(cls, values: Tensor, max_order: int | None = None, **meta) -> Interactions:
-        """Interactions of one game from its values on all `2^n` coalitions, `(2^n, B, C_out)`."""
+    def from_coalition_values(cls, values: Tensor, max_order: int | None = None, kind: str = "and",
+                              **meta) -> Interactions:
+        """Interactions (`kind` `"and"` or `"or"`) of one game from its values on all `2^n` coalitions."""
         if values.dim() != 3:
             raise ValueError(f"coalition values must be (2^n, B, C_out), got shape {tuple(values.shape)}")
         n = int(values.shape[0]).bit_length() - 1
         if values.shape[0] != 2**n:
             raise ValueError(f"the number of coalition values must be a power of two, got {values.shape[0]}")
         members = torch.arange(n, device=values.device)[None]
-        return cls.from_module_games([(values[:, :, None], members)], n, max_order, **meta)
+        return cls.from_module_games([(values[:, :, None], members)], n, max_order, kind, **meta)
 
     # ------------------------------------------------------------------ shape helpers
     @property

@@ -200,8 +200,8 @@ class ShapleyModule(nn.Module):
             method="ShapleyModule",
         )
 
-    def interactions(self, x: Tensor, max_order: int | None = None) -> Interactions:
-        """Exact Harsanyi dividends and pairwise Shapley interaction indices of the inner network at `x`.
+    def interactions(self, x: Tensor, max_order: int | None = None, kind: str = "and") -> Interactions:
+        """Exact Harsanyi dividends (or OR interactions) and pairwise Shapley interaction indices of the inner at `x`.
 
         From the same `2^k` coalition values as `explain` (no extra evaluation): the dividends of every
         non-empty subset of the `k` players and the `(k, k)` interaction index (Shapley values on its diagonal).
@@ -209,13 +209,15 @@ class ShapleyModule(nn.Module):
         Args:
             x: `(B, k, C_in)`.
             max_order: list only subsets of at most this many players.
+            kind: `"and"` (Harsanyi dividends) or `"or"` (OR interactions, `shapnets.and_or`); for `"and_or"` use
+                `shapnets.exact_interactions` on the inner (its split needs the whole game, also available here).
 
         Returns:
             `Interactions` with dividends `(B, S, C_out)`, sii `(B, k, k, C_out)`, base `f(r)`, output `f(x)`.
         """
         from .interactions import Interactions  # deferred: Interactions is only needed by this method
 
-        return Interactions.from_coalition_values(self.coalition_values(self._check(x)), max_order,
+        return Interactions.from_coalition_values(self.coalition_values(self._check(x)), max_order, kind,
                                                   method="ShapleyModule")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shapnets import ShallowShapNet, exact_interactions
+from shapnets import DeepShapNet, ShallowShapNet, exact_interactions
 from training.config import ConfigError, UserError, load_config
 from training.data import ArrayDataset, DataBundle, DatasetInfo
 from training.data.synthetic import load_synthetic_images
@@ -171,3 +171,19 @@ def test_tracker_split_agrees_with_the_library(tmp_path: Path, split: str) -> No
         torch.testing.assert_close(found[kind][0][:, rows], record.dividends[..., 0], atol=1e-9, rtol=0)
         assert found[kind][1][rows].tolist() == record.orders.tolist()
     assert found["and_or"][0].shape == (3, 14)
+
+
+def test_deep_shapnet_structure_gives_the_oracle_game(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = DeepShapNet(D, 3, channels=4, hidden=[8]).double()
+    options = {"samples": 5, "players": 4, "every": 1, "kind": "and", "split": "half", "tau": 0.05,
+               "output": "log_odds"}
+    tracker = InteractionTracker(options, model, toy_bundle(), torch.device("cpu"), tmp_path)
+    assert tracker.structural == "deep"
+    x, y = tracker.train_x.double(), tracker.train_y
+    from_structure = tracker._values(model, x, y)
+    tracker.structural = None
+    torch.testing.assert_close(from_structure, tracker._values(model, x, y), atol=1e-10, rtol=0)
+    # Pruning couples the rows of a sample: such a model goes to the oracle.
+    model.prune = [0.2] * model.num_stages
+    assert InteractionTracker(options, model, toy_bundle(), torch.device("cpu"), tmp_path).structural is None

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from shapnets import ShallowShapNet
+from shapnets import DeepShapNet, ShallowShapNet
 from shapnets.and_or import and_or_interactions, or_inverse_transform, or_transform, zeta_transform
 from shapnets.interaction_stats import jaccard_by_order, order_statistics
 from shapnets.interactions import moebius_transform
@@ -75,6 +75,18 @@ def _balanced_indices(labels: Tensor, count: int, seed: int) -> Tensor:
             if q and len(picked) < count:
                 picked.append(q.pop(0))
     return torch.tensor(sorted(picked), dtype=torch.long)
+
+
+def _structural_kind(model: nn.Module) -> str | None:
+    """`"shallow"` / `"deep"` where the model's own structure gives its outputs on every coalition, else None.
+
+    A Deep ShapNet with pruning in eval mode is left to the oracle: pruning couples all rows of a sample.
+    """
+    if isinstance(model, ShallowShapNet):
+        return "shallow"
+    if isinstance(model, DeepShapNet) and not any(model.prune):
+        return "deep"
+    return None
 
 
 def _split_tensors(dataset: Any) -> tuple[Tensor, Tensor]:
@@ -150,22 +162,25 @@ class InteractionTracker:
         else:
             raise UserError(f"train.track_interactions supports tables (D,) and images (C, H, W), got inputs of shape "
                             f"{shape}")
-        # A Shallow ShapNet gives its logits on every coalition from its own modules (any output is a function of
-        # them); every other model goes through the oracle's masked forward passes.
-        self.structural = isinstance(model, ShallowShapNet)
+        # Shallow and Deep ShapNets give their logits on every coalition from their own structure (any output is a
+        # function of them); every other model goes through the oracle's masked forward passes.
+        self.structural = _structural_kind(model) if self.chosen is not None else None
         seed = 0
         i_train, i_test = _balanced_indices(train_y, self.samples, seed), _balanced_indices(test_y, self.samples, seed)
         self.train_x, self.train_y = train_x[i_train].float(), train_y[i_train]
         self.test_x, self.test_y = test_x[i_test].float(), test_y[i_test]
         self.total_cost = 0.0
+        self.epoch_costs: list[tuple[float, float]] = []  # (tracking s, the epoch's training-step s) per evaluation
 
     # ------------------------------------------------------------------ the games
     def _values(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """`(2^players, B, 1)`: the tracked output of every sample on every coalition of the players."""
         x = x.to(self.device)
         ref = self.reference.to(self.device, x.dtype)
-        if self.structural:
+        if self.structural == "shallow":
             logits = self._structural_values(model, x)
+        elif self.structural == "deep":
+            logits = model.coalition_outputs(x, self.chosen)
         elif self.chosen is not None:
             chosen = self.chosen.to(self.device)
 
@@ -234,8 +249,12 @@ class InteractionTracker:
         try:
             if isinstance(skip, bool):
                 model.skip_inactive = False
-            train_records, train_err = self._records(self._values(model, self.train_x, self.train_y))
-            test_records, test_err = self._records(self._values(model, self.test_x, self.test_y))
+            # Training and test samples in one evaluation: one pass of per-call costs instead of two.
+            values = self._values(model, torch.cat([self.train_x, self.test_x]), torch.cat([self.train_y,
+                                                                                            self.test_y]))
+            split = len(self.train_y)
+            train_records, train_err = self._records(values[:, :split])
+            test_records, test_err = self._records(values[:, split:])
         finally:
             model.train(was_training)
             if isinstance(skip, bool):
@@ -266,7 +285,8 @@ class InteractionTracker:
         """A fresh run: empty `interactions.jsonl` and record the initial model (epoch 0)."""
         log.info("tracking %s interactions of %d train + %d test samples over %s (%s), every %d epoch(s), via %s",
                  self.kind, len(self.train_y), len(self.test_y), self.layout, self.output, self.every,
-                 "the model's own modules" if self.structural else f"the oracle (2^{self.players} forward rows each)")
+                 f"the {self.structural} ShapNet's own structure" if self.structural else
+                 f"the oracle (2^{self.players} forward rows each)")
         if resume and self.path.is_file():
             return
         self.path.write_text("")
@@ -279,6 +299,8 @@ class InteractionTracker:
             return
         rec = self.evaluate(model, epoch, row)
         epoch_time = row.get("epoch_time_s")
+        if epoch_time:
+            self.epoch_costs.append((rec["cost_s"], epoch_time))
         log.info("interactions at epoch %d: %.2fs%s, matching error %.1e", epoch, rec["cost_s"],
                  f" ({rec['cost_s'] / epoch_time:.2f}x the epoch's {epoch_time:.2f}s)" if epoch_time else "",
                  rec["matching_error"])
@@ -286,6 +308,13 @@ class InteractionTracker:
     def finish(self) -> Path | None:
         """Draw `interaction_dynamics.png` from the records; None (and a log line) without matplotlib."""
         log.info("interaction tracking: %.1fs in all", self.total_cost)
+        if self.epoch_costs:
+            # The slow-down of a tracked epoch over its training steps alone (validation left out: an upper bound).
+            ratios = sorted((cost + steps) / steps for cost, steps in self.epoch_costs)
+            log.info("interaction tracking cost: median %.2fs per evaluation, a tracked epoch takes %.2fx its "
+                     "training steps' time (median over %d epochs; worst %.2fx)",
+                     sorted(c for c, _ in self.epoch_costs)[len(ratios) // 2], ratios[len(ratios) // 2],
+                     len(ratios), ratios[-1])
         try:
             return plot_dynamics(read_records(self.path), self.figure)
         except ImportError:
