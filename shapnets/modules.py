@@ -608,19 +608,29 @@ class ShapleyModuleBank(nn.Module):
         torch.mul(offsets.reshape(G, players, 1, n), member, out=masked)
         at_reference = self._at_reference(offsets, None if reference is None else reference.to(offsets.dtype))
         first = torch.cat([rearrange(self.weights[0], "g i h -> g h i"), at_reference[:, :, None]], dim=2)
-        h = self._workspace(offsets, (G, first.shape[1], columns))
-        torch.bmm(first, inputs, out=h)
         last = len(self.weights) - 1
         deferred = self.bias(last) if last and not self.output_act else None
-        for i in range(1, len(self.weights)):
-            a = self._activate(h, True)  # the workspace, or a layer output of ours
-            w_t, b = self.weights[i].transpose(1, 2), self.bias(i)
-            if b is None or (i == last and deferred is not None):
-                h = torch.bmm(w_t, a)
+        h = offsets.new_empty(G, self.weights[-1].shape[-1], columns)  # every module's values
+        # A few modules at a time, so that their hidden activations stay in cache from the product that writes them
+        # through the activation to the product that reads them (on a CPU whose memory bandwidth is shared, a pass
+        # over memory costs several times a pass over cache).
+        step = max(1, self.grouped_chunk // (first.shape[1] * columns))
+        for start in range(0, G, step):
+            g = slice(start, min(G, start + step))
+            if not last:
+                a = torch.bmm(first[g], inputs[g], out=h[g])
             else:
-                h = torch.baddbmm(b[:, :, None], w_t, a)
-        if self.output_act:
-            h = self._activate(h, True)
+                a = torch.bmm(first[g], inputs[g], out=self._workspace(offsets, (g.stop - start, first.shape[1],
+                                                                                   columns)))
+            for i in range(1, last + 1):
+                a = self._activate(a, True)  # the workspace, or a layer output of ours
+                w_t, b, out = self.weights[i][g].transpose(1, 2), self.bias(i), h[g] if i == last else None
+                if b is None or (i == last and deferred is not None):
+                    a = torch.bmm(w_t, a, out=out)
+                else:
+                    a = torch.baddbmm(b[g][:, :, None], w_t, a, out=out)
+            if self.output_act and (activated := self._activate(a, True)) is not a:
+                h[g] = activated
         values = h[:, :, 1:].view(G, h.shape[1], coalitions, n)  # values[:, :, t - 1]: coalition t
         phi = h.new_empty(k, G, h.shape[1], n)
         if k <= 4:  # differences first (k 2^(k-1) slices of (G, C_out, n)): the values are never copied
@@ -642,12 +652,12 @@ class ShapleyModuleBank(nn.Module):
         # differently by ~1e-8 in float32).
         phi.masked_fill_(rearrange(offsets.ne(0).any(2), "g k n -> k g 1 n").logical_not_(), 0.0)
         base, output = h[:, :, 0], values[:, :, coalitions - 1]
-        if not last:  # views of the workspace, which the next call overwrites
-            base, output = base.clone(), output.clone()
         if deferred is not None:
             base, output = base + deferred, output + deferred[:, :, None]
         return phi, base, output
 
+    #: Elements of the first hidden activation per chunk of modules in `shapley_grouped` (kept in cache).
+    grouped_chunk: int = 1 << 22
     #: Use the compiled coalition kernel in `shapley_from_projections` (see `compile_coalitions`).
     compiled: bool = False
     #: Elements per coalition row of one chunk of `shapley_from_projections` (2^k rows are kept in cache together).

@@ -37,8 +37,11 @@ def inputs(net: ShallowShapNet, batch: int = 5) -> torch.Tensor:
     return x[..., 0] if net.in_channels == 1 else x
 
 
+@pytest.mark.parametrize("chunk", [1 << 22, 1])  # all modules at once, and one module per chunk
 @pytest.mark.parametrize("case", list(CASES))
-def test_grouped_path_equals_the_oracle_and_the_autograd_path(case: str) -> None:
+def test_grouped_path_equals_the_oracle_and_the_autograd_path(case: str, chunk: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ShapleyModuleBank, "grouped_chunk", chunk)
     torch.manual_seed(0)
     net = make(case)
     x = inputs(net)
@@ -73,7 +76,7 @@ def test_grouped_path_in_float32_and_repeated_calls() -> None:
 
 
 def test_one_layer_bank_returns_fresh_base_and_output() -> None:
-    """With one layer the products land in the workspace: base and output must not be views of it."""
+    """Base and output are not views of a buffer that the next call overwrites."""
     bank = ShapleyModuleBank(3, 2, 1, 2, hidden=(), output_act=True).to(DT)
     offsets = torch.randn(3, 2, 1, 4, dtype=DT)
     with torch.no_grad():
