@@ -1,28 +1,40 @@
 """Shallow ShapNet explain against captum KernelShap(1024): which inner makes it cheaper, and where time goes.
 
 For a Shallow ShapNet on 12 features with all 66 pairs (and, with `--zoo`, the shipped
-`shapnet_shallow_breast_cancer`: 30 features, 435 pairs), several inners are timed in one process: forward and
-explain at batch 64 and 256 (interleaved, median of repeats) and captum's KernelShap(1024 samples, all perturbations
-in one batch) on a few samples one at a time, against the same network (a cheaper inner makes KernelShap cheaper
-too). Prints per inner: explain ms / sample, KernelShap ms / sample, the speed-up, explain / forward against the
-bound 1.2 x 2^k (k = 2 for pairs), and one torch.profiler table of the default inner's explain.
+`shapnet_shallow_breast_cancer`: 30 features, 435 pairs, plus any `--zoo-run` checkpoints), several inners are timed
+in one process, everything interleaved within every repeat (`training.bench.interleaved_medians`), so that load that
+comes and goes on a shared machine hits all columns alike:
 
-The zoo variants keep the shipped weights and swap the activation (exact GELU -> tanh-approximate GELU): a
-different function, so their test accuracy is printed next to the shipped one (`--zoo` needs SHAPNETS_DATA).
+* `explain`: `model.explain(x)` under `torch.no_grad()` (the grouped inference path,
+  `ShapleyModuleBank.shapley_grouped`), at batch 64 and 256;
+* `previous`: the same Shapley values through the differentiable per-bank path (`ShapleyModuleBank.shapley` and a
+  scatter), which `explain` used before the grouped path;
+* `forward`: `model(x)` on the same batch (for explain / forward and its bound 1.2 x 2^k, k = 2 for pairs);
+* `KernelShap`: captum KernelShap(1024 samples, all perturbations in one batch) on one sample per repeat (a new
+  sample each time), against the same network, so a cheaper inner makes KernelShap cheaper too.
+
+Prints per inner: explain ms / sample, KernelShap ms / sample, the speed-up (median of KernelShap / median of
+explain per sample), explain / forward, and one torch.profiler table of the default inner's explain.
+
+With `--zoo`, the shipped weights' test accuracy on the trainer's breast-cancer split (data seed 0, as on the card)
+is printed next to each model (`--zoo` needs scikit-learn for the data, nothing else).
 
 Usage:
-    python benchmarks/shallow_speed.py                 # 12 features, pairs (a few minutes on 2 cores)
-    python benchmarks/shallow_speed.py --zoo           # also the shipped breast-cancer model
-    python benchmarks/shallow_speed.py --quick         # smoke test
+    python benchmarks/shallow_speed.py --threads 1               # 12 features, pairs (a few minutes on 2 cores)
+    python benchmarks/shallow_speed.py --threads 1 --zoo         # also the shipped breast-cancer model
+    python benchmarks/shallow_speed.py --zoo-run runs/x          # also a trained run folder (its best.pt)
+    python benchmarks/shallow_speed.py --quick                   # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import itertools
+import statistics
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -35,71 +47,130 @@ INNERS: dict[str, dict] = {
     "GELU tanh, hidden 32": dict(hidden=(32,), act_layer=lambda: nn.GELU(approximate="tanh")),
     "ReLU, hidden 32": dict(hidden=(32,), act_layer=nn.ReLU),
     "GELU, hidden 16": dict(hidden=(16,), act_layer=nn.GELU),
-    "GELU tanh, hidden 16": dict(hidden=(16,), act_layer=lambda: nn.GELU(approximate="tanh")),
     "GELU, hidden 8": dict(hidden=(8,), act_layer=nn.GELU),
 }
 
 
-def kernel_shap_ms(net: nn.Module, x: Tensor, n_samples: int) -> float:
-    """ms per sample of captum KernelShap(n_samples) on `net` (zero baseline, class 1), one sample at a time."""
+def previous_explain(net: ShallowShapNet, x: Tensor) -> Tensor:
+    """The attributions through the per-bank differentiable path (`ShapleyModuleBank.shapley` + a scatter)."""
+    x = x[..., None] if x.dim() == 2 else x
+    delta = x - net.reference
+    attributions = x.new_zeros(x.shape[0], net.in_features, net.num_classes)
+    for k, bank in zip(net.arities, net.banks):
+        index = torch.tensor([g for g in net.groups if len(g) == k], device=x.device)
+        phi, _, _ = bank.shapley(delta[:, index], net.reference[index])
+        attributions = attributions.index_add(1, index.flatten(), phi.flatten(1, 2))
+    return attributions
+
+
+def kernel_shap_call(net: nn.Module, inputs: Tensor, n_samples: int) -> Callable[[], object]:
+    """One captum KernelShap(n_samples) explanation (zero baseline, class 1) of the next row of `inputs` per call."""
     from captum.attr import KernelShap
 
     explainer = KernelShap(net)
-    baseline = torch.zeros(1, x.shape[1])
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        run = lambda s: explainer.attribute(s, baselines=baseline, target=1, n_samples=n_samples,  # noqa: E731
-                                            perturbations_per_eval=n_samples)
-        run(x[:1])
-        start = time.perf_counter()
-        for i in range(len(x)):
-            run(x[i: i + 1])
-    return 1e3 * (time.perf_counter() - start) / len(x)
+    baseline = torch.zeros(1, inputs.shape[1])
+    rows = itertools.cycle(range(len(inputs)))
+
+    def run() -> object:
+        i = next(rows)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return explainer.attribute(inputs[i: i + 1], baselines=baseline, target=1, n_samples=n_samples,
+                                       perturbations_per_eval=n_samples)
+
+    return run
+
+
+def cpu_timed(fn: Callable[[], object], store: list[float]) -> Callable[[], object]:
+    """`fn`, appending the CPU time of this process that each call took to `store`.
+
+    On a machine with more runnable threads than cores, a call's wall time includes the time it waited for a core,
+    which comes and goes with the other processes; its CPU time is the work it did (still inflated by caches and
+    memory bandwidth shared with them). With 1 thread both sides of a ratio are single-threaded, so CPU-time ratios
+    compare work with work.
+    """
+
+    def run() -> object:
+        start = time.process_time()
+        result = fn()
+        store.append(time.process_time() - start)
+        return result
+
+    return run
 
 
 def measure(nets: dict[str, nn.Module], features: int, batches: list[int], repeats: int, kernel_inputs: int,
-            n_samples: int, k: int = 2) -> list[dict[str, object]]:
+            n_samples: int, k: int = 2, calls: int = 5) -> list[dict[str, object]]:
+    """Interleaved medians of forward, explain, the previous path and KernelShap per inner (rows per batch).
+
+    Forward, explain and the previous path are timed over `calls` back-to-back calls each (per-call time = total /
+    calls); KernelShap over one sample.
+
+    Every row has the speed-up in wall time and in CPU time (`cpu_timed`); the other columns are wall time.
+    """
     torch.manual_seed(0)
     xs = {b: torch.randn(b, features) for b in batches}
     fns: dict[str, Callable[[], object]] = {}
+    def repeated(fn: Callable[[], object]) -> Callable[[], object]:
+        # Back-to-back calls, as when explaining a data set in batches: the first one absorbs the cold caches and
+        # allocator state that the KernelShap call before it leaves (its own time is part of the total).
+        def run() -> object:
+            for _ in range(calls):
+                fn()
+            return None
+
+        return run
+
     for name, net in nets.items():
         for b, x in xs.items():
-            fns[f"{name}|{b}|forward"] = lambda net=net, x=x: net(x)
-            fns[f"{name}|{b}|explain"] = lambda net=net, x=x: net.explain(x)
+            fns[f"{name}|{b}|forward"] = repeated(lambda net=net, x=x: net(x))
+            fns[f"{name}|{b}|explain"] = repeated(lambda net=net, x=x: net.explain(x))
+            fns[f"{name}|{b}|previous"] = repeated(lambda net=net, x=x: previous_explain(net, x))
+        fns[f"{name}|kernel"] = kernel_shap_call(net, torch.randn(kernel_inputs, features), n_samples)
+    cpu: dict[str, list[float]] = {key: [] for key in fns if "explain" in key or "kernel" in key}
+    fns = {key: cpu_timed(fn, cpu[key]) if key in cpu else fn for key, fn in fns.items()}
     with torch.no_grad():
         t = interleaved_medians(fns, repeats, warmup=1)
+    cpu_median = {key: statistics.median(times[1:]) for key, times in cpu.items()}  # [0]: the warm-up
     rows = []
-    for name, net in nets.items():
-        kernel = kernel_shap_ms(net, torch.randn(kernel_inputs, features), n_samples)
+    for name in nets:
+        kernel = 1e3 * t[f"{name}|kernel"]
         for b in batches:
-            explain = 1e3 * t[f"{name}|{b}|explain"] / b
-            ratio = t[f"{name}|{b}|explain"] / t[f"{name}|{b}|forward"]
+            explain = 1e3 * t[f"{name}|{b}|explain"] / (b * calls)
+            cpu_ratio = cpu_median[f"{name}|kernel"] / (cpu_median[f"{name}|{b}|explain"] / (b * calls))
             rows.append({"inner": name, "batch": b, "explain ms / sample": explain,
                          f"KernelShap({n_samples}) ms / sample": kernel, "speed-up": kernel / explain,
-                         "explain / forward": ratio, "bound 1.2 x 2^k": 1.2 * 2**k})
+                         "speed-up (CPU time)": cpu_ratio,
+                         "previous path / explain": t[f"{name}|{b}|previous"] / t[f"{name}|{b}|explain"],
+                         "explain / forward": t[f"{name}|{b}|explain"] / t[f"{name}|{b}|forward"],
+                         "bound 1.2 x 2^k": 1.2 * 2**k})
     return rows
 
 
-def profile_table(net: nn.Module, x: Tensor, rows: int = 10) -> str:
+def profile_table(net: nn.Module, x: Tensor, rows: int = 12, calls: int = 10) -> str:
+    """torch.profiler's table (self CPU time) of `calls` no-grad explains after one warm-up."""
     from torch.profiler import profile
 
     with torch.no_grad():
         net.explain(x)
         with profile() as prof:
-            for _ in range(3):
+            for _ in range(calls):
                 net.explain(x)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def zoo_variants() -> tuple[dict[str, nn.Module], dict[str, float]]:
-    """The shipped breast-cancer model, and the same weights with tanh-approximate GELU; their test accuracy."""
+def zoo_variants(runs: list[str]) -> tuple[dict[str, nn.Module], dict[str, float]]:
+    """The shipped breast-cancer model and the models of `runs` (run folders); their test accuracy."""
     import zoo
+    from training.sources import load_source
 
-    shipped = zoo.create_model("shapnet_shallow_breast_cancer", pretrained=True).eval()
-    tanh = copy.deepcopy(shipped)
-    for bank in tanh.banks:
-        bank.act = nn.GELU(approximate="tanh")
-    nets = {"shipped (exact GELU)": shipped, "shipped weights, tanh GELU": tanh}
+    nets: dict[str, nn.Module] = {"shipped": zoo.create_model("shapnet_shallow_breast_cancer", pretrained=True)}
+    for run in runs:  # a training run folder, or a zoo weights folder (config.json + model.safetensors)
+        is_weights = (Path(run) / "config.json").is_file()
+        model = zoo.load_pretrained(run) if is_weights else load_source(run, torch.device("cpu")).model
+        bank = model.banks[0]
+        nets[f"{Path(run).name} ({type(bank.act).__name__}, hidden {bank.weights[0].shape[-1]})"] = model
+    nets = {name: net.eval() for name, net in nets.items()}
     return nets, accuracies(nets)
 
 
@@ -117,28 +188,35 @@ def accuracies(nets: dict[str, nn.Module]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", action="store_true", help="also the shipped shapnet_shallow_breast_cancer")
+    parser.add_argument("--zoo-run", action="append", default=[],
+                        help="also this breast-cancer run folder or zoo weights folder (repeatable)")
+    parser.add_argument("--no-synthetic", action="store_true", help="skip the 12-feature inners")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    repeats, kernel_inputs, n_samples = (2, 2, 256) if args.quick else (5, 4, 1024)
+    repeats, kernel_inputs, n_samples = (2, 2, 256) if args.quick else (args.repeats, 16, 1024)
     batches = [64] if args.quick else [64, 256]
     inners = dict(list(INNERS.items())[:2]) if args.quick else INNERS
-    torch.manual_seed(0)
-    nets = {name: ShallowShapNet(12, 2, "pairs", **kw).eval() for name, kw in inners.items()}
-    rows = measure(nets, 12, batches, repeats, kernel_inputs, n_samples)
-    columns = list(rows[0])
-    print(f"Shallow ShapNet, 12 features, all 66 pairs, {args.threads} thread(s)\n")
-    print(markdown_table(rows, columns))
-    print("\nProfile of the default inner's explain (batch 256, 3 calls):\n")
-    print(profile_table(nets[next(iter(nets))], torch.randn(256, 12)))
-    if args.zoo:
-        zoo_nets, acc = zoo_variants()
+    if not args.no_synthetic:
+        torch.manual_seed(0)
+        nets = {name: ShallowShapNet(12, 2, "pairs", **kw).eval() for name, kw in inners.items()}
+        rows = measure(nets, 12, batches, repeats, kernel_inputs, n_samples)
+        print(f"Shallow ShapNet, 12 features, all 66 pairs, {args.threads} thread(s), {repeats} repeats\n")
+        print(markdown_table(rows, list(rows[0])))
+        print("\nProfile of the default inner's explain (batch 256, 10 calls):\n")
+        print(profile_table(nets[next(iter(nets))], torch.randn(256, 12)))
+    if args.zoo or args.zoo_run:
+        zoo_nets, acc = zoo_variants(args.zoo_run)
         rows = measure(zoo_nets, 30, batches, repeats, kernel_inputs, n_samples)
         for row in rows:
             row["test accuracy (this split)"] = acc[row["inner"]]
-        print("\nshapnet_shallow_breast_cancer, 30 features, 435 pairs\n")
+        print(f"\nshapnet_shallow_breast_cancer, 30 features, 435 pairs, {args.threads} thread(s), {repeats} repeats\n")
         print(markdown_table(rows, list(rows[0])))
+        for name, net in zoo_nets.items():
+            print(f"\nProfile of {name}'s explain (batch 256, 10 calls):\n")
+            print(profile_table(net, torch.randn(256, 30)))
 
 
 if __name__ == "__main__":

@@ -569,6 +569,97 @@ class ShapleyModuleBank(nn.Module):
             values = full
         return values.reshape(2**k, *batch, groups, values.shape[-1])
 
+    def shapley_grouped(self, offsets: Tensor, reference: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Exact Shapley values of every module, without autograd, in a group-major, sample-last layout.
+
+        The inference form of `shapley` for a reference shared by all samples (Shallow ShapNets): the same values up
+        to rounding, with fewer passes over the largest tensor. The first layer of every coalition is one batched
+        product `[W_1 | a] [m_S * x ; 1]` (`a`: the pre-activation at the reference, folded in as a last column, so
+        no bias is broadcast and added in a separate pass), the activation overwrites it in place, and the next
+        layer reads it once; the `2^k` values of the `C_out` outputs (small) are then combined per player. The last
+        layer's bias cancels out of every Shapley difference, so it is added only to the base and output values.
+        A player whose offset is exactly 0 gets exactly 0.
+
+        Args:
+            offsets: `(G, k, C, n)`: `x - reference` of the `k` players of each of the `G` modules, for `n` samples.
+            reference: the reference `(G, k, C)` (shared by all samples); `None` means zero.
+
+        Returns:
+            `(phi, base, output)`: `(k, G, C_out, n)`, `(G, C_out)` (the value at the reference) and `(G, C_out, n)`
+            (the value at `x`).
+
+        Raises:
+            ValueError: autograd would need the result (use `shapley`), or `offsets` has the wrong shape.
+        """
+        G, k, C = self.num_groups, self.num_players, self.in_channels
+        if offsets.dim() != 4 or tuple(offsets.shape[:3]) != (G, k, C):
+            raise ValueError(f"offsets must be (G={G}, k={k}, C={C}, n), got shape {tuple(offsets.shape)}")
+        if torch.is_grad_enabled() and (offsets.requires_grad or any(p.requires_grad for p in self.parameters())):
+            raise ValueError("shapley_grouped does not record gradients: call it under torch.no_grad() "
+                             "(or use shapley(), which is differentiable)")
+        n, coalitions, players = offsets.shape[-1], 2**k - 1, k * C
+        columns = 1 + coalitions * n  # the empty coalition once (a shared reference), then every coalition x sample
+        # Inputs of the first layer: column 0 is the empty coalition, then coalition t's offsets masked to its members;
+        # the last row is the constant 1 that multiplies the folded-in pre-activation at the reference.
+        masks = coalition_masks(k, offsets.device, offsets.dtype)[1:]  # (2^k - 1, k)
+        member = rearrange(masks, "t k -> k 1 t 1").expand(k, C, coalitions, 1).reshape(players, coalitions, 1)
+        inputs = offsets.new_empty(G, players + 1, columns)
+        inputs[:, :players, 0] = 0
+        inputs[:, players] = 1
+        masked = inputs[:, :players, 1:].view(G, players, coalitions, n)
+        torch.mul(offsets.reshape(G, players, 1, n), member, out=masked)
+        at_reference = self._at_reference(offsets, None if reference is None else reference.to(offsets.dtype))
+        first = torch.cat([rearrange(self.weights[0], "g i h -> g h i"), at_reference[:, :, None]], dim=2)
+        last = len(self.weights) - 1
+        deferred = self.bias(last) if last and not self.output_act else None
+        h = offsets.new_empty(G, self.weights[-1].shape[-1], columns)  # every module's values
+        # A few modules at a time, so that their hidden activations stay in cache from the product that writes them
+        # through the activation to the product that reads them (on a CPU whose memory bandwidth is shared, a pass
+        # over memory costs several times a pass over cache).
+        step = max(1, self.grouped_chunk // (first.shape[1] * columns))
+        for start in range(0, G, step):
+            g = slice(start, min(G, start + step))
+            if not last:
+                a = torch.bmm(first[g], inputs[g], out=h[g])
+            else:
+                a = torch.bmm(first[g], inputs[g], out=self._workspace(offsets, (g.stop - start, first.shape[1],
+                                                                                   columns)))
+            for i in range(1, last + 1):
+                a = self._activate(a, True)  # the workspace, or a layer output of ours
+                w_t, b, out = self.weights[i][g].transpose(1, 2), self.bias(i), h[g] if i == last else None
+                if b is None or (i == last and deferred is not None):
+                    a = torch.bmm(w_t, a, out=out)
+                else:
+                    a = torch.baddbmm(b[g][:, :, None], w_t, a, out=out)
+            if self.output_act and (activated := self._activate(a, True)) is not a:
+                h[g] = activated
+        values = h[:, :, 1:].view(G, h.shape[1], coalitions, n)  # values[:, :, t - 1]: coalition t
+        phi = h.new_empty(k, G, h.shape[1], n)
+        if k <= 4:  # differences first (k 2^(k-1) slices of (G, C_out, n)): the values are never copied
+            weights = signed_weights(k).tolist()
+            for i in range(k):
+                for t in range(1 << i, 2**k):
+                    if not t >> i & 1:
+                        continue
+                    rest = t ^ (1 << i)
+                    diff = values[:, :, t - 1] - (values[:, :, rest - 1] if rest else h[:, :, :1])
+                    if t == 1 << i:
+                        torch.mul(diff, weights[t][i], out=phi[i])
+                    else:
+                        phi[i].add_(diff, alpha=weights[t][i])
+        else:
+            full = torch.cat([h[:, :, :1, None].expand(-1, -1, 1, n), values], dim=2)  # (G, C_out, 2^k, n)
+            phi = torch.einsum("tk,gotn->kgon", signed_weights(k).to(full), full)
+        # A player at the reference is null in its module's game: exactly 0 (the products may round equal columns
+        # differently by ~1e-8 in float32).
+        phi.masked_fill_(rearrange(offsets.ne(0).any(2), "g k n -> k g 1 n").logical_not_(), 0.0)
+        base, output = h[:, :, 0], values[:, :, coalitions - 1]
+        if deferred is not None:
+            base, output = base + deferred, output + deferred[:, :, None]
+        return phi, base, output
+
+    #: Elements of the first hidden activation per chunk of modules in `shapley_grouped` (kept in cache).
+    grouped_chunk: int = 1 << 22
     #: Use the compiled coalition kernel in `shapley_from_projections` (see `compile_coalitions`).
     compiled: bool = False
     #: Elements per coalition row of one chunk of `shapley_from_projections` (2^k rows are kept in cache together).

@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import ClassVar
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from ._heads import drop_output_layer, renew_output_layer
@@ -248,16 +249,20 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         no_layers(self, layers)
         x = self._check(x)
         B = x.shape[0]
-        attributions = x.new_zeros(B, self.in_features, self.out_channels)
-        base = x.new_zeros(B, self.out_channels)
-        output = x.new_zeros(B, self.out_channels)
-        delta = x - self.reference
-        for k, bank in zip(self.arities, self.banks):
-            index = self._index(k)
-            phi, b, o = bank.shapley(delta[:, index], self.reference[index])
-            # Each module's value for feature i lands on feature i; features in no module get 0.
-            attributions = attributions.index_add(1, index.flatten(), phi.flatten(1, 2))
-            base, output = base + b.sum(-2), output + o.sum(1)
+        if torch.is_grad_enabled() and (x.requires_grad or self.reference.requires_grad
+                                        or any(p.requires_grad for p in self.parameters())):
+            attributions = x.new_zeros(B, self.in_features, self.out_channels)
+            base = x.new_zeros(B, self.out_channels)
+            output = x.new_zeros(B, self.out_channels)
+            delta = x - self.reference
+            for k, bank in zip(self.arities, self.banks):
+                index = self._index(k)
+                phi, b, o = bank.shapley(delta[:, index], self.reference[index])
+                # Each module's value for feature i lands on feature i; features in no module get 0.
+                attributions = attributions.index_add(1, index.flatten(), phi.flatten(1, 2))
+                base, output = base + b.sum(-2), output + o.sum(1)
+        else:
+            attributions, base, output = self._explain_grouped(x)
         return Explanation(
             attributions=attributions,
             base=base.expand(B, -1) if base.dim() == 1 else base,
@@ -268,6 +273,28 @@ class ShallowShapNet(StreamedBatches, TabularGame):
             exact=True,
             method=type(self).__name__,
         )
+
+    def _explain_grouped(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`explain`'s attributions `(B, D, O)`, base `(O,)` and output `(B, O)` without autograd (the fast path).
+
+        Works feature-major and sample-last (`ShapleyModuleBank.shapley_grouped`): each bank gathers its modules'
+        players as whole rows of the `(D, C, B)` offsets, and its `(k, G, O, B)` values are added onto their
+        features' rows in place (one contiguous row per player and module).
+        """
+        B = x.shape[0]
+        delta = rearrange(x - self.reference, "b d c -> d c b")
+        attributions = x.new_zeros(self.in_features, self.out_channels, B)
+        base = x.new_zeros(self.out_channels)
+        output = x.new_zeros(self.out_channels, B)
+        for k, bank in zip(self.arities, self.banks):
+            index = self._index(k)  # (G, k)
+            offsets = delta.index_select(0, index.flatten()).view(*index.shape, self.in_channels, B)
+            phi, b, o = bank.shapley_grouped(offsets, self.reference[index])
+            attributions.index_add_(0, index.T.flatten(), phi.flatten(0, 1))  # phi rows: player-major, as index.T
+            base += b.sum(0)
+            output += o.sum(0)
+        attributions = rearrange(attributions, "d o b -> b d o").contiguous()
+        return attributions, base, rearrange(output, "o b -> b o").contiguous()
 
     def interactions(self, x: Tensor, max_order: int | None = None, kind: str = "and") -> Interactions:
         """Exact Harsanyi dividends (or OR interactions) and pairwise Shapley interaction indices of the network.

@@ -1,0 +1,94 @@
+"""The no-grad Shallow ShapNet path (`ShapleyModuleBank.shapley_grouped`): exact against the oracle in float64,
+equal to the differentiable path, exact zeros at the reference, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from shapnets import ShallowShapNet, ShapleyModuleBank, exact_shapley
+
+DT = torch.float64
+ATOL = 1e-10
+
+CASES = {
+    "pairs, GELU": dict(groups="pairs"),
+    "mixed arities 1-5, two hidden layers": dict(groups=[(0,), (1, 2), (2, 3, 4), (0, 5, 6, 7), (1, 3, 5, 7, 6)],
+                                                 hidden=(6, 4)),
+    "pairs, one layer (linear)": dict(groups="pairs", hidden=(), act_layer=nn.ReLU),
+    "singles, 3 channels": dict(groups="singles", in_channels=3, hidden=(5,)),
+    "one group of 7 (combined by a product)": dict(groups=[(0, 1, 2, 3, 4, 5, 6)], hidden=(3,), act_layer=nn.ReLU),
+    "triples, LeakyReLU": dict(groups=[(0, 1, 2), (3, 4, 5), (5, 6, 7)], act_layer=nn.LeakyReLU),
+}
+
+
+def make(case: str) -> ShallowShapNet:
+    kwargs = dict(CASES[case])
+    channels = kwargs.get("in_channels", 1)
+    reference = torch.randn(8, channels, dtype=DT)  # not zero: the reference's pre-activation is folded in
+    return ShallowShapNet(8, 3, reference=reference, hidden=kwargs.pop("hidden", (8,)), **kwargs).to(DT).eval()
+
+
+def inputs(net: ShallowShapNet, batch: int = 5) -> torch.Tensor:
+    x = torch.randn(batch, 8, net.in_channels, dtype=DT)
+    x[1, 2] = net.reference[2]  # one feature at the reference: exactly 0
+    x[3] = net.reference  # a whole sample at the reference
+    return x[..., 0] if net.in_channels == 1 else x
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 1])  # all modules at once, and one module per chunk
+@pytest.mark.parametrize("case", list(CASES))
+def test_grouped_path_equals_the_oracle_and_the_autograd_path(case: str, chunk: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ShapleyModuleBank, "grouped_chunk", chunk)
+    torch.manual_seed(0)
+    net = make(case)
+    x = inputs(net)
+    with torch.no_grad():
+        fast = net.explain(x)
+    oracle = exact_shapley(net, x, net.reference)
+    torch.testing.assert_close(fast.attributions, oracle.attributions, rtol=0, atol=ATOL)
+    torch.testing.assert_close(fast.base, oracle.base, rtol=0, atol=ATOL)
+    torch.testing.assert_close(fast.output, net(x), rtol=0, atol=ATOL)
+    fast.check_local_accuracy()
+    assert torch.equal(fast.attributions[1, 2], torch.zeros(3, dtype=DT))  # exactly, not ~1e-17
+    assert torch.equal(fast.attributions[3], torch.zeros(8, 3, dtype=DT))
+    slow = net.explain(x)  # parameters require grad: the differentiable path
+    assert slow.attributions.requires_grad and not fast.attributions.requires_grad
+    torch.testing.assert_close(fast.attributions, slow.attributions.detach(), rtol=0, atol=ATOL)
+    torch.testing.assert_close(fast.output, slow.output.detach(), rtol=0, atol=ATOL)
+
+
+def test_grouped_path_in_float32_and_repeated_calls() -> None:
+    """Float32 agrees with float64; the bank's reused workspace does not leak between calls of other sizes."""
+    torch.manual_seed(1)
+    net = make("pairs, GELU")
+    x = inputs(net, 9)
+    with torch.no_grad():
+        want = net.explain(x).attributions
+        net32 = net.float()
+        first = net32.explain(x.float())
+        net32.explain(torch.randn(33, 8))  # a larger call in between reuses and grows the workspace
+        again = net32.explain(x.float())
+    torch.testing.assert_close(first.attributions, want.float(), rtol=0, atol=1e-5)
+    assert torch.equal(first.attributions, again.attributions) and torch.equal(first.base, again.base)
+
+
+def test_one_layer_bank_returns_fresh_base_and_output() -> None:
+    """Base and output are not views of a buffer that the next call overwrites."""
+    bank = ShapleyModuleBank(3, 2, 1, 2, hidden=(), output_act=True).to(DT)
+    offsets = torch.randn(3, 2, 1, 4, dtype=DT)
+    with torch.no_grad():
+        _, base, output = bank.shapley_grouped(offsets)
+        base0, output0 = base.clone(), output.clone()
+        bank.shapley_grouped(torch.randn(3, 2, 1, 4, dtype=DT))
+    assert torch.equal(base, base0) and torch.equal(output, output0)
+
+
+def test_shapley_grouped_refuses_gradients_and_bad_shapes() -> None:
+    bank = ShapleyModuleBank(3, 2, 1, 2).to(DT)
+    with pytest.raises(ValueError, match="no_grad"):
+        bank.shapley_grouped(torch.randn(3, 2, 1, 4, dtype=DT))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"offsets must be \(G=3, k=2, C=1, n\)"):
+        bank.shapley_grouped(torch.randn(4, 3, 2, 1, dtype=DT))
