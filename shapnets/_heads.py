@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .modules import ShapleyModuleBank, _init_linear_
+from .modules import ShapleyModuleBank, _init_linear_, evaluation_stats
 
 __all__ = ["BankShape", "StagedHead", "bank_like", "drop_output_layer", "renew_output_layer", "take_levels"]
 
@@ -79,6 +79,14 @@ class StagedHead:
     def _head_in_channels(self) -> int:
         shape = self._head_shape() if self.num_classes else self._dropped_head[0]
         return shape.in_channels if isinstance(shape, BankShape) else shape[0].in_channels
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def evaluation_stats(self, reset: bool = False) -> dict[str, int]:
+        """Module and coalition evaluations done and skipped since the last reset (all stages)."""
+        return evaluation_stats(self, reset)
 
     @property
     def body_stages(self) -> int:
@@ -177,13 +185,16 @@ def drop_output_layer(bank: ShapleyModuleBank) -> None:
     bank._output_dropped, bank._dropped_output_bias = True, output_bias
 
 
-def take_levels(count: int, indices: int | list[int] | tuple[int, ...] | None, who: str) -> list[int]:
+def take_levels(count: int, indices: int | list[int] | tuple[int, ...] | None, who: str,
+                output_fmt: str = "NCHW") -> list[int]:
     """Absolute, sorted feature levels from timm's `indices` (`None`: all; an int `n`: the last `n`; negatives count
-    from the end).
+    from the end), for a `forward_intermediates` that returns `output_fmt` (only `"NCHW"`).
 
     Raises:
-        ValueError: an index outside the `count` levels.
+        ValueError: an index outside the `count` levels, or another `output_fmt`.
     """
+    if output_fmt != "NCHW":
+        raise ValueError(f"{who}.forward_intermediates: output_fmt must be 'NCHW', got {output_fmt!r}")
     if indices is None:
         return list(range(count))
     if isinstance(indices, int):

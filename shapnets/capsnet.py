@@ -470,10 +470,7 @@ class CapsNet(StreamedBatches, nn.Module):
         Returns:
             The maps of `indices` (default both), or with `intermediates_only=False` also `forward_features(x)`.
         """
-        take = take_levels(2, indices, type(self).__name__)
-        if output_fmt != "NCHW":
-            raise ValueError(f"{type(self).__name__}.forward_intermediates: output_fmt must be 'NCHW', got "
-                             f"{output_fmt!r}")
+        take = take_levels(2, indices, type(self).__name__, output_fmt)
         conv1 = F.relu(self.conv1(self._check(x)))
         primary = self.primary.conv(conv1) if 1 in take or not intermediates_only else None
         maps = [level for i, level in enumerate((conv1, primary)) if i in take]

@@ -23,7 +23,7 @@ from ._streaming import StreamedBatches, streamed
 from ._validation import check_input, check_reference, finite_output
 from .explanation import Explanation
 from .interactions import Interactions, check_layer, check_module_kind
-from .modules import ShapleyModuleBank, evaluation_stats
+from .modules import ShapleyModuleBank
 from .pruning import prune_players, stage_fractions
 
 __all__ = ["ConvShapNet", "ShapleyConv2d"]
@@ -309,14 +309,6 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
         self.register_buffer("reference", check_reference(ref, (in_chans,), "ConvShapNet"))
         if num_classes == 0:
             self.reset_classifier(0)
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.stages)
-
-    def evaluation_stats(self, reset: bool = False) -> dict[str, int]:
-        """Module and coalition evaluations done and skipped since the last reset (all stages)."""
-        return evaluation_stats(self, reset)
 
     def _check(self, x: Tensor) -> Tensor:
         x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)

@@ -22,7 +22,7 @@ from ._tabular import TabularGame
 from ._validation import finite_output
 from .explanation import Explanation
 from .interactions import Interactions, check_layer, check_module_kind
-from .modules import ShapleyModuleBank, evaluation_stats
+from .modules import ShapleyModuleBank
 from .pruning import prune_players, stage_fractions
 
 __all__ = ["DeepShapNet", "butterfly_pairs", "butterfly_stages_needed", "live_rows"]
@@ -193,14 +193,6 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
         self.prune_during_training, self.skip_inactive = prune_during_training, skip_inactive
         if num_classes == 0:
             self.reset_classifier(0)
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.stages)
-
-    def evaluation_stats(self, reset: bool = False) -> dict[str, int]:
-        """Module and coalition evaluations done and skipped since the last reset (all stages)."""
-        return evaluation_stats(self, reset)
 
     def stage_stride(self, stage: int) -> int:
         return 1 << (stage % int(math.log2(self.num_padded)))

@@ -656,10 +656,7 @@ class InterpretableCNN(StreamedBatches, nn.Module):
         Returns:
             The maps of `indices` (default both), or with `intermediates_only=False` also `forward_features(x)`.
         """
-        take = take_levels(2, indices, type(self).__name__)
-        if output_fmt != "NCHW":
-            raise ValueError(f"{type(self).__name__}.forward_intermediates: output_fmt must be 'NCHW', got "
-                             f"{output_fmt!r}")
+        take = take_levels(2, indices, type(self).__name__, output_fmt)
         x = check_input(x, [(None, self.in_chans, None, None)], type(self).__name__, self)
         top = self.top_features(x)
         masked = self.interpretable_layer(top) if 1 in take or not intermediates_only else None

@@ -185,6 +185,13 @@ class DataBundle:
         """Number of samples per split."""
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}  # type: ignore[arg-type]
 
+    @classmethod
+    def from_split(cls, make: Any, x: Any, y: Any, test_x: Any, test_y: Any, idx: Any, info: DatasetInfo) -> DataBundle:
+        """Train and validation carved from `(x, y)` by `idx.train` / `idx.val`, test from `(test_x, test_y)` by
+        `idx.test`, each built by `make(features, labels, indices)`."""
+        return cls(train=make(x, y, idx.train), val=make(x, y, idx.val), test=make(test_x, test_y, idx.test),
+                   info=info)
+
 
 def resolve_root(name: str, root: str | os.PathLike | None, needed: str) -> Path:
     """The data folder for `name`: `root`, else `$SHAPNETS_DATA`.

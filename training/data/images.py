@@ -194,12 +194,7 @@ def image_bundle(
         reference=reference,
         split=idx.record(seed=seed, val_fraction=val_fraction, limit=limit),
     )
-    return DataBundle(
-        train=make(train_images, train_labels, idx.train),
-        val=make(train_images, train_labels, idx.val),
-        test=make(test_images, test_labels, idx.test),
-        info=info,
-    )
+    return DataBundle.from_split(make, train_images, train_labels, test_images, test_labels, idx, info)
 
 
 # Digits and clothes sit on a black background. With the reference equal to the normalised black pixel,

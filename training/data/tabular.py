@@ -94,12 +94,7 @@ def tabular_bundle(
         reference=[0.0] * features.shape[1],
         split=idx.record(seed=seed, val_fraction=val_fraction, limit=limit),
     )
-    return DataBundle(
-        train=make(features, labels, idx.train),
-        val=make(features, labels, idx.val),
-        test=make(test_x, test_y, idx.test),
-        info=info,
-    )
+    return DataBundle.from_split(make, features, labels, test_x, test_y, idx, info)
 
 
 def load_sklearn(name: str, *, seed: int = 0, val_fraction: float = 0.1, limit: int | None = None) -> DataBundle:
