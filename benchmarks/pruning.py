@@ -243,6 +243,15 @@ HEADLINE_COLUMNS = ["model", "p", "accuracy", "accuracy - start", "coalition eva
                     "start ms", "speed-up (start / this)"]
 
 
+def explain_runner(model: nn.Module, x: Tensor, p: float, mode: str, batch_size: int) -> Any:
+    """A timing closure: `model.explain` on `x` at pruning `p` (every stage but the last), skipping on."""
+    def run() -> None:
+        configure_pruning(model, pruned_stages(p, model.num_stages, mode), mode)
+        model.skip_inactive = True
+        explain_all(model, x, batch_size)
+    return run
+
+
 def headline(loaded: dict[str, tuple[nn.Module, Tensor, list[Row]]], start: str, *, mode: str, tolerance: float,
              time_samples: int, repeats: int, warmup: int, batch_size: int) -> list[Row]:
     """Every model at its largest `p` whose accuracy stays within `tolerance` of `start` at p = 0, timed
@@ -262,12 +271,7 @@ def headline(loaded: dict[str, tuple[nn.Module, Tensor, list[Row]]], start: str,
 
     def runner(label: str, p: float) -> Any:
         model, x, _ = loaded[label]
-
-        def run() -> None:
-            configure_pruning(model, pruned_stages(p, model.num_stages, mode), mode)
-            model.skip_inactive = True
-            explain_all(model, x[:time_samples], batch_size)
-        return run
+        return explain_runner(model, x[:time_samples], p, mode, batch_size)
 
     fns = {"start": runner(start, 0.0)}
     fns.update({label: runner(label, row["p"]) for label, row in chosen.items()})
@@ -290,14 +294,8 @@ def interleaved_explain_times(loaded: dict[str, tuple[nn.Module, Tensor, list[Ro
     load (timed fraction by fraction, a shared machine's changing load bends them)."""
     saved = {label: (list(m.prune), m.prune_mode, m.skip_inactive) for label, (m, _, _) in loaded.items()}
 
-    def runner(model: nn.Module, x: Tensor, p: float) -> Any:
-        def run() -> None:
-            configure_pruning(model, pruned_stages(p, model.num_stages, mode), mode)
-            model.skip_inactive = True
-            explain_all(model, x[:time_samples], batch_size)
-        return run
-
-    fns = {f"{label} {r['p']}": runner(model, x, r["p"]) for label, (model, x, rows) in loaded.items() for r in rows}
+    fns = {f"{label} {r['p']}": explain_runner(model, x[:time_samples], r["p"], mode, batch_size)
+           for label, (model, x, rows) in loaded.items() for r in rows}
     try:
         times = interleaved_medians(fns, repeats, warmup)
     finally:
