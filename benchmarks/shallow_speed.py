@@ -23,12 +23,14 @@ Usage:
     python benchmarks/shallow_speed.py --threads 1               # 12 features, pairs (a few minutes on 2 cores)
     python benchmarks/shallow_speed.py --threads 1 --zoo         # also the shipped breast-cancer model
     python benchmarks/shallow_speed.py --zoo-run runs/x          # also a trained run folder (its best.pt)
+    python benchmarks/shallow_speed.py --threads 1 --zoo --compiled   # and each model with compile_coalitions
     python benchmarks/shallow_speed.py --quick                   # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import statistics
 import time
@@ -39,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from shapnets import ShallowShapNet
+from shapnets import ShallowShapNet, compile_coalitions
 from training.bench import interleaved_medians, markdown_table
 
 INNERS: dict[str, dict] = {
@@ -147,6 +149,21 @@ def measure(nets: dict[str, nn.Module], features: int, batches: list[int], repea
     return rows
 
 
+def with_compiled(nets: dict[str, nn.Module], features: int, batches: list[int]) -> dict[str, nn.Module]:
+    """`nets` and, after each, a copy using the compiled coalition kernels (compiled here, before any timing)."""
+    out: dict[str, nn.Module] = {}
+    for name, net in nets.items():
+        twin = compile_coalitions(copy.deepcopy(net))
+        start = time.perf_counter()
+        with torch.no_grad():
+            for b in batches:
+                twin.explain(torch.randn(b, features))
+        print(f"compiled {name}: {time.perf_counter() - start:.1f} s (first calls; cached on disk afterwards)",
+              flush=True)
+        out[name], out[f"{name}, compiled"] = net, twin
+    return out
+
+
 def profile_table(net: nn.Module, x: Tensor, rows: int = 12, calls: int = 10) -> str:
     """torch.profiler's table (self CPU time) of `calls` no-grad explains after one warm-up."""
     from torch.profiler import profile
@@ -192,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also this breast-cancer run folder or zoo weights folder (repeatable)")
     parser.add_argument("--no-synthetic", action="store_true", help="skip the 12-feature inners")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also each model with compile_coalitions (the fused two-layer kernel); compiles first")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
@@ -202,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_synthetic:
         torch.manual_seed(0)
         nets = {name: ShallowShapNet(12, 2, "pairs", **kw).eval() for name, kw in inners.items()}
+        if args.compiled:
+            nets = with_compiled(nets, 12, batches)
         rows = measure(nets, 12, batches, repeats, kernel_inputs, n_samples)
         print(f"Shallow ShapNet, 12 features, all 66 pairs, {args.threads} thread(s), {repeats} repeats\n")
         print(markdown_table(rows, list(rows[0])))
@@ -209,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
         print(profile_table(nets[next(iter(nets))], torch.randn(256, 12)))
     if args.zoo or args.zoo_run:
         zoo_nets, acc = zoo_variants(args.zoo_run)
+        if args.compiled:
+            zoo_nets = with_compiled(zoo_nets, 30, batches)
+            acc = {name: acc[name.removesuffix(", compiled")] for name in zoo_nets}
         rows = measure(zoo_nets, 30, batches, repeats, kernel_inputs, n_samples)
         for row in rows:
             row["test accuracy (this split)"] = acc[row["inner"]]

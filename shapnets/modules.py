@@ -288,34 +288,87 @@ def _fused_one_layer_phi(projected: Tensor, base: Tensor, signed: Tensor, kind: 
     return torch.stack(phis)
 
 
+def _fused_two_layer_phi(offsets: Tensor, w1: Tensor, at_reference: Tensor, w2: Tensor, signed: list[list[float]],
+                         kind: str, slope: float) -> Tensor:
+    """Shapley values of two-layer inners `Linear(k C, h) -> act -> Linear(h, O)`, as one unrolled expression.
+
+    For `torch.compile` to fuse into one loop over `(G, n)` elements: every hidden unit of every coalition is built
+    by doubling (`a + sum_{j in S} p_j`), activated and projected onto the `O` outputs in registers, so the
+    `(G, h, 2^k n)` hidden activation is never written (the eager `shapley_grouped` writes and reads it). Unrolled
+    over coalitions, hidden units and outputs: meant for small inners (`ShapleyModuleBank.fused_unroll`).
+
+    Args:
+        offsets: `(k, G, C, n)`: `x - reference` of input `c` of player `j` of every module (any strides).
+        w1: `(k, C, h, G, 1)` first-layer weights; `at_reference`: `(h, G, 1)` its pre-activation at the reference.
+        w2: `(h, O, G, 1)` second-layer weights (its bias cancels out of every Shapley difference).
+        signed: `(k, 2^k)` nested list, `phi_i = sum_t signed[i][t] v(t)` (`coalitions.signed_weights(k).T`).
+        kind, slope: the activation (`ShapleyModuleBank._pointwise_kind`) and LeakyReLU's slope.
+
+    Returns:
+        `(k O + O, G, n)`: row `i O + o` is player `i`'s value for output `o` (exactly 0 where all its offsets are
+        0); the last `O` rows are the value at `x` without the last bias.
+    """
+    k, _, C, _ = offsets.shape
+    h, outputs = w1.shape[2], w2.shape[1]
+    projections = [[sum(w1[j, c, u] * offsets[j, :, c] for c in range(C)) for u in range(h)] for j in range(k)]
+    pre = [[at_reference[u].expand_as(offsets[0, :, 0]) for u in range(h)]]
+    for j in range(k):
+        pre = pre + [[v[u] + projections[j][u] for u in range(h)] for v in pre]
+    if kind == "leaky_relu":
+        act = [[F.leaky_relu(v, slope) for v in units] for units in pre]
+    elif kind == "relu":
+        act = [[F.relu(v) for v in units] for units in pre]
+    else:
+        act = [[F.gelu(v, approximate=kind.removeprefix("gelu_")) for v in units] for units in pre]
+    values = [[sum(w2[u, o] * units[u] for u in range(h)) for o in range(outputs)] for units in act]
+    rows = []
+    for i in range(k):
+        null = offsets[i, :, 0] == 0
+        for c in range(1, C):
+            null = null & (offsets[i, :, c] == 0)
+        for o in range(outputs):
+            phi = signed[i][0] * values[0][o]
+            for t in range(1, 1 << k):
+                if signed[i][t]:
+                    phi = phi + signed[i][t] * values[t][o]
+            rows.append(torch.where(null, 0.0, phi))  # exactly 0, as in the eager paths
+    return torch.stack(rows + values[-1])
+
+
 _COMPILED: dict[str, Callable[..., Tensor] | None] = {}
+_KERNELS = {"fn": _fused_one_layer_phi, "two": _fused_two_layer_phi}
 
 
-def _compiled_one_layer_phi() -> Callable[..., Tensor] | None:
-    """The compiled `_fused_one_layer_phi` (built once per process; compiled kernels are cached on disk by
-    torch's inductor), or None where torch.compile is unavailable (a warning is given once)."""
-    if "fn" not in _COMPILED:
+def _compiled(name: str = "fn") -> Callable[..., Tensor] | None:
+    """The compiled kernel `name` (`"fn"`: `_fused_one_layer_phi`, `"two"`: `_fused_two_layer_phi`; built once per
+    process, compiled code is cached on disk by torch's inductor), or None where torch.compile is unavailable (a
+    warning is given once)."""
+    if name not in _COMPILED:
         try:
-            _COMPILED["fn"] = torch.compile(_fused_one_layer_phi, dynamic=True)
+            _COMPILED[name] = torch.compile(_KERNELS[name], dynamic=True)
         except Exception as error:  # any failure means: no compiler here, use eager
             _compile_failed(error)
-    return _COMPILED["fn"]
+    return _COMPILED[name]
 
 
 def _compile_failed(error: BaseException) -> None:
     import warnings
 
-    _COMPILED["fn"] = None
+    if "failed" in _COMPILED:
+        return
+    _COMPILED.update(dict.fromkeys([*_KERNELS, "failed"], None))
     warnings.warn(f"ShapleyModuleBank: torch.compile is not usable here ({type(error).__name__}: {error}); "
                   "using the eager coalition path", RuntimeWarning, stacklevel=3)
 
 
 def compile_coalitions(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Use the `torch.compile`d coalition kernel in every one-layer `ShapleyModuleBank` of `model` (no-grad only).
+    """Use the `torch.compile`d coalition kernels in every `ShapleyModuleBank` of `model` (no-grad only).
 
-    Optional: the first call compiles (tens of seconds on a CPU; the kernels are then cached on disk), and where no
-    compiler works the banks fall back to the eager path with one warning. Results equal the eager path's up to
-    rounding, and a player at the reference still gets exactly 0. Returns `model`.
+    Two kernels: one-layer inners (`hidden=()`, Conv ShapNets; `shapley_from_projections`) and small two-layer
+    inners (Shallow ShapNets' `shapley_grouped`, up to `ShapleyModuleBank.fused_unroll` unrolled terms); other
+    banks keep the eager path. Optional: the first call compiles (tens of seconds on a CPU; the kernels are then
+    cached on disk), and where no compiler works the banks fall back to the eager path with one warning. Results
+    equal the eager path's up to rounding, and a player at the reference still gets exactly 0. Returns `model`.
     """
     for bank in model.modules():
         if isinstance(bank, ShapleyModuleBank):
@@ -597,6 +650,11 @@ class ShapleyModuleBank(nn.Module):
         if torch.is_grad_enabled() and (offsets.requires_grad or any(p.requires_grad for p in self.parameters())):
             raise ValueError("shapley_grouped does not record gradients: call it under torch.no_grad() "
                              "(or use shapley(), which is differentiable)")
+        if self.compiled and (fused := self._fused_grouped_kernel()) is not None:
+            try:
+                return self._shapley_grouped_fused(fused, offsets, reference)
+            except Exception as error:  # a compiler failing on first use: fall back for good
+                _compile_failed(error)
         n, coalitions, players = offsets.shape[-1], 2**k - 1, k * C
         columns = 1 + coalitions * n  # the empty coalition once (a shared reference), then every coalition x sample
         # Inputs of the first layer: column 0 is the empty coalition, then coalition t's offsets masked to its members;
@@ -658,6 +716,38 @@ class ShapleyModuleBank(nn.Module):
             base, output = base + deferred, output + deferred[:, :, None]
         return phi, base, output
 
+    def _fused_grouped_kernel(self) -> Callable[..., Tensor] | None:
+        """The compiled two-layer kernel where this bank fits it (two layers, a pointwise activation, no output
+        activation, at most `fused_unroll` unrolled terms), else None."""
+        if len(self.weights) != 2 or self.output_act or self._pointwise_kind() is None:
+            return None
+        h, out = self.weights[0].shape[-1], self.weights[1].shape[-1]
+        if h * out * 2**self.num_players > self.fused_unroll:
+            return None
+        return _compiled("two")
+
+    def _shapley_grouped_fused(self, kernel: Callable[..., Tensor], offsets: Tensor, reference: Tensor | None
+                               ) -> tuple[Tensor, Tensor, Tensor]:
+        """`shapley_grouped` through `_fused_two_layer_phi` (`kernel`: it, compiled, or run eagerly in tests)."""
+        k = offsets.shape[1]
+        at_reference = self._at_reference(offsets, None if reference is None else reference.to(offsets.dtype))
+        w1, w2 = self.weights[0].to(offsets.dtype), self.weights[1].to(offsets.dtype)
+        signed = signed_weights(k).T.tolist()
+        rows = kernel(rearrange(offsets, "g k c n -> k g c n"), rearrange(w1, "g (k c) h -> k c h g 1", k=k),
+                      rearrange(at_reference, "g h -> h g 1"), rearrange(w2, "g h o -> h o g 1"), signed,
+                      self._pointwise_kind(), float(getattr(self.act, "negative_slope", 0.0)))
+        out = w2.shape[-1]
+        phi = rearrange(rows[: k * out], "(k o) g n -> k g o n", k=k)
+        # The value at the reference: one small product per module; the last bias cancels in phi.
+        base = torch.einsum("gh,gho->go", self._activate(at_reference.clone(), True), w2)
+        output = rearrange(rows[k * out:], "o g n -> g o n")
+        last_bias = self.bias(1)
+        if last_bias is not None:
+            base, output = base + last_bias, output + last_bias[:, :, None]
+        return phi, base, output
+
+    #: Unrolled terms (hidden units x outputs x coalitions) up to which `compile_coalitions` fuses a two-layer bank.
+    fused_unroll: int = 256
     #: Elements of the first hidden activation per chunk of modules in `shapley_grouped` (kept in cache).
     grouped_chunk: int = 1 << 22
     #: Use the compiled coalition kernel in `shapley_from_projections` (see `compile_coalitions`).
@@ -700,7 +790,7 @@ class ShapleyModuleBank(nn.Module):
             return _one_layer_phi(projected, base, self.act, weights)
         signed = signed_weights(k).T.to(device=projected.device, dtype=projected.dtype).contiguous()
         kind = self._pointwise_kind()
-        if self.compiled and kind is not None and (fused := _compiled_one_layer_phi()) is not None:
+        if self.compiled and kind is not None and (fused := _compiled()) is not None:
             slope = getattr(self.act, "negative_slope", 0.0)
             try:
                 return fused(projected, base, signed, kind, slope)

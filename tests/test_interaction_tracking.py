@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from shapnets import DeepShapNet, ShallowShapNet, exact_interactions
-from training.config import ConfigError, UserError, load_config
+from training.config import ConfigError, UserError, load_config, track_interactions_options
 from training.data import ArrayDataset, DataBundle, DatasetInfo
 from training.data.synthetic import load_synthetic_images
 from training.interaction_tracking import InteractionTracker, grid_players, read_records
-from training.trainer import train
+from training.trainer import build_model, train
 
 D = 5
 
@@ -38,17 +39,36 @@ def toy_config(tmp_path: Path, *overrides: str):
 
 def test_config_fills_defaults_and_names_bad_values(tmp_path: Path) -> None:
     cfg = toy_config(tmp_path, "train.track_interactions={}")
-    assert cfg.train.track_interactions == {"samples": 32, "players": 10, "every": 1, "kind": "and_or",
-                                            "split": "half", "tau": 0.05, "output": "log_odds"}
+    assert cfg.train.track_interactions == {"samples": 32, "players": 10, "every": "auto", "budget": 0.5,
+                                            "kind": "and_or", "split": "half", "tau": 0.05, "output": "log_odds"}
     assert toy_config(tmp_path).train.track_interactions is None
     for bad, message in [("{players: 17}", "above the exact oracle's limit of 16"),
                          ("{kind: xor}", "kind: expected one of and, or, and_or"),
                          ("{sample: 3}", "did you mean 'samples'"),
                          ("{every: 0}", "every must be >= 1"),
+                         ("{every: often}", "every must be an integer >= 1 or 'auto'"),
+                         ("{budget: 0}", "budget .* must be a finite number > 0"),
                          ("{split: sparse, players: 14}", "at most 12 players"),
                          ("{samples: many}", "samples: expected int")]:
         with pytest.raises(ConfigError, match=message):
             toy_config(tmp_path, f"train.track_interactions={bad}")
+
+
+def test_auto_schedule_keeps_tracking_within_the_budget(tmp_path: Path) -> None:
+    """`every: auto` tracks an epoch only while tracking time + the next evaluation <= budget x training time."""
+    options = track_interactions_options({"samples": 4, "players": 3, "budget": 0.5})
+    model = build_model(toy_config(tmp_path).model, toy_bundle().info)
+    tracker = InteractionTracker(options, model, toy_bundle(), torch.device("cpu"), tmp_path)
+    tracker.start(model, resume=False)
+    assert [r["epoch"] for r in read_records(tmp_path / "interactions.jsonl")] == [0]
+    # Pretend 10 s of training since the first record, 3 s of tracking so far, each evaluation costing 2 s.
+    tracker._clock, tracker.total_cost, tracker._last_cost = time.perf_counter() - 10.0, 3.0, 2.0
+    assert tracker._due(1, is_last=False)  # 3 + 2 <= 0.5 x 10
+    tracker.total_cost = 3.5
+    assert not tracker._due(2, is_last=False)  # 5.5 > 5
+    assert tracker._due(3, is_last=True)  # the last epoch always
+    tracker.after_epoch(model, 2, {"epoch_time_s": 1.0}, is_last=False)
+    assert tracker.skipped == 1 and [r["epoch"] for r in read_records(tmp_path / "interactions.jsonl")] == [0]
 
 
 def test_too_many_players_fails_before_training(tmp_path: Path) -> None:

@@ -3,11 +3,14 @@ equal to the differentiable path, exact zeros at the reference, and clear errors
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from shapnets import ShallowShapNet, ShapleyModuleBank, exact_shapley
+from shapnets import ShallowShapNet, ShapleyModuleBank, compile_coalitions, exact_shapley
+from shapnets import modules as modules_impl
 
 DT = torch.float64
 ATOL = 1e-10
@@ -92,3 +95,66 @@ def test_shapley_grouped_refuses_gradients_and_bad_shapes() -> None:
         bank.shapley_grouped(torch.randn(3, 2, 1, 4, dtype=DT))
     with torch.no_grad(), pytest.raises(ValueError, match=r"offsets must be \(G=3, k=2, C=1, n\)"):
         bank.shapley_grouped(torch.randn(4, 3, 2, 1, dtype=DT))
+
+
+FUSED_CASES = ["pairs, GELU", "singles, 3 channels", "triples, LeakyReLU"]  # the banks the fused kernel takes
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_two_layer_kernel_run_eagerly_equals_the_oracle(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The expression compile_coalitions compiles, run eagerly (no compiler needed): exact, exact zeros.
+    monkeypatch.setitem(modules_impl._COMPILED, "two", modules_impl._fused_two_layer_phi)
+    torch.manual_seed(0)
+    net = compile_coalitions(make(case))
+    assert all(bank._fused_grouped_kernel() is modules_impl._fused_two_layer_phi for bank in net.banks)
+    x = inputs(net)
+    with torch.no_grad():
+        fused = net.explain(x)
+    oracle = exact_shapley(net, x, net.reference)
+    torch.testing.assert_close(fused.attributions, oracle.attributions, rtol=0, atol=ATOL)
+    torch.testing.assert_close(fused.base, oracle.base, rtol=0, atol=ATOL)
+    torch.testing.assert_close(fused.output, net(x), rtol=0, atol=ATOL)
+    assert torch.equal(fused.attributions[1, 2], torch.zeros(3, dtype=DT))
+    assert torch.equal(fused.attributions[3], torch.zeros(8, 3, dtype=DT))
+
+
+def test_fused_kernel_leaves_banks_it_does_not_fit_to_the_eager_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(modules_impl._COMPILED, "two", modules_impl._fused_two_layer_phi)
+    deep = compile_coalitions(make("mixed arities 1-5, two hidden layers"))  # three layers
+    assert all(bank._fused_grouped_kernel() is None for bank in deep.banks)
+    wide = compile_coalitions(ShallowShapNet(8, 3, "pairs", hidden=(64,)))  # 64 x 3 x 4 terms > fused_unroll
+    assert wide.banks[0]._fused_grouped_kernel() is None
+
+
+def test_fused_path_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no compiler in this test")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(modules_impl, "_COMPILED", {})
+    net = make("pairs, GELU")
+    x = inputs(net)
+    with torch.no_grad():
+        eager = net.explain(x).attributions
+        compile_coalitions(net)
+        with pytest.warns(RuntimeWarning, match="torch.compile is not usable here"):
+            first = net.explain(x).attributions
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning
+            second = net.explain(x).attributions
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+
+
+@pytest.mark.slow
+def test_compiled_two_layer_kernel_equals_the_oracle() -> None:
+    # Compiles (a minute or more on a small CPU): slow.
+    torch.manual_seed(0)
+    net = compile_coalitions(make("pairs, GELU"))
+    x = inputs(net)
+    with torch.no_grad():
+        fused = net.explain(x)
+    assert modules_impl._COMPILED.get("two") not in (None, modules_impl._fused_two_layer_phi)
+    oracle = exact_shapley(net, x, net.reference)
+    torch.testing.assert_close(fused.attributions, oracle.attributions, rtol=0, atol=ATOL)
+    torch.testing.assert_close(fused.output, net(x), rtol=0, atol=ATOL)
+    assert torch.equal(fused.attributions[1, 2], torch.zeros(3, dtype=DT))

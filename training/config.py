@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -159,7 +160,9 @@ class TrainConfig:
             warm-up + cosine schedule; `None` runs `epochs` as given. For a machine lent for minutes (a GPU).
         track_interactions: watch AND/OR interactions during training (`training.interaction_tracking`):
             `{samples: 32, players: 10, every: 1}` plus optional `kind` (`and`, `or`, `and_or`), `split`
-            (`half`, `sparse`), `tau` (salience threshold) and `output` (`log_odds`, `logit`); `None`: off.
+            (`half`, `sparse`), `tau` (salience threshold) and `output` (`log_odds`, `logit`); `every` defaults
+            to `auto`: track whenever the tracking time stays within `budget` (default 0.5) x the training time so
+            far (`TRACK_INTERACTIONS_DEFAULTS`); `None`: off.
     """
 
     epochs: int = 50
@@ -321,10 +324,15 @@ def _build_section(cls: type, values: Any, section: str) -> Any:
     return cls(**kwargs)
 
 
-#: `train.track_interactions` keys: default value and allowed values (a tuple) or lower bound (a number).
+#: `train.track_interactions` keys and their defaults. `every: auto` tracks an epoch whenever the tracking time so
+#: far, plus the last evaluation's cost, stays within `budget` x the training time so far (the first and the last
+#: epoch always): a run then takes at most about `1 + budget` times as long as without tracking, whatever one
+#: evaluation costs against an epoch. An integer `every` tracks every that many epochs regardless of cost.
 TRACK_INTERACTIONS_DEFAULTS: dict[str, Any] = {
-    "samples": 32, "players": 10, "every": 1, "kind": "and_or", "split": "half", "tau": 0.05, "output": "log_odds",
+    "samples": 32, "players": 10, "every": "auto", "budget": 0.5, "kind": "and_or", "split": "half", "tau": 0.05,
+    "output": "log_odds",
 }
+_TRACK_TYPES: dict[str, Any] = {"every": int | str}
 _TRACK_CHOICES = {"kind": ("and", "or", "and_or"), "split": ("half", "sparse"), "output": ("log_odds", "logit")}
 
 
@@ -337,11 +345,16 @@ def track_interactions_options(values: dict[str, Any]) -> dict[str, Any]:
     for key, value in values.items():
         if key not in options:
             raise _unknown_key_error(str(key), where, list(TRACK_INTERACTIONS_DEFAULTS))
-        expected = type(TRACK_INTERACTIONS_DEFAULTS[key])
+        expected = _TRACK_TYPES.get(key, type(TRACK_INTERACTIONS_DEFAULTS[key]))
         options[key] = _coerce(value, expected, f"{where}.{key}")
+    if isinstance(options["every"], str) and options["every"] != "auto":
+        raise ConfigError(f"{where}.every must be an integer >= 1 or 'auto', got {options['every']!r}")
     for key in ("samples", "players", "every"):
-        if options[key] < 1:
+        if options[key] != "auto" and options[key] < 1:
             raise ConfigError(f"{where}.{key} must be >= 1, got {options[key]}")
+    if not options["budget"] > 0 or not math.isfinite(options["budget"]):
+        raise ConfigError(f"{where}.budget (tracking time / training time with every: auto) must be a finite number "
+                          f"> 0, got {options['budget']}")
     if options["players"] > MAX_ORACLE_PLAYERS:
         raise ConfigError(f"{where}.players={options['players']} is above the exact oracle's limit of "
                           f"{MAX_ORACLE_PLAYERS} players (2^players coalitions per sample)")

@@ -1,7 +1,9 @@
 """Watch AND/OR interactions while a model trains (`train.track_interactions` in a config).
 
-Every `every` epochs (and once before the first step) `InteractionTracker` computes the exact interactions of a
-fixed set of `samples` training and `samples` test samples over `players` input players:
+Once before the first step, after the last epoch, and in between every `every` epochs (or, with `every: auto`, the
+default, whenever the tracking time stays within `budget` x the training time so far), `InteractionTracker`
+computes the exact interactions of a fixed set of `samples` training and `samples` test samples over `players`
+input players:
 
 * tables: the `players` features that differ most from the reference on the training set (largest mean
   `|x - reference|`; the inputs are z-scored, so their variances are all 1); the other features stay at the
@@ -169,7 +171,12 @@ class InteractionTracker:
         i_train, i_test = _balanced_indices(train_y, self.samples, seed), _balanced_indices(test_y, self.samples, seed)
         self.train_x, self.train_y = train_x[i_train].float(), train_y[i_train]
         self.test_x, self.test_y = test_x[i_test].float(), test_y[i_test]
+        self.budget = float(options.get("budget", 0.5))
         self.total_cost = 0.0
+        self._last_cost = 0.0
+        self._clock = 0.0
+        self._tracked_since_clock = 0.0
+        self.skipped = 0
         self.epoch_costs: list[tuple[float, float]] = []  # (tracking s, the epoch's training-step s) per evaluation
 
     # ------------------------------------------------------------------ the games
@@ -276,6 +283,7 @@ class InteractionTracker:
         record["matching_error"] = max(train_err, test_err)
         cost = time.perf_counter() - t0
         record["cost_s"] = cost
+        self._last_cost = cost
         self.total_cost += cost
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -283,21 +291,36 @@ class InteractionTracker:
 
     def start(self, model: nn.Module, resume: bool) -> None:
         """A fresh run: empty `interactions.jsonl` and record the initial model (epoch 0)."""
-        log.info("tracking %s interactions of %d train + %d test samples over %s (%s), every %d epoch(s), via %s",
-                 self.kind, len(self.train_y), len(self.test_y), self.layout, self.output, self.every,
+        when = (f"whenever the tracking time stays within {self.budget:g}x the training time (every: auto)"
+                if self.every == "auto" else f"every {self.every} epoch(s)")
+        log.info("tracking %s interactions of %d train + %d test samples over %s (%s), %s, via %s",
+                 self.kind, len(self.train_y), len(self.test_y), self.layout, self.output, when,
                  f"the {self.structural} ShapNet's own structure" if self.structural else
                  f"the oracle (2^{self.players} forward rows each)")
-        if resume and self.path.is_file():
-            return
-        self.path.write_text("")
-        rec = self.evaluate(model, 0)
-        log.info("interactions at init: %.2fs", rec["cost_s"])
+        if not (resume and self.path.is_file()):
+            self.path.write_text("")
+            rec = self.evaluate(model, 0)
+            log.info("interactions at init: %.2fs", rec["cost_s"])
+        self._clock = time.perf_counter()  # training time = wall time since here minus tracking time since here
+        self._tracked_since_clock = 0.0
+
+    def _due(self, epoch: int, is_last: bool) -> bool:
+        """Whether epoch `epoch` is tracked: the last one always; else by `every`, or by the budget (`auto`)."""
+        if is_last:
+            return True
+        if self.every != "auto":
+            return epoch % self.every == 0
+        trained = time.perf_counter() - self._clock - self._tracked_since_clock
+        # The next evaluation is assumed to cost what the last one did (same samples, same model size).
+        return self.total_cost + self._last_cost <= self.budget * trained
 
     def after_epoch(self, model: nn.Module, epoch: int, row: dict[str, Any], is_last: bool) -> None:
-        """Record epoch `epoch` (1-based, completed) when it is a multiple of `every`, and the last one."""
-        if epoch % self.every and not is_last:
+        """Record epoch `epoch` (1-based, completed) when it is due (`every` or the budget), and the last one."""
+        if not self._due(epoch, is_last):
+            self.skipped += 1
             return
         rec = self.evaluate(model, epoch, row)
+        self._tracked_since_clock += rec["cost_s"]
         epoch_time = row.get("epoch_time_s")
         if epoch_time:
             self.epoch_costs.append((rec["cost_s"], epoch_time))
@@ -307,7 +330,10 @@ class InteractionTracker:
 
     def finish(self) -> Path | None:
         """Draw `interaction_dynamics.png` from the records; None (and a log line) without matplotlib."""
-        log.info("interaction tracking: %.1fs in all", self.total_cost)
+        trained = time.perf_counter() - self._clock - self._tracked_since_clock if self._clock else math.nan
+        log.info("interaction tracking: %.1fs in all (%.2fx the %.1fs of training since the first record), "
+                 "%d epoch(s) not tracked%s", self.total_cost, self.total_cost / trained if trained > 0 else math.nan,
+                 trained, self.skipped, f" to stay within budget {self.budget:g}" if self.every == "auto" else "")
         if self.epoch_costs:
             # The slow-down of a tracked epoch over its training steps alone (validation left out: an upper bound).
             ratios = sorted((cost + steps) / steps for cost, steps in self.epoch_costs)
