@@ -5,7 +5,7 @@
 
 For each config (default: every tabular one) it trains `min(--epochs, the config's epochs)` epochs three times,
 early stopping off, all in this process, the order rotated from round to round: without tracking, with the default
-tracking (`{samples: 32, players: 10}`, players capped at the number of features; `every: auto`, budget 0.5), and
+tracking (`{samples: 32, players: 10}`, players capped at the number of features; `every: auto`, budget 0.25), and
 with `every: 1`. Printed per config:
 
 * `run off` / `every: auto` / `every: 1`: the wall time of the whole run (`train()`: data already loaded; steps,

@@ -39,7 +39,7 @@ def toy_config(tmp_path: Path, *overrides: str):
 
 def test_config_fills_defaults_and_names_bad_values(tmp_path: Path) -> None:
     cfg = toy_config(tmp_path, "train.track_interactions={}")
-    assert cfg.train.track_interactions == {"samples": 32, "players": 10, "every": "auto", "budget": 0.5,
+    assert cfg.train.track_interactions == {"samples": 32, "players": 10, "every": "auto", "budget": 0.25,
                                             "kind": "and_or", "split": "half", "tau": 0.05, "output": "log_odds"}
     assert toy_config(tmp_path).train.track_interactions is None
     for bad, message in [("{players: 17}", "above the exact oracle's limit of 16"),

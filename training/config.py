@@ -161,7 +161,7 @@ class TrainConfig:
         track_interactions: watch AND/OR interactions during training (`training.interaction_tracking`):
             `{samples: 32, players: 10, every: 1}` plus optional `kind` (`and`, `or`, `and_or`), `split`
             (`half`, `sparse`), `tau` (salience threshold) and `output` (`log_odds`, `logit`); `every` defaults
-            to `auto`: track whenever the tracking time stays within `budget` (default 0.5) x the training time so
+            to `auto`: track whenever the tracking time stays within `budget` (default 0.25) x the training time so
             far (`TRACK_INTERACTIONS_DEFAULTS`); `None`: off.
     """
 
@@ -329,7 +329,7 @@ def _build_section(cls: type, values: Any, section: str) -> Any:
 #: epoch always): a run then takes at most about `1 + budget` times as long as without tracking, whatever one
 #: evaluation costs against an epoch. An integer `every` tracks every that many epochs regardless of cost.
 TRACK_INTERACTIONS_DEFAULTS: dict[str, Any] = {
-    "samples": 32, "players": 10, "every": "auto", "budget": 0.5, "kind": "and_or", "split": "half", "tau": 0.05,
+    "samples": 32, "players": 10, "every": "auto", "budget": 0.25, "kind": "and_or", "split": "half", "tau": 0.05,
     "output": "log_odds",
 }
 _TRACK_TYPES: dict[str, Any] = {"every": int | str}
