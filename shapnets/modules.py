@@ -367,8 +367,9 @@ def compile_coalitions(model: nn.Module, enabled: bool = True) -> nn.Module:
     Two kernels: one-layer inners (`hidden=()`, Conv ShapNets; `shapley_from_projections`) and small two-layer
     inners (Shallow ShapNets' `shapley_grouped`, up to `ShapleyModuleBank.fused_unroll` unrolled terms); other
     banks keep the eager path. Optional: the first call compiles (seconds to minutes on a CPU, longest for wide
-    inners; the kernels are then cached on disk), and where no compiler works the banks fall back to the eager path with one warning. Results
-    equal the eager path's up to rounding, and a player at the reference still gets exactly 0. Returns `model`.
+    inners; the kernels are then cached on disk), and where no compiler works the banks fall back to the eager
+    path with one warning. Results equal the eager path's up to rounding, and a player at the reference still
+    gets exactly 0. Returns `model`.
     """
     for bank in model.modules():
         if isinstance(bank, ShapleyModuleBank):
