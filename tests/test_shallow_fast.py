@@ -40,14 +40,9 @@ def inputs(net: ShallowShapNet, batch: int = 5) -> torch.Tensor:
     return x[..., 0] if net.in_channels == 1 else x
 
 
-@pytest.mark.parametrize("chunk", [1 << 22, 1])  # all modules at once, and one module per chunk
-@pytest.mark.parametrize("case", list(CASES))
-def test_grouped_path_equals_the_oracle_and_the_autograd_path(case: str, chunk: int,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ShapleyModuleBank, "grouped_chunk", chunk)
-    torch.manual_seed(0)
-    net = make(case)
-    x = inputs(net)
+def no_grad_explain_is_exact(net: ShallowShapNet, x: torch.Tensor):
+    """`net.explain(x)` without autograd: equal to the oracle in float64, local accuracy, exact zeros at the reference
+    (`inputs`' feature 2 of sample 1 and all of sample 3). Returns the explanation."""
     with torch.no_grad():
         fast = net.explain(x)
     oracle = exact_shapley(net, x, net.reference)
@@ -57,6 +52,18 @@ def test_grouped_path_equals_the_oracle_and_the_autograd_path(case: str, chunk: 
     fast.check_local_accuracy()
     assert torch.equal(fast.attributions[1, 2], torch.zeros(3, dtype=DT))  # exactly, not ~1e-17
     assert torch.equal(fast.attributions[3], torch.zeros(8, 3, dtype=DT))
+    return fast
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 1])  # all modules at once, and one module per chunk
+@pytest.mark.parametrize("case", list(CASES))
+def test_grouped_path_equals_the_oracle_and_the_autograd_path(case: str, chunk: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ShapleyModuleBank, "grouped_chunk", chunk)
+    torch.manual_seed(0)
+    net = make(case)
+    x = inputs(net)
+    fast = no_grad_explain_is_exact(net, x)
     slow = net.explain(x)  # parameters require grad: the differentiable path
     assert slow.attributions.requires_grad and not fast.attributions.requires_grad
     torch.testing.assert_close(fast.attributions, slow.attributions.detach(), rtol=0, atol=ATOL)
@@ -107,15 +114,7 @@ def test_fused_two_layer_kernel_run_eagerly_equals_the_oracle(case: str, monkeyp
     torch.manual_seed(0)
     net = compile_coalitions(make(case))
     assert all(bank._fused_grouped_kernel() is modules_impl._fused_two_layer_phi for bank in net.banks)
-    x = inputs(net)
-    with torch.no_grad():
-        fused = net.explain(x)
-    oracle = exact_shapley(net, x, net.reference)
-    torch.testing.assert_close(fused.attributions, oracle.attributions, rtol=0, atol=ATOL)
-    torch.testing.assert_close(fused.base, oracle.base, rtol=0, atol=ATOL)
-    torch.testing.assert_close(fused.output, net(x), rtol=0, atol=ATOL)
-    assert torch.equal(fused.attributions[1, 2], torch.zeros(3, dtype=DT))
-    assert torch.equal(fused.attributions[3], torch.zeros(8, 3, dtype=DT))
+    no_grad_explain_is_exact(net, inputs(net))
 
 
 def test_fused_kernel_leaves_banks_it_does_not_fit_to_the_eager_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,11 +149,5 @@ def test_compiled_two_layer_kernel_equals_the_oracle() -> None:
     # Compiles (a minute or more on a small CPU): slow.
     torch.manual_seed(0)
     net = compile_coalitions(make("pairs, GELU"))
-    x = inputs(net)
-    with torch.no_grad():
-        fused = net.explain(x)
+    no_grad_explain_is_exact(net, inputs(net))
     assert modules_impl._COMPILED.get("two") not in (None, modules_impl._fused_two_layer_phi)
-    oracle = exact_shapley(net, x, net.reference)
-    torch.testing.assert_close(fused.attributions, oracle.attributions, rtol=0, atol=ATOL)
-    torch.testing.assert_close(fused.output, net(x), rtol=0, atol=ATOL)
-    assert torch.equal(fused.attributions[1, 2], torch.zeros(3, dtype=DT))
