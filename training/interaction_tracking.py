@@ -40,7 +40,7 @@ from shapnets.interaction_stats import jaccard_by_order, order_statistics
 from shapnets.interactions import moebius_transform
 from shapnets.oracle import coalition_values
 
-from .config import UserError
+from .config import TRACK_INTERACTIONS_DEFAULTS, UserError
 
 __all__ = ["DYNAMICS_FIGURE", "RECORDS_FILE", "InteractionTracker", "grid_players", "mean_order", "plot_dynamics",
            "read_records", "summarize"]
@@ -171,7 +171,7 @@ class InteractionTracker:
         i_train, i_test = _balanced_indices(train_y, self.samples, seed), _balanced_indices(test_y, self.samples, seed)
         self.train_x, self.train_y = train_x[i_train].float(), train_y[i_train]
         self.test_x, self.test_y = test_x[i_test].float(), test_y[i_test]
-        self.budget = float(options.get("budget", 0.25))
+        self.budget = float(options.get("budget", TRACK_INTERACTIONS_DEFAULTS["budget"]))
         self.total_cost = 0.0
         self._last_cost = 0.0
         self._clock = 0.0
