@@ -39,7 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "regularizers"
 KINDS = ("l1_final", "l1_all", "linf", "l1_final_scaled", "linf_scaled", "l1_final_label", "linf_label",
-         "l1_final_label_cont", "l1_final_label_cont2", "l1_all_pruned", "l1_all_pruned30", "l1_all_thr")
+         "l1_final_label_cont", "l1_final_label_cont2", "l1_all_pruned", "l1_all_pruned30", "l1_all_thr",
+         "l1_all_pruned30_cont", "l1_all_pruned40_cont")
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,13 @@ FAMILIES = {
                  "l1_final_scaled": [0.005, 0.02], "linf_scaled": [1.0, 5.0], "l1_final_label": [0.05, 0.15, 0.3],
                  "linf_label": [10.0, 30.0], "l1_final_label_cont": [0.05], "l1_final_label_cont2": [0.02],
                  "l1_all_pruned": [0.001],
-                 "l1_all_pruned30": [0.001], "l1_all_thr": [0.002]},
+                 "l1_all_pruned30": [0.001], "l1_all_thr": [0.002], "l1_all_pruned30_cont": [0.0001],
+                 "l1_all_pruned40_cont": [0.0001]},
         overrides=("data.limit=10000",),
         # 30,000 training images: at 10,000 the label-map runs reached the sparsity but not yet the accuracy
         kind_overrides={kind: ("data.limit=30000",) for kind in (
-            "l1_final_label", "linf_label", "l1_final_label_cont", "l1_final_label_cont2", "l1_all", "l1_all_pruned30",
-            "l1_all_thr")},
+            "l1_final_label", "linf_label", "l1_final_label_cont", "l1_final_label_cont2", "l1_all", "l1_all_pruned",
+            "l1_all_pruned30", "l1_all_thr")},
     ),
     "deep_yeast": Family(
         base="shapnet_deep_yeast",
@@ -76,7 +78,7 @@ FAMILIES = {
                  "l1_final_scaled": [0.01, 0.03, 0.1], "linf_scaled": [0.3, 1.0, 3.0],
                  "l1_final_label": [0.1, 0.3, 1.0], "linf_label": [0.3, 1.0, 3.0], "l1_final_label_cont": [],
                  "l1_final_label_cont2": [], "l1_all_pruned": [], "l1_all_thr": [],
-                 "l1_all_pruned30": []},
+                 "l1_all_pruned30": [], "l1_all_pruned30_cont": [], "l1_all_pruned40_cont": []},
     ),
 }
 # kind -> (loss term, layers, scale-free?, extra overrides); `target: all` unless an override says otherwise
@@ -103,6 +105,16 @@ TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
     "l1_all_pruned30": ("explanation_l1", "all", False, ("model.args.prune=[0.3,0.3,0.3,0.3,0.0]",
                                                          "model.args.prune_mode=active",
                                                          "model.args.prune_during_training=true")),
+    # shapnet_conv_mnist_l1_all fine-tuned further with the same L1 term and the pruning it is meant for on, over the
+    # whole training split at half the learning rate: a pruned model that keeps its accuracy
+    "l1_all_pruned30_cont": ("explanation_l1", "all", False, (
+        "model.init_from=shapnet_conv_mnist_l1_all", "data.limit=null", "optim.lr=0.001",
+        "model.args.prune=[0.3,0.3,0.3,0.3,0.0]", "model.args.prune_mode=active",
+        "model.args.prune_during_training=true")),
+    "l1_all_pruned40_cont": ("explanation_l1", "all", False, (
+        "model.init_from=shapnet_conv_mnist_l1_all", "data.limit=null", "optim.lr=0.001",
+        "model.args.prune=[0.4,0.4,0.4,0.4,0.0]", "model.args.prune_mode=active",
+        "model.args.prune_during_training=true")),
     # L1 on every hidden layer (not the final map: there L1 is |logit| and only shrinks the logits), trained with
     # threshold pruning (players under 5% of the sample's largest norm set to the reference): the small values the
     # penalty leaves are removed in training as they will be at inference
@@ -120,7 +132,9 @@ LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l
           "l1_final_label_cont2": "L1/L2 label map, 3rd fine-tune (0.15 -> 0.05 -> 0.02)",
           "l1_all_pruned": "L1 all layers + pruning (p=0.5) in training",
           "l1_all_pruned30": "L1 all layers + pruning (p=0.3) in training",
-          "l1_all_thr": "L1 hidden layers + threshold pruning (0.05) in training"}
+          "l1_all_thr": "L1 hidden layers + threshold pruning (0.05) in training",
+          "l1_all_pruned30_cont": "shapnet_conv_mnist_l1_all + pruning (p=0.3) in training, whole split",
+          "l1_all_pruned40_cont": "shapnet_conv_mnist_l1_all + pruning (p=0.4) in training, whole split"}
 
 
 def run_dir(family: str, kind: str, weight: float) -> Path:

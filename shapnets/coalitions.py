@@ -43,7 +43,15 @@ def coalition_masks(k: int, device: torch.device | None = None, dtype: torch.dty
 
 
 def signed_weights(k: int) -> Tensor:
-    """`(2^k, k)`: `phi = W^T v`, i.e. `+w(|S|-1)` on rows with player i, `-w(|S|)` on rows without."""
+    """`(2^k, k)`: `phi = W^T v`, i.e. `+w(|S|-1)` on rows with player i, `-w(|S|)` on rows without.
+
+    A fresh float64 CPU tensor (a copy of a cached one: callers may modify it).
+    """
+    return _signed_weights(k).clone()
+
+
+@lru_cache(maxsize=64)
+def _signed_weights(k: int) -> Tensor:
     _, with_, without, weights = coalition_table(k)
     signed = torch.zeros(2**k, k, dtype=torch.float64)
     for i in range(k):

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PRUNE_MODES", "configure_pruning", "prune_players", "stage_fractions"]
+__all__ = ["PRUNE_MODES", "configure_pruning", "prune_listed", "prune_players", "stage_fractions"]
 
 PRUNE_MODES = ("all", "active", "threshold")
 """What a pruning fraction counts: see the module docstring."""
@@ -74,6 +74,53 @@ def prune_players(z: Tensor, fraction: float, rows: Tensor | None = None, mode: 
         keep = torch.ones(flat.shape[:2], dtype=torch.bool, device=z.device)
         keep[:, rows] = ~pruned_mask
     return torch.where(keep[..., None], flat, torch.zeros((), dtype=z.dtype, device=z.device)).reshape(z.shape)
+
+
+def prune_listed(norms: Tensor, sample: Tensor, num_samples: int, players: int, fraction: float,
+                 mode: str = "all") -> Tensor:
+    """`prune_players`' choice made on a list of the players that may be off the reference (the sparse form).
+
+    A Conv ShapNet knows which pixels can be off the reference (by missingness, a pixel at the reference stays
+    there through every stage): it lists those, and only those are ranked, instead of sorting every pixel of
+    every image. The unlisted players must have norm 0; a listed player may have norm 0 too. The players pruned
+    are those `prune_players` prunes on the dense map, up to zero-norm players (pruning one changes nothing).
+
+    Args:
+        norms: `(L,)` channel-L1 norms of the listed players.
+        sample: `(L,)` long, the sample of each, non-decreasing; within a sample the list follows the player
+            index (the order `nonzero()` gives), which breaks ties as the dense rule does.
+        num_samples: `B`.
+        players: `N`, players per sample (listed or not; `mode="all"` counts them all).
+        fraction: `p`, as for `prune_players`.
+        mode: `"all"`, `"active"` or `"threshold"`.
+
+    Returns:
+        `(L,)` bool, the listed players to prune.
+    """
+    _check_fraction(fraction, mode)
+    if fraction == 0.0 or norms.numel() == 0:
+        return torch.zeros_like(norms, dtype=torch.bool)
+    positive = norms > 0
+    if mode == "threshold":
+        largest = norms.new_zeros(num_samples).scatter_reduce(0, sample, norms, "amax")
+        return norms < fraction * largest[sample]
+    listed = torch.bincount(sample, minlength=num_samples)
+    active = torch.bincount(sample[positive], minlength=num_samples)
+    zeros_listed = listed - active
+    if mode == "all":
+        # The dense rule prunes the floor(p N) smallest, zeros (listed or not) first: of the positive ones, what
+        # is left after the N - active zeros.
+        extra = (math.floor(fraction * players) - (players - active)).clamp_(min=0)
+    else:
+        extra = torch.floor(fraction * active.double()).long()
+    count = zeros_listed + extra  # listed zeros rank first; pruning them changes nothing
+    # Rank within the sample by norm, ties by list position: two stable sorts (by norm, then by sample).
+    by_norm = torch.sort(norms, stable=True).indices
+    order = by_norm[torch.sort(sample[by_norm], stable=True).indices]
+    starts = torch.cumsum(listed, 0) - listed
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(len(order), device=norms.device) - starts[sample[order]]
+    return ranks < count[sample]
 
 
 def _check_fraction(fraction: float, mode: str) -> None:

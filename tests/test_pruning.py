@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shapnets import ConvShapNet, DeepShapNet, ShapleyModuleBank, prune_players
+from shapnets.pruning import prune_listed
 
 F64 = torch.float64
 
@@ -148,3 +149,52 @@ def test_conv_pruned_skip_equals_masked_and_reports_savings() -> None:
     for z, p in zip(skipped.layers, net.prune):
         if p:
             assert ((z.abs().sum(-1) == 0).flatten(1).sum(1) >= math.floor(p * 63)).all()
+
+
+@pytest.mark.parametrize(("mode", "fraction"), [("all", 0.3), ("all", 0.7), ("active", 0.3), ("active", 0.6),
+                                                ("threshold", 0.4)])
+def test_prune_listed_chooses_what_prune_players_prunes(mode: str, fraction: float) -> None:
+    torch.manual_seed(5)
+    for _ in range(20):
+        z = torch.randn(4, 30, 3, dtype=F64) * (torch.rand(4, 30, 1) < 0.5)
+        z[:, ::6] = z[:, 1:2]  # ties in the norm: the lower index goes first in both
+        listed = z.ne(0).any(-1) | (torch.rand(4, 30) < 0.2)  # a superset of the active players is allowed
+        rows = listed.flatten().nonzero().squeeze(1)
+        flat = z.reshape(-1, 3).clone()
+        chosen = prune_listed(flat[rows].abs().sum(-1), rows // 30, 4, 30, fraction, mode)
+        flat[rows[chosen]] = 0
+        assert torch.equal(flat.view_as(z), prune_players(z, fraction, mode=mode))
+
+
+def test_prune_listed_names_bad_fractions() -> None:
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        prune_listed(torch.ones(3), torch.zeros(3, dtype=torch.long), 1, 3, 1.0, "active")
+
+
+@pytest.mark.parametrize(("mode", "fractions"), [("active", [0.5, 0.3, 0.0]), ("threshold", [0.3, 0.2, 0.0]),
+                                                 ("all", [0.6, 0.5, 0.0])])
+def test_conv_pruning_modes_skip_equals_masked_with_gradients(mode: str, fractions: list[float]) -> None:
+    """The skip path ranks only the pixels it carries as possibly active: values and gradients are the dense ones."""
+    torch.manual_seed(4)
+    net = ConvShapNet(2, 3, channels=(4, 4), hidden=(6,), prune=fractions, prune_mode=mode,
+                      prune_during_training=True).double()
+    x = torch.randn(3, 2, 8, 6, dtype=F64)
+    x[:, :, :3] = 0
+    results = []
+    for skip in (True, False):
+        net.skip_inactive = skip
+        net.zero_grad()
+        reps = net.representations(x)
+        reps[-1].sum((1, 2)).square().sum().backward()
+        results.append(([r.detach() for r in reps], [p.grad.clone() for p in net.parameters()]))
+    (skipped, grads_skip), (masked, grads_masked) = results
+    for a, b in zip(skipped, masked):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for a, b in zip(grads_skip, grads_masked):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    pruned = (skipped[0].abs().sum(-1) == 0).flatten(1).sum(1)
+    assert (pruned > (x[:, :, :3] == 0).all(1).flatten(1).sum(1)).all()  # more than the reference band went
+    net.eval().skip_inactive = True
+    e = net.explain(x)
+    e.check_local_accuracy()
+    assert (e.attributions[:, :3] == 0).all()  # missingness: the band at the reference gets exactly 0
