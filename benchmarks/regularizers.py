@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "regularizers"
 KINDS = ("l1_final", "l1_all", "linf", "l1_final_scaled", "linf_scaled", "l1_final_label", "linf_label",
          "l1_final_label_cont", "l1_final_label_cont2", "l1_all_pruned", "l1_all_pruned30", "l1_all_thr",
-         "l1_all_pruned30_cont", "l1_all_pruned40_cont")
+         "l1_all_pruned30_cont", "l1_all_pruned40_cont", "l1_all_pruned30_cont2", "l1_all_pruned35_cont2")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,8 @@ FAMILIES = {
                  "linf_label": [10.0, 30.0], "l1_final_label_cont": [0.05], "l1_final_label_cont2": [0.02],
                  "l1_all_pruned": [0.001],
                  "l1_all_pruned30": [0.001], "l1_all_thr": [0.002], "l1_all_pruned30_cont": [0.0001],
-                 "l1_all_pruned40_cont": [0.0001]},
+                 "l1_all_pruned40_cont": [0.0001], "l1_all_pruned30_cont2": [0.0001],
+                 "l1_all_pruned35_cont2": [0.0001]},
         overrides=("data.limit=10000",),
         # 30,000 training images: at 10,000 the label-map runs reached the sparsity but not yet the accuracy
         kind_overrides={kind: ("data.limit=30000",) for kind in (
@@ -78,7 +79,8 @@ FAMILIES = {
                  "l1_final_scaled": [0.01, 0.03, 0.1], "linf_scaled": [0.3, 1.0, 3.0],
                  "l1_final_label": [0.1, 0.3, 1.0], "linf_label": [0.3, 1.0, 3.0], "l1_final_label_cont": [],
                  "l1_final_label_cont2": [], "l1_all_pruned": [], "l1_all_thr": [],
-                 "l1_all_pruned30": [], "l1_all_pruned30_cont": [], "l1_all_pruned40_cont": []},
+                 "l1_all_pruned30": [], "l1_all_pruned30_cont": [], "l1_all_pruned40_cont": [],
+                 "l1_all_pruned30_cont2": [], "l1_all_pruned35_cont2": []},
     ),
 }
 # kind -> (loss term, layers, scale-free?, extra overrides); `target: all` unless an override says otherwise
@@ -115,6 +117,15 @@ TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
         "model.init_from=shapnet_conv_mnist_l1_all", "data.limit=null", "optim.lr=0.001",
         "model.args.prune=[0.4,0.4,0.4,0.4,0.0]", "model.args.prune_mode=active",
         "model.args.prune_during_training=true")),
+    # ... and two more epochs from that one at a quarter of the learning rate, at p = 0.3 or 0.35
+    "l1_all_pruned30_cont2": ("explanation_l1", "all", False, (
+        "model.init_from=runs/regularizers/conv_l1_all_pruned30_cont_0.0001/best.pt", "data.limit=null",
+        "optim.lr=0.0005", "train.epochs=2", "train.seed=1", "model.args.prune=[0.3,0.3,0.3,0.3,0.0]",
+        "model.args.prune_mode=active", "model.args.prune_during_training=true")),
+    "l1_all_pruned35_cont2": ("explanation_l1", "all", False, (
+        "model.init_from=runs/regularizers/conv_l1_all_pruned30_cont_0.0001/best.pt", "data.limit=null",
+        "optim.lr=0.0005", "train.epochs=2", "train.seed=1", "model.args.prune=[0.35,0.35,0.35,0.35,0.0]",
+        "model.args.prune_mode=active", "model.args.prune_during_training=true")),
     # L1 on every hidden layer (not the final map: there L1 is |logit| and only shrinks the logits), trained with
     # threshold pruning (players under 5% of the sample's largest norm set to the reference): the small values the
     # penalty leaves are removed in training as they will be at inference
@@ -124,7 +135,9 @@ TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
                                                     "model.args.prune_during_training=true")),
 }
 # kind -> the (kind, weight) run it was fine-tuned from (the others start from the family's base model)
-STARTS_FROM = {"l1_final_label_cont": ("l1_final_label", 0.15), "l1_final_label_cont2": ("l1_final_label_cont", 0.05)}
+STARTS_FROM = {"l1_final_label_cont": ("l1_final_label", 0.15), "l1_final_label_cont2": ("l1_final_label_cont", 0.05),
+               "l1_all_pruned30_cont2": ("l1_all_pruned30_cont", 0.0001),
+               "l1_all_pruned35_cont2": ("l1_all_pruned30_cont", 0.0001)}
 LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l1_final_scaled": "L1/L2 final",
           "linf_scaled": "L-inf/L1 final", "l1_final_label": "L1/L2 final, label map",
           "linf_label": "L-inf/L1 final, label map",
@@ -134,7 +147,9 @@ LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l
           "l1_all_pruned30": "L1 all layers + pruning (p=0.3) in training",
           "l1_all_thr": "L1 hidden layers + threshold pruning (0.05) in training",
           "l1_all_pruned30_cont": "shapnet_conv_mnist_l1_all + pruning (p=0.3) in training, whole split",
-          "l1_all_pruned40_cont": "shapnet_conv_mnist_l1_all + pruning (p=0.4) in training, whole split"}
+          "l1_all_pruned40_cont": "shapnet_conv_mnist_l1_all + pruning (p=0.4) in training, whole split",
+          "l1_all_pruned30_cont2": "the p=0.3 run + 2 epochs at p=0.3",
+          "l1_all_pruned35_cont2": "the p=0.3 run + 2 epochs at p=0.35"}
 
 
 def run_dir(family: str, kind: str, weight: float) -> Path:

@@ -75,6 +75,8 @@ def streamed(method: _F) -> _F:
         rows = self.chunk_rows(x)
         if rows is None or x.shape[0] <= rows:
             return method(self, x, *args, **kwargs)
-        return concat_batches([method(self, part, *args, **kwargs) for part in x.split(rows)])
+        # As few chunks as the budget allows, of equal size (129 rows at 128 per chunk: 65 + 64, not 128 + 1).
+        parts = x.tensor_split(-(-x.shape[0] // rows))
+        return concat_batches([method(self, part, *args, **kwargs) for part in parts])
 
     return run  # type: ignore[return-value]
