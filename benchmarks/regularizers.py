@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "regularizers"
 KINDS = ("l1_final", "l1_all", "linf", "l1_final_scaled", "linf_scaled", "l1_final_label", "linf_label",
          "l1_final_label_cont", "l1_final_label_cont2", "l1_all_pruned", "l1_all_pruned30", "l1_all_thr",
-         "l1_all_pruned30_cont", "l1_all_pruned40_cont", "l1_all_pruned30_cont2", "l1_all_pruned35_cont2")
+         "l1_all_pruned30_cont", "l1_all_pruned40_cont", "l1_all_pruned30_cont2", "l1_all_pruned35_cont2",
+         "l1_all_pruned30_cont3", "l1_all_in30_pruned20", "l1_all_in20_pruned20")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ FAMILIES = {
                  "l1_all_pruned": [0.001],
                  "l1_all_pruned30": [0.001], "l1_all_thr": [0.002], "l1_all_pruned30_cont": [0.0001],
                  "l1_all_pruned40_cont": [0.0001], "l1_all_pruned30_cont2": [0.0001],
-                 "l1_all_pruned35_cont2": [0.0001]},
+                 "l1_all_pruned35_cont2": [0.0001], "l1_all_pruned30_cont3": [0.0001],
+                 "l1_all_in30_pruned20": [0.0001], "l1_all_in20_pruned20": [0.0001]},
         overrides=("data.limit=10000",),
         # 30,000 training images: at 10,000 the label-map runs reached the sparsity but not yet the accuracy
         kind_overrides={kind: ("data.limit=30000",) for kind in (
@@ -80,7 +82,8 @@ FAMILIES = {
                  "l1_final_label": [0.1, 0.3, 1.0], "linf_label": [0.3, 1.0, 3.0], "l1_final_label_cont": [],
                  "l1_final_label_cont2": [], "l1_all_pruned": [], "l1_all_thr": [],
                  "l1_all_pruned30": [], "l1_all_pruned30_cont": [], "l1_all_pruned40_cont": [],
-                 "l1_all_pruned30_cont2": [], "l1_all_pruned35_cont2": []},
+                 "l1_all_pruned30_cont2": [], "l1_all_pruned35_cont2": [],
+                 "l1_all_pruned30_cont3": [], "l1_all_in30_pruned20": [], "l1_all_in20_pruned20": []},
     ),
 }
 # kind -> (loss term, layers, scale-free?, extra overrides); `target: all` unless an override says otherwise
@@ -126,6 +129,20 @@ TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
         "model.init_from=runs/regularizers/conv_l1_all_pruned30_cont_0.0001/best.pt", "data.limit=null",
         "optim.lr=0.0005", "train.epochs=2", "train.seed=1", "model.args.prune=[0.35,0.35,0.35,0.35,0.0]",
         "model.args.prune_mode=active", "model.args.prune_during_training=true")),
+    # ... and three more from the p = 0.3 one at 0.0003
+    "l1_all_pruned30_cont3": ("explanation_l1", "all", False, (
+        "model.init_from=runs/regularizers/conv_l1_all_pruned30_cont2_0.0001/best.pt", "data.limit=null",
+        "optim.lr=0.0003", "train.epochs=3", "train.seed=2", "model.args.prune=[0.3,0.3,0.3,0.3,0.0]",
+        "model.args.prune_mode=active", "model.args.prune_during_training=true")),
+    # From the p = 0.3 run (+2 epochs), with the input's pixels pruned too (prune_input) and lighter stage pruning
+    "l1_all_in30_pruned20": ("explanation_l1", "all", False, (
+        "model.init_from=runs/regularizers/conv_l1_all_pruned30_cont2_0.0001/best.pt", "data.limit=null",
+        "optim.lr=0.0005", "train.epochs=2", "train.seed=3", "model.args.prune=[0.2,0.2,0.2,0.2,0.0]",
+        "model.args.prune_input=0.3", "model.args.prune_mode=active", "model.args.prune_during_training=true")),
+    "l1_all_in20_pruned20": ("explanation_l1", "all", False, (
+        "model.init_from=runs/regularizers/conv_l1_all_pruned30_cont2_0.0001/best.pt", "data.limit=null",
+        "optim.lr=0.0005", "train.epochs=2", "train.seed=3", "model.args.prune=[0.2,0.2,0.2,0.2,0.0]",
+        "model.args.prune_input=0.2", "model.args.prune_mode=active", "model.args.prune_during_training=true")),
     # L1 on every hidden layer (not the final map: there L1 is |logit| and only shrinks the logits), trained with
     # threshold pruning (players under 5% of the sample's largest norm set to the reference): the small values the
     # penalty leaves are removed in training as they will be at inference
@@ -137,7 +154,10 @@ TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
 # kind -> the (kind, weight) run it was fine-tuned from (the others start from the family's base model)
 STARTS_FROM = {"l1_final_label_cont": ("l1_final_label", 0.15), "l1_final_label_cont2": ("l1_final_label_cont", 0.05),
                "l1_all_pruned30_cont2": ("l1_all_pruned30_cont", 0.0001),
-               "l1_all_pruned35_cont2": ("l1_all_pruned30_cont", 0.0001)}
+               "l1_all_pruned35_cont2": ("l1_all_pruned30_cont", 0.0001),
+               "l1_all_pruned30_cont3": ("l1_all_pruned30_cont2", 0.0001),
+               "l1_all_in30_pruned20": ("l1_all_pruned30_cont2", 0.0001),
+               "l1_all_in20_pruned20": ("l1_all_pruned30_cont2", 0.0001)}
 LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l1_final_scaled": "L1/L2 final",
           "linf_scaled": "L-inf/L1 final", "l1_final_label": "L1/L2 final, label map",
           "linf_label": "L-inf/L1 final, label map",
@@ -149,7 +169,10 @@ LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l
           "l1_all_pruned30_cont": "shapnet_conv_mnist_l1_all + pruning (p=0.3) in training, whole split",
           "l1_all_pruned40_cont": "shapnet_conv_mnist_l1_all + pruning (p=0.4) in training, whole split",
           "l1_all_pruned30_cont2": "the p=0.3 run + 2 epochs at p=0.3",
-          "l1_all_pruned35_cont2": "the p=0.3 run + 2 epochs at p=0.35"}
+          "l1_all_pruned35_cont2": "the p=0.3 run + 2 epochs at p=0.35",
+          "l1_all_pruned30_cont3": "the p=0.3 run + 2 + 3 epochs at p=0.3",
+          "l1_all_in30_pruned20": "the p=0.3 run + 2 epochs with input pruning 0.3 and p=0.2",
+          "l1_all_in20_pruned20": "the p=0.3 run + 2 epochs with input pruning 0.2 and p=0.2"}
 
 
 def run_dir(family: str, kind: str, weight: float) -> Path:

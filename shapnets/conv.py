@@ -10,6 +10,7 @@ Theory, guarantees and where this departs from the paper or the original code: d
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -25,9 +26,9 @@ from ._validation import check_input, check_reference, finite_output
 from .explanation import Explanation
 from .interactions import Interactions, check_layer, check_module_kind
 from .modules import ShapleyModuleBank
-from .pruning import prune_listed, prune_players, stage_fractions
+from .pruning import check_input_fraction, prune_listed, prune_players, stage_fractions
 
-__all__ = ["ConvShapNet", "ShapleyConv2d"]
+__all__ = ["ConvShapNet", "ShapleyConv2d", "scatter_rows"]
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -35,6 +36,12 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
         return v, v
     a, b = v
     return int(a), int(b)
+
+
+def scatter_rows(values: Tensor, rows: Tensor, shape: tuple[int, int, int]) -> Tensor:
+    """A channel-last map `(*shape, C)` that is `values` `(R, C)` at the flat pixel indices `rows` and 0 elsewhere."""
+    full = values.new_zeros(math.prod(shape), values.shape[-1])
+    return full.index_copy(0, rows, values).view(*shape, values.shape[-1])
 
 
 class ShapleyConv2d(nn.Module):
@@ -128,27 +135,45 @@ class ShapleyConv2d(nn.Module):
         return anchored
 
     def _active_patches_map(self, delta: Tensor, ref: Tensor | None, active: Tensor | None = None) -> Tensor:
-        """`forward` with `skip_inactive`: gather, evaluate and scatter back only the patches with an active pixel.
+        """`forward` with `skip_inactive` on a full map: `sparse_map` on its pixels off the reference, scattered."""
+        B, H, W, C = delta.shape
+        active = delta.ne(0).any(-1) if active is None else active  # (B, H, W): pixels off the reference
+        rows = active.flatten().nonzero().squeeze(1)
+        out = self.sparse_map(delta.reshape(-1, C).index_select(0, rows), rows, active, ref)
+        return scatter_rows(out, rows, (B, H, W))
+
+    def sparse_map(self, values: Tensor, rows: Tensor, active: Tensor, reference: Tensor | None = None) -> Tensor:
+        """The layer's Shapley values on a map given by its pixels that may be off the reference (the others at it).
 
         A patch whose pixels all sit at the reference has Shapley values exactly 0, so it is never built: the work
-        (gather, coalitions, scatter) follows the number of *active* patches, not the image size, and pruning a
-        pixel removes the patches it was the last active player of. Player `j` of the patch anchored at pixel `a`
-        is pixel `a + offset_j`; past the border it is a padding player at the reference.
+        (gather, coalitions, sums) follows the number of *active* patches, not the image size, and pruning a pixel
+        removes the patches it was the last active player of. Player `j` of the patch anchored at pixel `a` is
+        pixel `a + offset_j`; past the border, or not listed, it is a player at the reference.
+
+        Args:
+            values: `(R, C_in)` offsets from the reference of the listed pixels.
+            rows: `(R,)` long, the listed pixels' flat indices into `(B, H, W)`, increasing.
+            active: `(B, H, W)` bool, True exactly at the listed pixels.
+            reference: the reference, `(C_in,)` or broadcastable to `(1, k, C_in)`; `None` means 0.
+
+        Returns:
+            `(R, C_out)`: the listed pixels' Shapley values (every other pixel's are exactly 0).
         """
-        B, H, W = delta.shape[:3]
+        B, H, W = active.shape
         k = len(self.offsets)
-        active = delta.ne(0).any(-1) if active is None else active  # (B, H, W): pixels off the reference
+        ref = None if reference is None else reference.expand(1, k, reference.shape[-1])
         anchors = self.active_patches(active).flatten().nonzero().squeeze(1)  # (A,) in (b h w) order
         h = anchors.remainder(H * W).div(W, rounding_mode="floor")
         w = anchors.remainder(W)
-        dy, dx = (torch.tensor(d, device=delta.device) for d in zip(*self.offsets))
+        dy, dx = (torch.tensor(d, device=values.device) for d in zip(*self.offsets))
         inside = (h[:, None] + dy < H) & (w[:, None] + dx < W)
-        padding_row = B * H * W  # one past the last pixel: a padding player (at the reference)
-        members = torch.where(inside, anchors[:, None] + dy * W + dx, padding_row)  # (A, k) pixel rows
+        # Position of every pixel in the list; len(rows) (one past the last listed row) = a player at the reference.
+        position = torch.full((B * H * W + 1,), len(rows), dtype=torch.long, device=values.device)
+        position[rows] = torch.arange(len(rows), device=values.device)
+        members = position[torch.where(inside, anchors[:, None] + dy * W + dx, B * H * W)]  # (A, k)
         skipped = B * H * W - len(anchors)
         self.bank._count(skipped, skipped * 2**k, skipped, skipped * 2**k)
-        out = self.bank.shapley_sums(rearrange(delta, "b h w c -> (b h w) c"), members, ref, active.flatten())
-        return out.view(B, H, W, out.shape[-1])  # explicit sizes: einops cannot split an empty batch axis
+        return self.bank.shapley_sums(values, members, ref)
 
     def _one_layer_map(self, delta: Tensor, reference: Tensor | None) -> Tensor:
         """`forward` for a one-layer inner (`hidden=()`), without im2col, col2im or a coalition tensor in memory.
@@ -251,6 +276,8 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
         prune_during_training: also prune in training mode.
         prune_mode: what `prune` counts: `"all"` players (the paper's rule), the `"active"` (non-reference)
             players, or a `"threshold"` on the norm relative to the sample's largest (see `shapnets.pruning`).
+        prune_input: prune the input's pixels too, before the first stage, by the same rule on `|x - reference|`
+            (the 0th representation): the first stage, otherwise never pruned, then skips them as well.
         skip_inactive: skip patches (and coalitions) whose pixels sit at the reference; exact in values and parameter
             gradients (see `ShapleyConv2d.forward`).
         zero_init_output: start the last stage's output layer at zero, so the logits start at 0
@@ -276,6 +303,7 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
         prune: float | Sequence[float] = 0.0,
         prune_during_training: bool = False,
         prune_mode: str = "all",
+        prune_input: float = 0.0,
         skip_inactive: bool = True,
         zero_init_output: bool = False,
         output_act: bool = False,
@@ -313,6 +341,7 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
         if zero_init_output:
             nn.init.zeros_(self.stages[-1].bank.weights[-1])
         self.prune, self.prune_mode = stage_fractions(prune, num_stages, prune_mode), prune_mode
+        self.prune_input = check_input_fraction(prune_input, prune_mode)
         self.prune_during_training, self.skip_inactive = prune_during_training, skip_inactive
         ref = torch.as_tensor(reference) if reference is not None and not isinstance(reference, Tensor) else reference
         self.register_buffer("reference", check_reference(ref, (in_chans,), "ConvShapNet"))
@@ -333,51 +362,80 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
         """Every stage's Shapley map, channel-last `(B, H, W, C_l)`."""
         return list(self._run_stages(self._input_offsets(x), range(self.num_stages)))
 
-    def _run_stages(self, z: Tensor, stages: range) -> Iterator[Tensor]:
-        """Run `stages` on the channel-last map `z` in turn, yielding each one's map.
+    def _maps(self, x: Tensor, every: bool) -> list[Tensor]:
+        """Every stage's map (`every`), or only the last one's (the sparse path then builds no other full map)."""
+        if every or not self._sparse():
+            return self.representations(x)
+        z = self._input_offsets(x)
+        values, rows = deque(self._run_sparse(z, range(self.num_stages)), maxlen=1)[0]
+        return [scatter_rows(values, rows, z.shape[:3])]
 
-        With `skip_inactive`, the pixels that may be off the reference are carried from stage to stage instead of
-        scanned for in every map: by missingness a pixel at the reference stays exactly there through every
-        stage (its Shapley values are 0, and so is its residual), and a pruned pixel joins it.
-        """
-        active = None
+    def _run_stages(self, z: Tensor, stages: range) -> Iterator[Tensor]:
+        """Run `stages` on the channel-last map `z` in turn, yielding each one's map."""
+        if self._sparse():
+            shape = z.shape[:3]
+            for values, rows in self._run_sparse(z, stages):
+                yield scatter_rows(values, rows, shape)
+            return
+        if stages.start == 0 and self._pruning(self.prune_input):
+            z = prune_players(z, self.prune_input, mode=self.prune_mode)
         for s in stages:
-            z, active = self._stage(s, z, active)
+            z = self._stage(s, z)
             yield z
 
-    def _stage(self, s: int, z: Tensor, active: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Stage `s` on the channel-last map `z` `(B, H, W, C)`: its Shapley map (channel split, residual, pruned),
-        and the pixels that may be off the reference after it (`(B, H, W)` bool; `None` without `skip_inactive`).
+    def _sparse(self) -> bool:
+        return self.skip_inactive and all(len(stage.bank.weights) > 1 for stage in self.stages)
+
+    def _run_sparse(self, z: Tensor, stages: range) -> Iterator[tuple[Tensor, Tensor]]:
+        """`_run_stages` on the pixels that may be off the reference only: yields each stage's `(values, rows)`, the
+        map's rows `(R, C)` at the flat pixel indices `rows` (every other pixel is exactly 0).
+
+        By missingness a pixel at the reference stays exactly there through every stage (its Shapley values are 0,
+        and so is its residual), and a pruned pixel joins it: the list only shrinks, and no stage touches, scans or
+        builds a full `(B, H, W, C)` map.
         """
+        channels = z.shape[-1]
+        active = z.ne(0).any(-1)
+        rows = active.flatten().nonzero().squeeze(1)
+        values = z.reshape(-1, channels).index_select(0, rows)
+        if stages.start == 0 and self._pruning(self.prune_input):
+            values, rows = self._drop_pruned(values, rows, active, self.prune_input)
+        for s in stages:
+            take = self.channel_split[s]
+            head, tail = values[:, :take], values[:, take:]
+            phi = self.stages[s].sparse_map(head, rows, active, self.reference[:take] if s == 0 else None)
+            if self.residual and phi.shape[-1] == take:
+                phi = phi + head
+            values = torch.cat([phi, tail], dim=-1) if tail.shape[-1] else phi
+            if self._pruning(self.prune[s]):
+                values, rows = self._drop_pruned(values, rows, active, self.prune[s])
+            yield values, rows
+
+    def _pruning(self, fraction: float) -> bool:
+        return bool(fraction) and (self.prune_during_training or not self.training)
+
+    def _drop_pruned(self, values: Tensor, rows: Tensor, active: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
+        """Prune the listed pixels (`prune_listed`): they leave the list and `active` (in place)."""
+        batch, height, width = active.shape
+        sample = rows.div(height * width, rounding_mode="floor")
+        gone = prune_listed(values.abs().sum(-1), sample, batch, height * width, fraction, self.prune_mode)
+        active.view(-1)[rows[gone]] = False
+        kept = (~gone).nonzero().squeeze(1)
+        return values.index_select(0, kept), rows[kept]
+
+    def _stage(self, s: int, z: Tensor) -> Tensor:
+        """Stage `s` on the full channel-last map `z` `(B, H, W, C)`: its Shapley map (channel split, residual,
+        pruned). `_run_sparse` is the same on the listed pixels; this one serves the dense path, one-layer inners
+        and `forward_head`."""
         take = self.channel_split[s]
         head, tail = z[..., :take], z[..., take:]
-        if self.skip_inactive and active is None:
-            active = z.ne(0).any(-1)
-        phi = self.stages[s](head, self.reference[:take] if s == 0 else None, skip_inactive=self.skip_inactive,
-                             active=active)
+        phi = self.stages[s](head, self.reference[:take] if s == 0 else None, skip_inactive=self.skip_inactive)
         if self.residual and phi.shape[-1] == take:
             phi = phi + head
         z = torch.cat([phi, tail], dim=-1) if tail.shape[-1] else phi
-        if self.prune[s] and (self.prune_during_training or not self.training):
-            if active is None:
-                z = prune_players(z, self.prune[s], mode=self.prune_mode)
-            else:
-                z = self._prune_active(z, active, self.prune[s])
-        return z, active
-
-    def _prune_active(self, z: Tensor, active: Tensor, fraction: float) -> Tensor:
-        """`prune_players` ranking only the pixels that may be off the reference; they are removed from `active`
-        (in place) as well as zeroed in `z` (~40x fewer players to sort on MNIST than all pixels)."""
-        batch, height, width, channels = z.shape
-        rows = active.flatten().nonzero().squeeze(1)
-        flat = z.reshape(-1, channels)
-        norms = flat.index_select(0, rows).abs().sum(-1)
-        sample = rows.div(height * width, rounding_mode="floor")
-        gone = rows[prune_listed(norms, sample, batch, height * width, fraction, self.prune_mode)]
-        active.view(-1).index_fill_(0, gone, False)
-        # In place without autograd (z is this stage's own fresh map); out of place keeps the graph simple.
-        flat = flat.index_fill_(0, gone, 0) if not torch.is_grad_enabled() else flat.index_fill(0, gone, 0)
-        return flat.view(z.shape)
+        if self._pruning(self.prune[s]):
+            z = prune_players(z, self.prune[s], mode=self.prune_mode)
+        return z
 
     # ------------------------------------------------------------------ timm's model interface (head = last stage)
     def forward_features(self, x: Tensor) -> Tensor:
@@ -391,7 +449,7 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
         """Logits from `forward_features(x)`; `pre_logits=True` (or no head): the map summed over pixels
         `(B, num_features)`."""
         if not pre_logits and self.num_classes:
-            features = self._stage(self.num_stages - 1, features)[0]
+            features = self._stage(self.num_stages - 1, features)
         return features.sum((1, 2))
 
     def _head_shape(self) -> tuple[BankShape, Any, Any]:
@@ -457,7 +515,9 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
             return dense  # the one-layer path is dense; a bad input gets its named error from the model's checks
         active = (x != self.reference[:, None, None].to(x.dtype)).any(-3)
         patches = max(float(stage.active_patches(active).flatten(-2).sum(-1).double().mean()) for stage in self.stages)
-        per_patch = max((1 << st.bank.num_players) * max(w.shape[2] for w in st.bank.weights) for st in self.stages)
+        # 2^k - 1 coalitions per patch (the empty one is shared by all), at the widest layer after the first.
+        per_patch = max(((1 << st.bank.num_players) - 1) * max(w.shape[2] for w in st.bank.weights)
+                        for st in self.stages)
         maps = pixels * max(st.bank.out_channels + self.in_chans for st in self.stages) * (self.num_stages + 1)
         return min(dense, math.ceil(patches) * per_patch + maps)
 
@@ -465,7 +525,7 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
     @finite_output
     def forward(self, x: Tensor) -> Tensor:
         """Logits `(B, num_classes)`: the spatial sum of the last Shapley map."""
-        return self.representations(self._check(x))[-1].sum((1, 2))
+        return self._maps(self._check(x), every=False)[-1].sum((1, 2))
 
     @streamed
     @finite_output
@@ -476,7 +536,7 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
             `Explanation` with attributions `(B, H, W, num_classes)` (one vector per pixel, all
             channels of a pixel form one player), base 0, output the logits, `exact=False`.
         """
-        reps = self.representations(self._check(x))
+        reps = self._maps(self._check(x), every=layers)
         output = reps[-1].sum((1, 2))
         return Explanation(
             attributions=reps[-1],

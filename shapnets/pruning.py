@@ -29,7 +29,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PRUNE_MODES", "configure_pruning", "prune_listed", "prune_players", "stage_fractions"]
+__all__ = ["PRUNE_MODES", "check_input_fraction", "configure_pruning", "prune_listed", "prune_players",
+           "stage_fractions"]
 
 PRUNE_MODES = ("all", "active", "threshold")
 """What a pruning fraction counts: see the module docstring."""
@@ -114,13 +115,16 @@ def prune_listed(norms: Tensor, sample: Tensor, num_samples: int, players: int, 
     else:
         extra = torch.floor(fraction * active.double()).long()
     count = zeros_listed + extra  # listed zeros rank first; pruning them changes nothing
-    # Rank within the sample by norm, ties by list position: two stable sorts (by norm, then by sample).
-    by_norm = torch.sort(norms, stable=True).indices
-    order = by_norm[torch.sort(sample[by_norm], stable=True).indices]
+    # Rank within the sample by norm, ties by list position: one stable sort along the rows of a (B, longest list)
+    # grid padded with +inf after each sample's players (~3x faster on the CPU than sorting the whole list).
     starts = torch.cumsum(listed, 0) - listed
-    ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(len(order), device=norms.device) - starts[sample[order]]
-    return ranks < count[sample]
+    column = torch.arange(len(norms), device=norms.device) - starts[sample]
+    width = int(listed.max())
+    grid = norms.new_full((num_samples, width), math.inf)
+    grid[sample, column] = norms
+    order = torch.sort(grid, dim=1, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(width, device=norms.device).expand_as(order))
+    return ranks[sample, column] < count[sample]
 
 
 def _check_fraction(fraction: float, mode: str) -> None:
@@ -134,18 +138,39 @@ def _check_fraction(fraction: float, mode: str) -> None:
         raise ValueError(f"pruning {what} must lie in [0, 1), got {fraction}")
 
 
-def configure_pruning(model: nn.Module, prune: float | Sequence[float], mode: str = "active") -> nn.Module:
+def configure_pruning(model: nn.Module, prune: float | Sequence[float], mode: str = "active",
+                      input_fraction: float | None = None) -> nn.Module:
     """Set a Deep or Conv ShapNet's pruning in place (`prune`: one value or one per stage) and return it.
+
+    Args:
+        model: a Deep or Conv ShapNet.
+        prune: the fraction pruned after each stage (one value for all, or one per stage).
+        mode: what the fractions count (module docstring).
+        input_fraction: Conv ShapNets: also prune the input's pixels before the first stage (`prune_input`);
+            `None` keeps the model's setting.
 
     Raises:
         ValueError: a model without stages (e.g. a Shallow ShapNet: nothing follows its modules to skip), an
-            unknown mode, or values outside the mode's range.
+            unknown mode, values outside the mode's range, or `input_fraction` for a model without input pruning.
     """
     if not isinstance(getattr(model, "prune", None), list) or not hasattr(model, "num_stages"):
         raise ValueError(f"{type(model).__name__} has no stages to prune: pruning applies to Deep and Conv ShapNets")
     fractions = stage_fractions(prune, model.num_stages, mode)
+    if input_fraction is not None and not hasattr(model, "prune_input"):
+        raise ValueError(f"{type(model).__name__} has no input pruning (input_fraction): Conv ShapNets have")
+    if hasattr(model, "prune_input"):
+        model.prune_input = check_input_fraction(model.prune_input if input_fraction is None else input_fraction, mode)
     model.prune, model.prune_mode = fractions, mode
     return model
+
+
+def check_input_fraction(fraction: float, mode: str) -> float:
+    """The input's pruning fraction (`ConvShapNet(prune_input=...)`), checked for `mode`."""
+    try:
+        _check_fraction(float(fraction), mode)
+    except ValueError as e:
+        raise ValueError(f"prune_input: {e}") from None
+    return float(fraction)
 
 
 def stage_fractions(prune: float | Sequence[float], num_stages: int, mode: str = "all") -> list[float]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shapnets import ConvShapNet, DeepShapNet, ShapleyModuleBank, prune_players
-from shapnets.pruning import prune_listed
+from shapnets.pruning import configure_pruning, prune_listed
 
 F64 = torch.float64
 
@@ -198,3 +198,35 @@ def test_conv_pruning_modes_skip_equals_masked_with_gradients(mode: str, fractio
     e = net.explain(x)
     e.check_local_accuracy()
     assert (e.attributions[:, :3] == 0).all()  # missingness: the band at the reference gets exactly 0
+
+
+def test_conv_input_pruning_skips_the_first_stage_too_and_keeps_the_guarantees() -> None:
+    torch.manual_seed(6)
+    net = ConvShapNet(2, 3, channels=(4, 4), hidden=(6,), prune=[0.2, 0.2, 0.0], prune_mode="active").double().eval()
+    x = torch.randn(3, 2, 8, 6, dtype=F64)
+    x[:, :, :3] = 0
+    net.evaluation_stats(reset=True)
+    plain = net.explain(x)
+    before = net.evaluation_stats(reset=True)
+    configure_pruning(net, [0.2, 0.2, 0.0], "active", input_fraction=0.5)
+    pruned = net.explain(x, layers=True)
+    after = net.evaluation_stats(reset=True)
+    done = {k: v["coalition_evals"] - v["coalition_evals_skipped"] for k, v in (("before", before), ("after", after))}
+    assert done["after"] < 0.7 * done["before"]
+    pruned.check_local_accuracy()
+    # Half of each image's 30 active pixels (floor) went to the reference before stage 0: their attributions and
+    # every layer's values there are exactly 0, as for the band that was at the reference already.
+    zero = (pruned.attributions.abs().sum(-1) == 0).flatten(1).sum(1)
+    assert (zero >= 18 + 15).all()
+    net.skip_inactive = False
+    masked = net.explain(x, layers=True)
+    for a, b in zip(pruned.layers, masked.layers):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(plain.attributions, pruned.attributions)
+
+
+def test_input_pruning_is_named_in_errors() -> None:
+    with pytest.raises(ValueError, match=r"prune_input.*\[0, 1\)"):
+        ConvShapNet(1, 2, channels=(3,), prune_mode="active", prune_input=1.0)
+    with pytest.raises(ValueError, match="no input pruning"):
+        configure_pruning(DeepShapNet(4, 2), 0.1, "active", input_fraction=0.2)
