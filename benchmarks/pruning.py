@@ -115,6 +115,15 @@ def pruned_stages(p: float, num_stages: int, mode: str = "all") -> list[float]:
     return stage_fractions([p] * (num_stages - 1) + [0.0], num_stages, mode)
 
 
+def apply_pruning(model: nn.Module, p: float, mode: str, input_fraction: float = 0.0) -> None:
+    """Pruning `p` after every stage but the last and, for `p > 0`, `input_fraction` of the input's pixels
+    (Conv ShapNets' `prune_input`; p = 0 is the unpruned model)."""
+    extra = {"input_fraction": input_fraction if p else 0.0} if hasattr(model, "prune_input") else {}
+    if input_fraction and not extra:
+        raise BenchmarkError(f"--input-fraction: {type(model).__name__} has no input pruning (Conv ShapNets have)")
+    configure_pruning(model, pruned_stages(p, model.num_stages, mode), mode, **extra)
+
+
 @torch.no_grad()
 def explain_all(
     model: nn.Module, x: Tensor, batch_size: int, kept: bool = False
@@ -147,6 +156,7 @@ def benchmark_model(
     source: str = "model",
     mode: str = "all",
     masked: bool = True,
+    input_fraction: float = 0.0,
 ) -> tuple[list[Row], Row]:
     """One row per fraction and the sparsity of the unpruned explanations (see the module docstring).
 
@@ -154,14 +164,15 @@ def benchmark_model(
     same-prediction columns, half the time. The model's `prune`, `prune_mode` and `skip_inactive` are restored.
     """
     check_prunable(model, source)
-    saved = (list(model.prune), model.skip_inactive, model.training, getattr(model, "prune_mode", "all"))
+    saved = (list(model.prune), model.skip_inactive, model.training, getattr(model, "prune_mode", "all"),
+             getattr(model, "prune_input", None))
     model.eval()
     rows: list[Row] = []
     sparsity: Row = {}
     timed = x[:time_samples]
     try:
         for p in fractions:
-            configure_pruning(model, pruned_stages(p, model.num_stages, mode), mode)
+            apply_pruning(model, p, mode, input_fraction)
             model.skip_inactive = True
             model.evaluation_stats(reset=True)
             logits, maps, kept = explain_all(model, x, batch_size, kept=True)
@@ -203,11 +214,14 @@ def benchmark_model(
             if p == 0:
                 sparsity = explanation_sparsity(maps, rows[-1]["accuracy"])
         if not sparsity:  # p = 0 was not asked for: one unpruned pass for the sparsity numbers
-            model.prune, model.skip_inactive = pruned_stages(0.0, model.num_stages), True
+            apply_pruning(model, 0.0, mode)
+            model.skip_inactive = True
             logits, maps, _ = explain_all(model, x, batch_size)
             sparsity = explanation_sparsity(maps, float((logits.argmax(1) == y).double().mean()))
     finally:
         model.prune, model.skip_inactive, model.prune_mode = saved[0], saved[1], saved[3]
+        if saved[4] is not None:
+            model.prune_input = saved[4]
         model.train(saved[2])
         model.evaluation_stats(reset=True)
     return rows, sparsity
@@ -243,17 +257,28 @@ HEADLINE_COLUMNS = ["model", "p", "accuracy", "accuracy - start", "coalition eva
                     "start ms", "speed-up (start / this)"]
 
 
-def explain_runner(model: nn.Module, x: Tensor, p: float, mode: str, batch_size: int) -> Any:
+def explain_runner(model: nn.Module, x: Tensor, p: float, mode: str, batch_size: int,
+                   input_fraction: float = 0.0) -> Any:
     """A timing closure: `model.explain` on `x` at pruning `p` (every stage but the last), skipping on."""
     def run() -> None:
-        configure_pruning(model, pruned_stages(p, model.num_stages, mode), mode)
+        apply_pruning(model, p, mode, input_fraction)
         model.skip_inactive = True
         explain_all(model, x, batch_size)
     return run
 
 
+def saved_pruning(model: nn.Module) -> tuple[Any, ...]:
+    return list(model.prune), model.prune_mode, model.skip_inactive, getattr(model, "prune_input", None)
+
+
+def restore_pruning(model: nn.Module, saved: tuple[Any, ...]) -> None:
+    model.prune, model.prune_mode, model.skip_inactive = saved[0], saved[1], saved[2]
+    if saved[3] is not None:
+        model.prune_input = saved[3]
+
+
 def headline(loaded: dict[str, tuple[nn.Module, Tensor, list[Row]]], start: str, *, mode: str, tolerance: float,
-             time_samples: int, repeats: int, warmup: int, batch_size: int) -> list[Row]:
+             time_samples: int, repeats: int, warmup: int, batch_size: int, input_fraction: float = 0.0) -> list[Row]:
     """Every model at its largest `p` whose accuracy stays within `tolerance` of `start` at p = 0, timed
     interleaved with `start` at p = 0 in one process on the same `time_samples` samples.
 
@@ -267,11 +292,11 @@ def headline(loaded: dict[str, tuple[nn.Module, Tensor, list[Row]]], start: str,
         ok = [r for r in rows if r["accuracy"] >= reference["accuracy"] - tolerance]
         if ok:
             chosen[label] = max(ok, key=lambda r: r["p"])
-    saved = {label: (list(m.prune), m.prune_mode, m.skip_inactive) for label, (m, _, _) in loaded.items()}
+    saved = {label: saved_pruning(m) for label, (m, _, _) in loaded.items()}
 
     def runner(label: str, p: float) -> Any:
         model, x, _ = loaded[label]
-        return explain_runner(model, x[:time_samples], p, mode, batch_size)
+        return explain_runner(model, x[:time_samples], p, mode, batch_size, input_fraction)
 
     fns = {"start": runner(start, 0.0)}
     fns.update({label: runner(label, row["p"]) for label, row in chosen.items()})
@@ -279,7 +304,7 @@ def headline(loaded: dict[str, tuple[nn.Module, Tensor, list[Row]]], start: str,
         times = interleaved_medians(fns, repeats, warmup)
     finally:
         for label, (m, _, _) in loaded.items():
-            m.prune, m.prune_mode, m.skip_inactive = saved[label]
+            restore_pruning(m, saved[label])
     return [{"model": label, "p": row["p"], "accuracy": row["accuracy"],
              "accuracy - start": row["accuracy"] - reference["accuracy"],
              "coalition evals / sample": row["coalition evals / sample"], "explain ms": 1e3 * times[label],
@@ -288,19 +313,20 @@ def headline(loaded: dict[str, tuple[nn.Module, Tensor, list[Row]]], start: str,
 
 
 def interleaved_explain_times(loaded: dict[str, tuple[nn.Module, Tensor, list[Row]]], *, mode: str,
-                              time_samples: int, repeats: int, warmup: int, batch_size: int) -> None:
+                              time_samples: int, repeats: int, warmup: int, batch_size: int,
+                              input_fraction: float = 0.0) -> None:
     """Time `explain` for every model at every `p` of its rows in one interleaved loop and store it in each row as
     `"explain ms (interleaved)"`: the curves against wall time then compare configurations measured under the same
     load (timed fraction by fraction, a shared machine's changing load bends them)."""
-    saved = {label: (list(m.prune), m.prune_mode, m.skip_inactive) for label, (m, _, _) in loaded.items()}
+    saved = {label: saved_pruning(m) for label, (m, _, _) in loaded.items()}
 
-    fns = {f"{label} {r['p']}": explain_runner(model, x[:time_samples], r["p"], mode, batch_size)
+    fns = {f"{label} {r['p']}": explain_runner(model, x[:time_samples], r["p"], mode, batch_size, input_fraction)
            for label, (model, x, rows) in loaded.items() for r in rows}
     try:
         times = interleaved_medians(fns, repeats, warmup)
     finally:
         for label, (m, _, _) in loaded.items():
-            m.prune, m.prune_mode, m.skip_inactive = saved[label]
+            restore_pruning(m, saved[label])
     for label, (_, _, rows) in loaded.items():
         for r in rows:
             r["explain ms (interleaved)"] = 1e3 * times[f"{label} {r['p']}"]
@@ -354,6 +380,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="torch.set_num_threads (1: stable timings on a shared machine; 0: torch default)")
     parser.add_argument("--mode", default="active", choices=PRUNE_MODES,
                         help="what p counts: all players (the paper), the active ones (default), or a threshold")
+    parser.add_argument("--input-fraction", type=float, default=0.0,
+                        help="Conv ShapNets: rows with p > 0 also prune this fraction of the input's pixels")
     parser.add_argument("--no-masked", action="store_true", help="leave out the masked pass (half the time)")
     parser.add_argument("--tolerance", type=float, default=0.005,
                         help="headline: largest p whose accuracy is within this of the first model's at p = 0")
@@ -366,6 +394,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if bad:
         parser.error(f"--fractions must lie in [0, 1{']' if args.mode == 'all' else ')'} for --mode {args.mode}, "
                      f"got {bad}")
+    if not 0.0 <= args.input_fraction <= upper:
+        parser.error(f"--input-fraction must lie in [0, 1{']' if args.mode == 'all' else ')'} for --mode {args.mode}, "
+                     f"got {args.input_fraction}")
     for name in ("samples", "time_samples", "repeats", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -391,7 +422,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sections = [
         "## Instance-based pruning: accuracy and skipped work\n",
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {device}, float32. p prunes every stage but "
-        f"the last; p counts `{args.mode}` players (see `shapnets.pruning`). Times: `explain` on "
+        f"the last; p counts `{args.mode}` players (see `shapnets.pruning`)"
+        + (f"; every p > 0 also prunes {args.input_fraction:g} of the input's pixels (`prune_input`)"
+           if args.input_fraction else "") + ". Times: `explain` on "
         f"{args.time_samples} samples (batches of {args.batch_size}), median of "
         f"{args.repeats} after {args.warmup} warm-up: `skip ms` and `masked ms` (unless --no-masked) timed in turn per "
         "fraction, "
@@ -403,14 +436,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model = loaded.model
         rows, sparsity = benchmark_model(model, x, y, args.fractions, time_samples=args.time_samples,
                                          repeats=args.repeats, warmup=args.warmup, batch_size=args.batch_size,
-                                         source=source, mode=args.mode, masked=not args.no_masked)
+                                         source=source, mode=args.mode, masked=not args.no_masked,
+                                         input_fraction=args.input_fraction)
         runs[label] = (model, x, rows)
         architecture = type(model).__name__
         models[label] = {"source": source, "architecture": architecture, "dataset": loaded.info.name,
                          "stages": model.num_stages, "rows": rows, "sparsity": sparsity}
         print(f"[{label}] done", file=sys.stderr)
     interleaved_explain_times(runs, mode=args.mode, time_samples=args.time_samples, repeats=args.repeats,
-                              warmup=args.warmup, batch_size=args.batch_size)
+                              warmup=args.warmup, batch_size=args.batch_size, input_fraction=args.input_fraction)
     for label, (model, x, rows) in runs.items():
         m = models[label]
         sections += [f"### {label} ({m['architecture']}, {m['dataset']}, {len(x)} test samples, "
@@ -429,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ]
     if 0.0 in args.fractions:
         best = headline(runs, labels[0], mode=args.mode, tolerance=args.tolerance, time_samples=args.time_samples,
-                        repeats=args.repeats, warmup=args.warmup, batch_size=args.batch_size)
+                        repeats=args.repeats, warmup=args.warmup, batch_size=args.batch_size,
+                        input_fraction=args.input_fraction)
         models["headline"] = best
         sections += [
             f"### Largest p within {100 * args.tolerance:g} pt of {labels[0]} at p = 0, timed against it\n",

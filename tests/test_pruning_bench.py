@@ -136,6 +136,24 @@ def test_benchmark_restores_the_models_settings(bench, runs) -> None:
     assert len(rows) == 1 and sparsity["samples"] == 4  # p = 0 not asked for: sparsity still measured unpruned
 
 
+def test_input_fraction_prunes_the_input_for_p_above_zero_and_is_restored(bench, runs) -> None:
+    model = load_source(str(runs["conv"]), torch.device("cpu")).model
+    x, y = torch.randn(6, 1, 8, 8), torch.zeros(6, dtype=torch.long)
+    done = {}
+    for fraction in (0.0, 0.5):
+        rows, _ = bench.benchmark_model(model, x, y, [0.0, 0.2], time_samples=2, repeats=1, warmup=0, batch_size=3,
+                                        mode="active", masked=False, input_fraction=fraction)
+        done[fraction] = [r["coalition evals / sample"] for r in rows]
+        assert model.prune_input == 0.0  # restored
+    assert done[0.5][0] == done[0.0][0]  # p = 0 is the unpruned model either way
+    assert done[0.5][1] < done[0.0][1]  # the input's pixels pruned: the first stage skips them too
+    deep = load_source(str(runs["deep"]), torch.device("cpu")).model
+    with pytest.raises(bench.BenchmarkError, match="no input pruning"):
+        bench.apply_pruning(deep, 0.2, "active", 0.3)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["run", "--input-fraction", "1.0"])
+
+
 def test_sparsity_measures(bench) -> None:
     n = 20
     one_hot = torch.zeros(1, n, dtype=torch.float64)
