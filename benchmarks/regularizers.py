@@ -41,7 +41,7 @@ RUNS = ROOT / "runs" / "regularizers"
 KINDS = ("l1_final", "l1_all", "linf", "l1_final_scaled", "linf_scaled", "l1_final_label", "linf_label",
          "l1_final_label_cont", "l1_final_label_cont2", "l1_all_pruned", "l1_all_pruned30", "l1_all_thr",
          "l1_all_pruned30_cont", "l1_all_pruned40_cont", "l1_all_pruned30_cont2", "l1_all_pruned35_cont2",
-         "l1_all_pruned30_cont3", "l1_all_in30_pruned20", "l1_all_in20_pruned20")
+         "l1_all_in30_pruned20", "l1_all_in20_pruned20")
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ FAMILIES = {
                  "l1_all_pruned": [0.001],
                  "l1_all_pruned30": [0.001], "l1_all_thr": [0.002], "l1_all_pruned30_cont": [0.0001],
                  "l1_all_pruned40_cont": [0.0001], "l1_all_pruned30_cont2": [0.0001],
-                 "l1_all_pruned35_cont2": [0.0001], "l1_all_pruned30_cont3": [0.0001],
+                 "l1_all_pruned35_cont2": [0.0001],
                  "l1_all_in30_pruned20": [0.0001], "l1_all_in20_pruned20": [0.0001]},
         overrides=("data.limit=10000",),
         # 30,000 training images: at 10,000 the label-map runs reached the sparsity but not yet the accuracy
@@ -83,9 +83,19 @@ FAMILIES = {
                  "l1_final_label_cont2": [], "l1_all_pruned": [], "l1_all_thr": [],
                  "l1_all_pruned30": [], "l1_all_pruned30_cont": [], "l1_all_pruned40_cont": [],
                  "l1_all_pruned30_cont2": [], "l1_all_pruned35_cont2": [],
-                 "l1_all_pruned30_cont3": [], "l1_all_in30_pruned20": [], "l1_all_in20_pruned20": []},
+                 "l1_all_in30_pruned20": [], "l1_all_in20_pruned20": []},
     ),
 }
+def _pruned_fine_tune(start: str, lr: float, epochs: int, seed: int, p: float, input_p: float = 0.0) -> tuple[str, ...]:
+    """Overrides of a fine-tune over the whole training split from `start` with active pruning `p` after every hidden
+    stage (and `input_p` of the input's pixels) on in training."""
+    return (f"model.init_from={start}", "data.limit=null", f"optim.lr={lr}", f"train.epochs={epochs}",
+            f"train.seed={seed}", f"model.args.prune=[{p},{p},{p},{p},0.0]", f"model.args.prune_input={input_p}",
+            "model.args.prune_mode=active", "model.args.prune_during_training=true")
+
+
+_P30 = "runs/regularizers/conv_l1_all_pruned30_cont_0.0001/best.pt"
+_P30_2 = "runs/regularizers/conv_l1_all_pruned30_cont2_0.0001/best.pt"
 # kind -> (loss term, layers, scale-free?, extra overrides); `target: all` unless an override says otherwise
 TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
     "l1_final": ("explanation_l1", "final", False, ()),
@@ -112,37 +122,16 @@ TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
                                                          "model.args.prune_during_training=true")),
     # shapnet_conv_mnist_l1_all fine-tuned further with the same L1 term and the pruning it is meant for on, over the
     # whole training split at half the learning rate: a pruned model that keeps its accuracy
-    "l1_all_pruned30_cont": ("explanation_l1", "all", False, (
-        "model.init_from=shapnet_conv_mnist_l1_all", "data.limit=null", "optim.lr=0.001",
-        "model.args.prune=[0.3,0.3,0.3,0.3,0.0]", "model.args.prune_mode=active",
-        "model.args.prune_during_training=true")),
-    "l1_all_pruned40_cont": ("explanation_l1", "all", False, (
-        "model.init_from=shapnet_conv_mnist_l1_all", "data.limit=null", "optim.lr=0.001",
-        "model.args.prune=[0.4,0.4,0.4,0.4,0.0]", "model.args.prune_mode=active",
-        "model.args.prune_during_training=true")),
+    "l1_all_pruned30_cont": ("explanation_l1", "all", False, _pruned_fine_tune("shapnet_conv_mnist_l1_all", 0.001, 1,
+                                                                                0, 0.3)),
+    "l1_all_pruned40_cont": ("explanation_l1", "all", False, _pruned_fine_tune("shapnet_conv_mnist_l1_all", 0.001, 1,
+                                                                                0, 0.4)),
     # ... and two more epochs from that one at a quarter of the learning rate, at p = 0.3 or 0.35
-    "l1_all_pruned30_cont2": ("explanation_l1", "all", False, (
-        "model.init_from=runs/regularizers/conv_l1_all_pruned30_cont_0.0001/best.pt", "data.limit=null",
-        "optim.lr=0.0005", "train.epochs=2", "train.seed=1", "model.args.prune=[0.3,0.3,0.3,0.3,0.0]",
-        "model.args.prune_mode=active", "model.args.prune_during_training=true")),
-    "l1_all_pruned35_cont2": ("explanation_l1", "all", False, (
-        "model.init_from=runs/regularizers/conv_l1_all_pruned30_cont_0.0001/best.pt", "data.limit=null",
-        "optim.lr=0.0005", "train.epochs=2", "train.seed=1", "model.args.prune=[0.35,0.35,0.35,0.35,0.0]",
-        "model.args.prune_mode=active", "model.args.prune_during_training=true")),
-    # ... and three more from the p = 0.3 one at 0.0003
-    "l1_all_pruned30_cont3": ("explanation_l1", "all", False, (
-        "model.init_from=runs/regularizers/conv_l1_all_pruned30_cont2_0.0001/best.pt", "data.limit=null",
-        "optim.lr=0.0003", "train.epochs=3", "train.seed=2", "model.args.prune=[0.3,0.3,0.3,0.3,0.0]",
-        "model.args.prune_mode=active", "model.args.prune_during_training=true")),
-    # From the p = 0.3 run (+2 epochs), with the input's pixels pruned too (prune_input) and lighter stage pruning
-    "l1_all_in30_pruned20": ("explanation_l1", "all", False, (
-        "model.init_from=runs/regularizers/conv_l1_all_pruned30_cont2_0.0001/best.pt", "data.limit=null",
-        "optim.lr=0.0005", "train.epochs=2", "train.seed=3", "model.args.prune=[0.2,0.2,0.2,0.2,0.0]",
-        "model.args.prune_input=0.3", "model.args.prune_mode=active", "model.args.prune_during_training=true")),
-    "l1_all_in20_pruned20": ("explanation_l1", "all", False, (
-        "model.init_from=runs/regularizers/conv_l1_all_pruned30_cont2_0.0001/best.pt", "data.limit=null",
-        "optim.lr=0.0005", "train.epochs=2", "train.seed=3", "model.args.prune=[0.2,0.2,0.2,0.2,0.0]",
-        "model.args.prune_input=0.2", "model.args.prune_mode=active", "model.args.prune_during_training=true")),
+    "l1_all_pruned30_cont2": ("explanation_l1", "all", False, _pruned_fine_tune(_P30, 0.0005, 2, 1, 0.3)),
+    "l1_all_pruned35_cont2": ("explanation_l1", "all", False, _pruned_fine_tune(_P30, 0.0005, 2, 1, 0.35)),
+    # from the p = 0.3 run (+2 epochs), with the input's pixels pruned too (prune_input) and lighter stage pruning
+    "l1_all_in30_pruned20": ("explanation_l1", "all", False, _pruned_fine_tune(_P30_2, 0.0005, 2, 3, 0.2, 0.3)),
+    "l1_all_in20_pruned20": ("explanation_l1", "all", False, _pruned_fine_tune(_P30_2, 0.0005, 2, 3, 0.2, 0.2)),
     # L1 on every hidden layer (not the final map: there L1 is |logit| and only shrinks the logits), trained with
     # threshold pruning (players under 5% of the sample's largest norm set to the reference): the small values the
     # penalty leaves are removed in training as they will be at inference
@@ -155,7 +144,6 @@ TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
 STARTS_FROM = {"l1_final_label_cont": ("l1_final_label", 0.15), "l1_final_label_cont2": ("l1_final_label_cont", 0.05),
                "l1_all_pruned30_cont2": ("l1_all_pruned30_cont", 0.0001),
                "l1_all_pruned35_cont2": ("l1_all_pruned30_cont", 0.0001),
-               "l1_all_pruned30_cont3": ("l1_all_pruned30_cont2", 0.0001),
                "l1_all_in30_pruned20": ("l1_all_pruned30_cont2", 0.0001),
                "l1_all_in20_pruned20": ("l1_all_pruned30_cont2", 0.0001)}
 LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l1_final_scaled": "L1/L2 final",
@@ -170,7 +158,6 @@ LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l
           "l1_all_pruned40_cont": "shapnet_conv_mnist_l1_all + pruning (p=0.4) in training, whole split",
           "l1_all_pruned30_cont2": "the p=0.3 run + 2 epochs at p=0.3",
           "l1_all_pruned35_cont2": "the p=0.3 run + 2 epochs at p=0.35",
-          "l1_all_pruned30_cont3": "the p=0.3 run + 2 + 3 epochs at p=0.3",
           "l1_all_in30_pruned20": "the p=0.3 run + 2 epochs with input pruning 0.3 and p=0.2",
           "l1_all_in20_pruned20": "the p=0.3 run + 2 epochs with input pruning 0.2 and p=0.2"}
 
