@@ -41,7 +41,8 @@ RUNS = ROOT / "runs" / "regularizers"
 KINDS = ("l1_final", "l1_all", "linf", "l1_final_scaled", "linf_scaled", "l1_final_label", "linf_label",
          "l1_final_label_cont", "l1_final_label_cont2", "l1_all_pruned", "l1_all_pruned30", "l1_all_thr",
          "l1_all_pruned30_cont", "l1_all_pruned40_cont", "l1_all_pruned30_cont2", "l1_all_pruned35_cont2",
-         "l1_all_in30_pruned20", "l1_all_in20_pruned20")
+         "l1_all_in30_pruned20", "l1_all_in20_pruned20",
+         "l1_all_in30_pruned20_cont")
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ FAMILIES = {
                  "l1_all_pruned30": [0.001], "l1_all_thr": [0.002], "l1_all_pruned30_cont": [0.0001],
                  "l1_all_pruned40_cont": [0.0001], "l1_all_pruned30_cont2": [0.0001],
                  "l1_all_pruned35_cont2": [0.0001],
-                 "l1_all_in30_pruned20": [0.0001], "l1_all_in20_pruned20": [0.0001]},
+                 "l1_all_in30_pruned20": [0.0001], "l1_all_in20_pruned20": [0.0001],
+                 "l1_all_in30_pruned20_cont": [0.0001]},
         overrides=("data.limit=10000",),
         # 30,000 training images: at 10,000 the label-map runs reached the sparsity but not yet the accuracy
         kind_overrides={kind: ("data.limit=30000",) for kind in (
@@ -83,7 +85,8 @@ FAMILIES = {
                  "l1_final_label_cont2": [], "l1_all_pruned": [], "l1_all_thr": [],
                  "l1_all_pruned30": [], "l1_all_pruned30_cont": [], "l1_all_pruned40_cont": [],
                  "l1_all_pruned30_cont2": [], "l1_all_pruned35_cont2": [],
-                 "l1_all_in30_pruned20": [], "l1_all_in20_pruned20": []},
+                 "l1_all_in30_pruned20": [], "l1_all_in20_pruned20": [],
+                 "l1_all_in30_pruned20_cont": []},
     ),
 }
 def _pruned_fine_tune(start: str, lr: float, epochs: int, seed: int, p: float, input_p: float = 0.0) -> tuple[str, ...]:
@@ -132,6 +135,9 @@ TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
     # from the p = 0.3 run (+2 epochs), with the input's pixels pruned too (prune_input) and lighter stage pruning
     "l1_all_in30_pruned20": ("explanation_l1", "all", False, _pruned_fine_tune(_P30_2, 0.0005, 2, 3, 0.2, 0.3)),
     "l1_all_in20_pruned20": ("explanation_l1", "all", False, _pruned_fine_tune(_P30_2, 0.0005, 2, 3, 0.2, 0.2)),
+    # ... and two more epochs of the input-0.3 one at 0.0003
+    "l1_all_in30_pruned20_cont": ("explanation_l1", "all", False, _pruned_fine_tune(
+        "runs/regularizers/conv_l1_all_in30_pruned20_0.0001/best.pt", 0.0003, 2, 4, 0.2, 0.3)),
     # L1 on every hidden layer (not the final map: there L1 is |logit| and only shrinks the logits), trained with
     # threshold pruning (players under 5% of the sample's largest norm set to the reference): the small values the
     # penalty leaves are removed in training as they will be at inference
@@ -145,7 +151,8 @@ STARTS_FROM = {"l1_final_label_cont": ("l1_final_label", 0.15), "l1_final_label_
                "l1_all_pruned30_cont2": ("l1_all_pruned30_cont", 0.0001),
                "l1_all_pruned35_cont2": ("l1_all_pruned30_cont", 0.0001),
                "l1_all_in30_pruned20": ("l1_all_pruned30_cont2", 0.0001),
-               "l1_all_in20_pruned20": ("l1_all_pruned30_cont2", 0.0001)}
+               "l1_all_in20_pruned20": ("l1_all_pruned30_cont2", 0.0001),
+               "l1_all_in30_pruned20_cont": ("l1_all_in30_pruned20", 0.0001)}
 LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l1_final_scaled": "L1/L2 final",
           "linf_scaled": "L-inf/L1 final", "l1_final_label": "L1/L2 final, label map",
           "linf_label": "L-inf/L1 final, label map",
@@ -159,7 +166,8 @@ LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l
           "l1_all_pruned30_cont2": "the p=0.3 run + 2 epochs at p=0.3",
           "l1_all_pruned35_cont2": "the p=0.3 run + 2 epochs at p=0.35",
           "l1_all_in30_pruned20": "the p=0.3 run + 2 epochs with input pruning 0.3 and p=0.2",
-          "l1_all_in20_pruned20": "the p=0.3 run + 2 epochs with input pruning 0.2 and p=0.2"}
+          "l1_all_in20_pruned20": "the p=0.3 run + 2 epochs with input pruning 0.2 and p=0.2",
+          "l1_all_in30_pruned20_cont": "the input-0.3 run + 2 epochs at lr 0.0003"}
 
 
 def run_dir(family: str, kind: str, weight: float) -> Path:

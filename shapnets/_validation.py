@@ -131,6 +131,10 @@ def finite_output(method: _F) -> _F:
         if self.training:  # the trainer stops on a non-finite loss and keeps its last good checkpoint
             return result
         tensors = [result] if isinstance(result, Tensor) else [result.output, result.attributions, result.base]
+        # A NaN or inf anywhere makes the sum non-finite, so a finite sum clears a tensor in one pass; a non-finite
+        # one (a real NaN, or a sum that overflows) gets the exact count.
+        if all(bool(torch.isfinite(t.sum())) for t in tensors if t.numel()):
+            return result
         bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.numel())
         if bad:
             broken = [n for n, p in self.named_parameters() if not bool(torch.isfinite(p).all())]

@@ -41,7 +41,8 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 def scatter_rows(values: Tensor, rows: Tensor, shape: tuple[int, int, int]) -> Tensor:
     """A channel-last map `(*shape, C)` that is `values` `(R, C)` at the flat pixel indices `rows` and 0 elsewhere."""
     full = values.new_zeros(math.prod(shape), values.shape[-1])
-    return full.index_copy(0, rows, values).view(*shape, values.shape[-1])
+    # In place on the fresh zeros (autograd records it all the same): the out-of-place form copies them first.
+    return full.index_copy_(0, rows, values).view(*shape, values.shape[-1])
 
 
 class ShapleyConv2d(nn.Module):
