@@ -99,8 +99,7 @@ class ShapleyConv2d(nn.Module):
         summed = F.fold(cols, (H + ph, W + pw), self.kernel_size, dilation=self.dilation)
         return rearrange(summed[:, :, :H, :W], "b c h w -> b h w c")
 
-    def forward(self, delta: Tensor, reference: Tensor | None = None, skip_inactive: bool = False,
-                active: Tensor | None = None) -> Tensor:
+    def forward(self, delta: Tensor, reference: Tensor | None = None, skip_inactive: bool = False) -> Tensor:
         """The layer's Shapley representation.
 
         Args:
@@ -110,14 +109,12 @@ class ShapleyConv2d(nn.Module):
                 Shapley values are exactly 0) and evaluate fewer coalitions for partly inactive ones. Values and
                 parameter gradients are those of the dense computation; the gradient with respect to a pixel that
                 sits exactly at the reference is 0 (it is not evaluated).
-            active: optional `(B, H, W)` bool with `skip_inactive`: the pixels that may be off the reference (a
-                superset is exact; default: scanned from `delta`).
         """
         if len(self.bank.weights) == 1:
             return self._one_layer_map(delta, reference)
         ref = None if reference is None else reference.expand(1, len(self.offsets), reference.shape[-1])
         if skip_inactive:
-            return self._active_patches_map(delta, ref, active)
+            return self._active_patches_map(delta, ref)
         players = self.patches(delta)[..., None, :, :]  # one shared module: G = 1
         # Players in the padding are null too, but their values are cropped by `fold`: the dense path needs its
         # exact-zero pass over all k players of every patch only if a pixel of the image sits at the reference
@@ -135,10 +132,10 @@ class ShapleyConv2d(nn.Module):
                 anchored[..., : height - dy, : width - dx] |= active[..., dy:, dx:]
         return anchored
 
-    def _active_patches_map(self, delta: Tensor, ref: Tensor | None, active: Tensor | None = None) -> Tensor:
+    def _active_patches_map(self, delta: Tensor, ref: Tensor | None) -> Tensor:
         """`forward` with `skip_inactive` on a full map: `sparse_map` on its pixels off the reference, scattered."""
         B, H, W, C = delta.shape
-        active = delta.ne(0).any(-1) if active is None else active  # (B, H, W): pixels off the reference
+        active = delta.ne(0).any(-1)  # (B, H, W): pixels off the reference
         rows = active.flatten().nonzero().squeeze(1)
         out = self.sparse_map(delta.reshape(-1, C).index_select(0, rows), rows, active, ref)
         return scatter_rows(out, rows, (B, H, W))
