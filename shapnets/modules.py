@@ -926,10 +926,8 @@ class ShapleyModuleBank(nn.Module):
             output.reshape(*batch, G, out_channels),
         )
 
-    def _subgame_values(self, x: Tensor, members: list[int], group: Tensor | None, offset: Tensor,
-                        first: int = 0) -> Tensor:
-        """The inner on every coalition of the active players `members` only: `(m, k', C)` -> `(2^k', m, C_out)`
-        (`(2^k' - first, ...)`: the coalitions from `first` on; `first=1` leaves out the empty one).
+    def _subgame_values(self, x: Tensor, members: list[int], group: Tensor | None, offset: Tensor) -> Tensor:
+        """The inner on every coalition of the active players `members` only: `(m, k', C)` -> `(2^k', m, C_out)`.
 
         Args:
             x: the active players' offsets from the reference, `(m, k', C)`.
@@ -942,7 +940,7 @@ class ShapleyModuleBank(nn.Module):
             projected = torch.einsum("mkc,kch->mkh", x, w1[0, members])
         else:
             projected = torch.einsum("mkc,mkch->mkh", x, w1[group][:, members])
-        masks = coalition_masks(len(members), x.device, x.dtype)[first:]
+        masks = coalition_masks(len(members), x.device, x.dtype)
         h = torch.einsum("tk,mkh->tmh", masks, projected) + offset
         for i in range(1, len(self.weights)):
             wl, bl = self.weights[i], self.bias(i)

@@ -101,10 +101,10 @@ def prune_listed(norms: Tensor, sample: Tensor, num_samples: int, players: int, 
     _check_fraction(fraction, mode)
     if fraction == 0.0 or norms.numel() == 0:
         return torch.zeros_like(norms, dtype=torch.bool)
-    positive = norms > 0
     if mode == "threshold":
         largest = norms.new_zeros(num_samples).scatter_reduce(0, sample, norms, "amax")
         return norms < fraction * largest[sample]
+    positive = norms > 0
     listed = torch.bincount(sample, minlength=num_samples)
     active = torch.bincount(sample, weights=positive.double(), minlength=num_samples).long()
     zeros_listed = listed - active
