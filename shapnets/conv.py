@@ -25,7 +25,7 @@ from ._streaming import StreamedBatches, streamed
 from ._validation import check_input, check_reference, finite_output
 from .explanation import Explanation
 from .interactions import Interactions, check_layer, check_module_kind
-from .modules import ShapleyModuleBank
+from .modules import ShapleyModuleBank, modules_by_active_count
 from .pruning import check_input_fraction, prune_listed, prune_players, stage_fractions
 
 __all__ = ["ConvShapNet", "ShapleyConv2d", "scatter_rows"]
@@ -157,21 +157,44 @@ class ShapleyConv2d(nn.Module):
         Returns:
             `(R, C_out)`: the listed pixels' Shapley values (every other pixel's are exactly 0).
         """
+        off = values.ne(0).any(-1)
+        if not bool(off.all()):
+            # A listed pixel exactly at the reference (a later stage's exact zero, or channels this stage does not
+            # take): unlisted, it gets exactly 0 as missingness demands (as a player, rounding could leave ~1e-9).
+            kept = off.nonzero().squeeze(1)
+            narrowed = active.clone()
+            narrowed.view(-1)[rows[~off]] = False
+            phi = self.sparse_map(values.index_select(0, kept), rows.index_select(0, kept), narrowed, reference)
+            return phi.new_zeros(len(rows), phi.shape[-1]).index_copy(0, kept, phi)
         B, H, W = active.shape
         k = len(self.offsets)
         ref = None if reference is None else reference.expand(1, k, reference.shape[-1])
-        anchors = self.active_patches(active).flatten().nonzero().squeeze(1)  # (A,) in (b h w) order
-        h = anchors.remainder(H * W).div(W, rounding_mode="floor")
-        w = anchors.remainder(W)
-        dy, dx = (torch.tensor(d, device=values.device) for d in zip(*self.offsets))
-        inside = (h[:, None] + dy < H) & (w[:, None] + dx < W)
-        # Position of every pixel in the list; len(rows) (one past the last listed row) = a player at the reference.
-        position = torch.full((B * H * W + 1,), len(rows), dtype=torch.long, device=values.device)
+        pattern = self.patch_patterns(active).flatten()
+        anchors = pattern.nonzero().squeeze(1)  # (A,) in (b h w) order: the patches with a player off the reference
+        pattern = pattern[anchors]
+        # Row of every listed pixel, by flat index. An active slot's pixel lies inside the image (`patch_patterns`),
+        # so anchor + offset needs no border check; an unlisted one would be out of range (an error, not a wrong row).
+        position = torch.full((B * H * W,), k * len(rows), dtype=torch.long, device=values.device)
         position[rows] = torch.arange(len(rows), device=values.device)
-        members = position[torch.where(inside, anchors[:, None] + dy * W + dx, B * H * W)]  # (A, k)
+        step = torch.tensor([dy * W + dx for dy, dx in self.offsets], device=values.device)
+        modules = [(slots, position[anchors[chosen, None] + step[slots]])
+                   for _, chosen, slots in modules_by_active_count(pattern, k)]
         skipped = B * H * W - len(anchors)
         self.bank._count(skipped, skipped * 2**k, skipped, skipped * 2**k)
-        return self.bank.shapley_sums(values, members, ref)
+        return self.bank.shapley_sums(values, modules, ref)
+
+    def patch_patterns(self, active: Tensor) -> Tensor:
+        """`(B, H, W)` bool pixels off the reference -> `(B, H, W)` integer: bit `j` set at pixel `a` where player
+        `j` of the patch anchored there (pixel `a + offset_j`, inside the image) is off the reference."""
+        height, width = active.shape[-2:]
+        k = len(self.offsets)
+        dtype = torch.uint8 if k <= 8 else torch.int16 if k <= 15 else torch.int32
+        bits = active.to(dtype)
+        pattern = torch.zeros_like(bits)
+        for j, (dy, dx) in enumerate(self.offsets):
+            if dy < height and dx < width:
+                pattern[..., : height - dy, : width - dx] |= bits[..., dy:, dx:] << j
+        return pattern
 
     def _one_layer_map(self, delta: Tensor, reference: Tensor | None) -> Tensor:
         """`forward` for a one-layer inner (`hidden=()`), without im2col, col2im or a coalition tensor in memory.

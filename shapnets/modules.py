@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,7 +33,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ._validation import check_input, check_reference, finite_output
-from .coalitions import coalition_masks, coalition_table, shapley_from_values, signed_weights
+from .coalitions import _signed_weights, coalition_masks, coalition_table, shapley_from_values, signed_weights
 from .explanation import Explanation
 
 if TYPE_CHECKING:
@@ -75,6 +75,25 @@ def _active_slots(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
     bits = (torch.arange(2**k)[:, None] >> torch.arange(k)) & 1
     slots = torch.argsort(1 - bits, dim=1, stable=True)
     return slots.to(device), bits.sum(1).to(device)
+
+
+def modules_by_active_count(pattern: Tensor, k: int) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Group modules by how many of their `k` players are off the reference (for `ShapleyModuleBank.shapley_sums`).
+
+    Args:
+        pattern: `(A,)` integer, bit `j` set where player slot `j` of the module is off the reference (non-zero).
+
+    Yields:
+        `(k', chosen, slots)` for every `k' >= 1` present: `chosen` `(m,)` the modules with `k'` active players,
+        `slots` `(m, k')` their active slots, increasing.
+    """
+    slot_table, count_table = _active_slots(k, pattern.device)
+    pattern = pattern.long()
+    per_module = count_table[pattern]
+    for count in range(1, k + 1):
+        chosen = (per_module == count).nonzero().squeeze(1)
+        if len(chosen):
+            yield count, chosen, slot_table[pattern[chosen], :count]
 
 
 def _check_arity(k: int, max_players: int) -> None:
@@ -952,77 +971,60 @@ class ShapleyModuleBank(nn.Module):
                 h = h + (bl[0] if group is None else bl[group])
         return self.act(h) if self.output_act else h
 
-    def shapley_sums(self, rows: Tensor, members: Tensor, reference: Tensor | None = None,
-                     active: Tensor | None = None) -> Tensor:
+    def shapley_sums(self, rows: Tensor, modules: Sequence[tuple[Tensor, Tensor]],
+                     reference: Tensor | None = None) -> Tensor:
         """Every row's Shapley values summed over the modules it plays in (one shared module, `G == 1`).
 
-        Module `a` plays the game of the rows `members[a]` (its `k` players' offsets from the reference); only the
-        players that differ from the reference take part, each module evaluates the `2^k'` coalitions of its `k'`
-        such players (the others are dummies with Shapley value exactly 0), and each player's value is added onto
-        its row. Nothing is built for reference rows or all-reference modules, so the work follows the active
-        players (the sparse form of `shapley` + a scatter-add, for Conv ShapNets).
+        Every row is a player off the reference; each module plays the game of its `k'` players that are (the
+        other `k - k'` sit at the reference: dummies with Shapley value exactly 0, never evaluated), so a module
+        evaluates `2^k'` coalitions and each player's value is added onto its row. The sparse form of `shapley` +
+        a scatter-add, for Conv ShapNets: the work follows the active players, not the image.
 
         How (the work per module and the number of small operations both matter when pruning thins the players):
-        every active row is projected once for all `k` player slots (the first layer is linear); modules are
-        grouped by their *number* `k'` of active players, not by which slots are active, since the coalition sums
-        of a module's gathered projections do not depend on the slots: at most `k` groups per call, each a few
-        large products in a feature-major layout, and the Shapley combination is one product with the signed
-        weights (the empty coalition, the reference, is the same for every module and evaluated once).
+        every row is projected once for all `k` player slots (the first layer is linear); the caller groups the
+        modules by their *number* `k'` of active players (`modules_by_active_count`), not by which slots, since
+        the coalition sums of a module's gathered projections do not depend on the slots: at most `k` groups, each
+        a few large products in a feature-major layout, and the Shapley combination is one product with the
+        signed weights (the empty coalition, the reference, is the same for every module and evaluated once).
 
         Args:
-            rows: `(R, C)` offsets from the reference.
-            members: `(A, k)` long, the row of every player of every module; `R` (one past the last row) is a
-                padding player, at the reference.
+            rows: `(R, C)` offsets from the reference, none of them all zero (a row at the reference has no place
+                here: its values are 0 and it would only blur that).
+            modules: one `(slots, players)` pair per group of modules with the same number `k'` of active players:
+                `slots` `(m, k')` long, which of the `k` player slots they are (increasing), `players` `(m, k')`
+                long, their rows.
             reference: the reference, broadcastable to `(1, k, C)`; `None` means zero.
-            active: optional `(R,)` bool, `rows.ne(0).any(-1)` when the caller has it already. A superset of the
-                non-reference rows is exact too (an extra player at the reference gets 0), only slower.
 
         Returns:
             `(R, C_out)`: row `r`'s Shapley values summed over every module it is a player of.
         """
         if self.num_groups != 1:
             raise ValueError(f"shapley_sums evaluates one shared module, this bank has {self.num_groups} groups")
-        k, modules = self.num_players, members.shape[0]
-        active = rows.ne(0).any(-1) if active is None else active
-        present = torch.cat([active, active.new_zeros(1)])[members]  # (A, k): players off the reference
-        pattern = (present.long() << torch.arange(k, device=rows.device)).sum(-1)  # (A,) which slots are active
-        slot_table, count_table = _active_slots(k, rows.device)
-        per_module = count_table[pattern]  # (A,) k' of every module
         offset = self._at_reference(rows, reference)[0]  # (h_1,)
-        hidden = offset.shape[0]
-        # Every active row's first-layer projection in each of the k slots, feature-major (h_1, k * R'): column
-        # slot * R' + position of the row among the R' active ones (gathered columns need no transposing later).
-        active_rows = active.nonzero().squeeze(1)
-        position = torch.zeros(rows.shape[0] + 1, dtype=torch.long, device=rows.device)
-        position[active_rows] = torch.arange(len(active_rows), device=rows.device)
+        hidden, num_rows = offset.shape[0], rows.shape[0]
+        # Every row's first-layer projection in each of the k slots, feature-major (h_1, k * R): column
+        # slot * R + row (gathered columns need no transposing later).
         w1 = rearrange(self._first_layer_weight()[0], "k c h -> (h k) c")
-        projected = (w1 @ rows.index_select(0, active_rows).T).view(hidden, -1)
+        projected = (w1 @ rows.T).view(hidden, -1)
         empty = self._rest_grouped(offset[None, :, None])[0, :, 0]  # (C_out,) the module at the reference
-        # Sums onto the active rows only, channel-major (C_out, R'): a scatter into all R rows, or row-major, is
-        # ~3x slower on the CPU.
-        summed = rows.new_zeros(self.out_channels, len(active_rows))
+        # Sums channel-major (C_out, R): row-major, the scatter-add is ~3x slower on the CPU.
+        summed = rows.new_zeros(self.out_channels, num_rows)
         coalitions = done = 0
-        # Modules with every player at the reference (k' = 0) have all values 0: nothing to evaluate.
-        for count in range(1, k + 1):
-            chosen = (per_module == count).nonzero().squeeze(1)
-            m = len(chosen)
-            if not m:
-                continue
-            slots = slot_table[pattern[chosen], :count]  # (m, k') the slots of each module's active players
-            at = position[members[chosen].gather(1, slots)].T.flatten()  # (k' m) their positions among the active
-            gathered = projected.index_select(1, slots.T.flatten() * len(active_rows) + at).view(hidden, count, m)
+        for slots, players in modules:
+            m, count = players.shape
+            at = players.T.flatten()  # (k' m)
+            gathered = projected.index_select(1, slots.T.flatten() * num_rows + at).view(hidden, count, m)
             masks = coalition_masks(count, rows.device, rows.dtype)[1:]  # (2^k' - 1, k'), no empty coalition
             # Feature-major (h_1, 2^k' - 1, m): every later layer is one product over all modules and coalitions.
             pre = (masks @ gathered).add_(offset[:, None, None])
             values = self._rest_grouped(pre.view(1, hidden, -1), overwrite=True).view(-1, 2**count - 1, m)
-            signed = signed_weights(count).to(rows.device, rows.dtype)  # (2^k', k')
+            signed = _signed_weights(count).to(rows.device, rows.dtype)  # (2^k', k')
             phi = signed[1:].T @ values + (empty[:, None] * signed[0])[:, :, None]  # (C_out, k', m)
             summed.index_add_(1, at, phi.view(-1, count * m))
             coalitions += m * 2**count
             done += m
-        out = rows.new_zeros(rows.shape[0], self.out_channels).index_copy_(0, active_rows, summed.T)
-        self._count(modules, modules * 2**k, modules - done, modules * 2**k - coalitions)
-        return out
+        self._count(done, done * 2**self.num_players, 0, done * 2**self.num_players - coalitions)
+        return summed.T.contiguous()
 
     def module(self, g: int) -> ShapleyModule:
         """A stand-alone `ShapleyModule` holding a copy of module `g`'s weights (for auditing)."""

@@ -104,40 +104,36 @@ def prune_listed(norms: Tensor, sample: Tensor, num_samples: int, players: int, 
     if mode == "threshold":
         largest = norms.new_zeros(num_samples).scatter_reduce(0, sample, norms, "amax")
         return norms < fraction * largest[sample]
-    positive = norms > 0
     listed = torch.bincount(sample, minlength=num_samples)
-    active = torch.bincount(sample, weights=positive.double(), minlength=num_samples).long()
-    zeros_listed = listed - active
+    positive = norms > 0
+    all_positive = bool(positive.all())  # the usual case: a Conv ShapNet lists only pixels off the reference
+    active = listed if all_positive else torch.bincount(sample, weights=positive.double(), minlength=num_samples).long()
     if mode == "all":
         # The dense rule prunes the floor(p N) smallest, zeros (listed or not) first: of the positive ones, what
         # is left after the N - active zeros.
         extra = (math.floor(fraction * players) - (players - active)).clamp_(min=0)
     else:
         extra = torch.floor(fraction * active.double()).long()
-    count = zeros_listed + extra  # listed zeros rank first; pruning them changes nothing
+    count = extra if all_positive else listed - active + extra  # listed zeros rank first; pruning them is a no-op
     if not bool((count > 0).any()):
         return torch.zeros_like(norms, dtype=torch.bool)
     starts = torch.cumsum(listed, 0) - listed
-    # Fast path: each sample's count-th smallest norm from a partial sort of a (B, longest list) grid padded with +inf.
-    # Unless that norm ties with the next one, the pruned players are exactly those at or below it.
+    within = torch.arange(len(norms), device=norms.device) - starts[sample]  # each player's place in its sample's list
     width = int(listed.max())
-    slot = sample * width + torch.arange(len(norms), device=norms.device) - starts[sample]
-    grid = norms.new_full((num_samples * width,), math.inf).index_copy_(0, slot, norms).view(num_samples, width)
-    kept = min(int(count.max()) + 1, width)
-    smallest = torch.topk(grid, kept, dim=1, largest=False, sorted=True).values
-    last = smallest.gather(1, (count - 1).clamp(min=0)[:, None])[:, 0]
-    after = smallest.gather(1, count.clamp(max=kept - 1)[:, None])[:, 0]
-    if not bool(((count > 0) & (count < listed) & (after == last)).any()):
-        return norms <= torch.where(count > 0, last, torch.full_like(last, -math.inf))[sample]
-    # A tie at the boundary: rank within the sample by norm, ties by list position (stable sorts).
-    if norms.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        # One integer sort: a non-negative float's bit pattern orders like its value (NaN after inf), so
-        # (sample << 32) | bits orders by sample, then norm.
-        bits = norms.float().view(torch.int32).long()
-        order = torch.sort((sample << 32) | bits, stable=True).indices
-    else:
-        by_norm = torch.sort(norms, stable=True).indices
-        order = by_norm[torch.sort(sample[by_norm], stable=True).indices]
+    if norms.dtype in (torch.float32, torch.float16, torch.bfloat16) and width <= 2**32:
+        # Distinct integer keys that order by norm, then list position (= player index): a non-negative float's bit
+        # pattern orders like its value (NaN after inf), and 31 bits + the position fit in an int64. Each sample's
+        # count-th smallest key, from a partial sort of a (B, longest list) grid padded with the largest key, is
+        # the last one pruned: no ties, so no full sort.
+        keys = (norms.float().view(torch.int32).long() << max(width - 1, 1).bit_length()) | within
+        grid = keys.new_full((num_samples * width,), torch.iinfo(torch.int64).max)
+        grid = grid.index_copy_(0, sample * width + within, keys).view(num_samples, width)
+        smallest = torch.topk(grid, min(int(count.max()), width), dim=1, largest=False, sorted=True).values
+        last = smallest.gather(1, (count - 1).clamp(min=0)[:, None])[:, 0].masked_fill_(count == 0, -1)
+        return keys <= last[sample]
+    # Other dtypes: rank within the sample by norm, ties by list position (two stable sorts).
+    by_norm = torch.sort(norms, stable=True).indices
+    order = by_norm[torch.sort(sample[by_norm], stable=True).indices]
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(len(order), device=norms.device) - starts[sample[order]]
     return ranks < count[sample]

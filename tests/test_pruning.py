@@ -153,12 +153,14 @@ def test_conv_pruned_skip_equals_masked_and_reports_savings() -> None:
 
 @pytest.mark.parametrize(("mode", "fraction"), [("all", 0.3), ("all", 0.7), ("active", 0.3), ("active", 0.6),
                                                 ("threshold", 0.4)])
-def test_prune_listed_chooses_what_prune_players_prunes(mode: str, fraction: float) -> None:
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: the integer-key path, float64: sorts
+def test_prune_listed_chooses_what_prune_players_prunes(mode: str, fraction: float, dtype: torch.dtype) -> None:
     torch.manual_seed(5)
-    for _ in range(20):
-        z = torch.randn(4, 30, 3, dtype=F64) * (torch.rand(4, 30, 1) < 0.5)
+    for i in range(20):
+        z = torch.randn(4, 30, 3, dtype=dtype) * (torch.rand(4, 30, 1) < 0.5)
         z[:, ::6] = z[:, 1:2]  # ties in the norm: the lower index goes first in both
-        listed = z.ne(0).any(-1) | (torch.rand(4, 30) < 0.2)  # a superset of the active players is allowed
+        # The active players exactly, or a superset (allowed: listed players at the reference)
+        listed = z.ne(0).any(-1) | (torch.rand(4, 30) < 0.2 * (i % 2))
         rows = listed.flatten().nonzero().squeeze(1)
         flat = z.reshape(-1, 3).clone()
         chosen = prune_listed(flat[rows].abs().sum(-1), rows // 30, 4, 30, fraction, mode)
