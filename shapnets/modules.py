@@ -70,11 +70,11 @@ def _null_players_exactly_zero(phi: Tensor, delta: Tensor, present: Tensor | Non
 
 @functools.lru_cache(maxsize=16)
 def _active_slots(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """For every pattern `t` of active slots (bit j: slot j), the active slots in order (then the others),
-    `(2^k, k)`, and how many are active, `(2^k,)`."""
+    """For every pattern `t` of active slots (bit j: slot j), slot-major `(k, 2^k)`: column `t` holds its active
+    slots in order (then the others); and how many are active, `(2^k,)`."""
     bits = (torch.arange(2**k)[:, None] >> torch.arange(k)) & 1
     slots = torch.argsort(1 - bits, dim=1, stable=True)
-    return slots.to(device), bits.sum(1).to(device)
+    return slots.T.contiguous().to(device), bits.sum(1).to(device)
 
 
 def modules_by_active_count(pattern: Tensor, k: int) -> Iterator[tuple[int, Tensor, Tensor]]:
@@ -85,15 +85,29 @@ def modules_by_active_count(pattern: Tensor, k: int) -> Iterator[tuple[int, Tens
 
     Yields:
         `(k', chosen, slots)` for every `k' >= 1` present: `chosen` `(m,)` the modules with `k'` active players,
-        `slots` `(m, k')` their active slots, increasing.
+        `slots` `(k', m)` their active slots, increasing down each column.
     """
+    # index_select, not tensor[index]: on 1-D gathers of this size the advanced-indexing kernel is ~4x slower.
     slot_table, count_table = _active_slots(k, pattern.device)
     pattern = pattern.long()
-    per_module = count_table[pattern]
+    per_module = count_table.index_select(0, pattern)
     for count in range(1, k + 1):
         chosen = (per_module == count).nonzero().squeeze(1)
         if len(chosen):
-            yield count, chosen, slot_table[pattern[chosen], :count]
+            yield count, chosen, slot_table[:count].index_select(1, pattern.index_select(0, chosen))
+
+
+@functools.lru_cache(maxsize=64)
+def _coalition_members(k: int, channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """`(k C, 2^k - 1, 1)`: 1 where input row `(player, channel)` belongs to non-empty coalition `t` (read-only)."""
+    masks = coalition_masks(k, device, dtype)[1:]
+    return rearrange(masks, "t k -> k 1 t 1").expand(k, channels, 2**k - 1, 1).reshape(k * channels, 2**k - 1, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _signed_weight_lists(k: int) -> list[list[float]]:
+    """`signed_weights(k)` as nested lists, `[t][i]` (read-only)."""
+    return _signed_weights(k).tolist()
 
 
 def _check_arity(k: int, max_players: int) -> None:
@@ -521,7 +535,10 @@ class ShapleyModuleBank(nn.Module):
             raise ValueError(f"reference must be (..., G, k, C), got shape {tuple(reference.shape)}")
         players = (self.num_groups, self.num_players, self.in_channels)
         ref = reference.to(like.dtype).expand(*reference.shape[:-3], *players)
-        return at_reference + torch.einsum("...gkc,gkch->...gh", ref, self._first_layer_weight())
+        # One batched product over the modules ((..., G, 1, k C) @ (G, k C, h_1)): an einsum costs ~10x its arithmetic
+        # here in parsing and planning, and this runs once per call.
+        projected = torch.matmul(ref.reshape(*ref.shape[:-2], 1, -1), self.weights[0].to(like.dtype))
+        return at_reference + projected.squeeze(-2)
 
     def _rest(self, h: Tensor) -> Tensor:
         """Layers after the first one, on `(..., G, h_1)` pre-activations."""
@@ -689,8 +706,7 @@ class ShapleyModuleBank(nn.Module):
         columns = 1 + coalitions * n  # the empty coalition once (a shared reference), then every coalition x sample
         # Inputs of the first layer: column 0 is the empty coalition, then coalition t's offsets masked to its members;
         # the last row is the constant 1 that multiplies the folded-in pre-activation at the reference.
-        masks = coalition_masks(k, offsets.device, offsets.dtype)[1:]  # (2^k - 1, k)
-        member = rearrange(masks, "t k -> k 1 t 1").expand(k, C, coalitions, 1).reshape(players, coalitions, 1)
+        member = _coalition_members(k, C, offsets.device, offsets.dtype)  # (k C, 2^k - 1, 1)
         inputs = offsets.new_empty(G, players + 1, columns)
         inputs[:, :players, 0] = 0
         inputs[:, players] = 1
@@ -724,7 +740,7 @@ class ShapleyModuleBank(nn.Module):
         values = h[:, :, 1:].view(G, h.shape[1], coalitions, n)  # values[:, :, t - 1]: coalition t
         phi = h.new_empty(k, G, h.shape[1], n)
         if k <= 4:  # differences first (k 2^(k-1) slices of (G, C_out, n)): the values are never copied
-            weights = signed_weights(k).tolist()
+            weights = _signed_weight_lists(k)
             for i in range(k):
                 for t in range(1 << i, 2**k):
                     if not t >> i & 1:
@@ -990,9 +1006,9 @@ class ShapleyModuleBank(nn.Module):
         Args:
             rows: `(R, C)` offsets from the reference, none of them all zero (a row at the reference has no place
                 here: its values are 0 and it would only blur that).
-            modules: one `(slots, players)` pair per group of modules with the same number `k'` of active players:
-                `slots` `(m, k')` long, which of the `k` player slots they are (increasing), `players` `(m, k')`
-                long, their rows.
+            modules: one `(slots, players)` pair per group of modules with the same number `k'` of active players,
+                slot-major: `slots` `(k', m)` long, which of the `k` player slots they are (increasing down each
+                column), `players` `(k', m)` long, their rows.
             reference: the reference, broadcastable to `(1, k, C)`; `None` means zero.
 
         Returns:
@@ -1011,9 +1027,9 @@ class ShapleyModuleBank(nn.Module):
         summed = rows.new_zeros(self.out_channels, num_rows)
         coalitions = done = 0
         for slots, players in modules:
-            m, count = players.shape
-            at = players.T.flatten()  # (k' m)
-            gathered = projected.index_select(1, slots.T.flatten() * num_rows + at).view(hidden, count, m)
+            count, m = players.shape
+            at = players.flatten()  # (k' m)
+            gathered = projected.index_select(1, torch.add(at, slots.flatten(), alpha=num_rows)).view(hidden, count, m)
             masks = coalition_masks(count, rows.device, rows.dtype)[1:]  # (2^k' - 1, k'), no empty coalition
             # Feature-major (h_1, 2^k' - 1, m): every later layer is one product over all modules and coalitions.
             pre = (masks @ gathered).add_(offset[:, None, None])

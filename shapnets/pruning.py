@@ -103,7 +103,7 @@ def prune_listed(norms: Tensor, sample: Tensor, num_samples: int, players: int, 
         return torch.zeros_like(norms, dtype=torch.bool)
     if mode == "threshold":
         largest = norms.new_zeros(num_samples).scatter_reduce(0, sample, norms, "amax")
-        return norms < fraction * largest[sample]
+        return norms < fraction * largest.index_select(0, sample)
     listed = torch.bincount(sample, minlength=num_samples)
     positive = norms > 0
     all_positive = bool(positive.all())  # the usual case: a Conv ShapNet lists only pixels off the reference
@@ -118,7 +118,8 @@ def prune_listed(norms: Tensor, sample: Tensor, num_samples: int, players: int, 
     if not bool((count > 0).any()):
         return torch.zeros_like(norms, dtype=torch.bool)
     starts = torch.cumsum(listed, 0) - listed
-    within = torch.arange(len(norms), device=norms.device) - starts[sample]  # each player's place in its sample's list
+    # Each player's place in its sample's list
+    within = torch.arange(len(norms), device=norms.device) - starts.index_select(0, sample)
     width = int(listed.max())
     if norms.dtype in (torch.float32, torch.float16, torch.bfloat16) and width <= 2**32:
         # Distinct integer keys that order by norm, then list position (= player index): a non-negative float's bit
@@ -130,13 +131,13 @@ def prune_listed(norms: Tensor, sample: Tensor, num_samples: int, players: int, 
         grid = grid.index_copy_(0, sample * width + within, keys).view(num_samples, width)
         smallest = torch.topk(grid, min(int(count.max()), width), dim=1, largest=False, sorted=True).values
         last = smallest.gather(1, (count - 1).clamp(min=0)[:, None])[:, 0].masked_fill_(count == 0, -1)
-        return keys <= last[sample]
+        return keys <= last.index_select(0, sample)
     # Other dtypes: rank within the sample by norm, ties by list position (two stable sorts).
     by_norm = torch.sort(norms, stable=True).indices
     order = by_norm[torch.sort(sample[by_norm], stable=True).indices]
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(len(order), device=norms.device) - starts[sample[order]]
-    return ranks < count[sample]
+    return ranks < count.index_select(0, sample)
 
 
 def _check_fraction(fraction: float, mode: str) -> None:

@@ -110,6 +110,23 @@ def test_channel_split_carries_the_rest_unchanged() -> None:
     assert max(z[:, 0, 0].abs().max().item() for z in expl.layers) < MISSING_ATOL
 
 
+def test_skip_path_with_a_channel_split_unlists_pixels_whose_taken_channels_sit_at_the_reference() -> None:
+    """Stage 0 takes channel 0 only: pixels off the reference in channel 1 alone are listed but are players at the
+    reference of stage 0's game (exactly 0 there), and the skip path equals the dense one."""
+    torch.manual_seed(3)
+    net = conv(2, channels=(4, 4), channel_split=[1, None, None])
+    x = torch.randn(2, 2, 6, 5, dtype=DT)
+    x[:, 0, :2] = 0  # channel 0 at the reference (0) in two rows, channel 1 not
+    layers = []
+    for skip in (True, False):
+        net.skip_inactive = skip
+        layers.append(net.explain(x, layers=True).layers)
+    for a, b in zip(*layers):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    stage0 = layers[0][0][..., :4]  # stage 0's Shapley map (the input's channel 1 is carried after it)
+    assert (stage0[:, :2] == 0).all() and (stage0[:, 2:].abs().sum(-1) > 0).any()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -173,6 +190,22 @@ def test_rejects_bad_input(x: Tensor, error: type, match: str) -> None:
         net(x)
     with pytest.raises(error, match=match):
         net.explain(x)
+
+
+@pytest.mark.parametrize(("kernel_size", "dilation"), [(2, 1), (3, 2), ((1, 4), (1, 3)), (4, 1), (2, 9)])
+def test_patch_patterns_mark_exactly_the_active_players_inside_the_image(kernel_size, dilation) -> None:
+    """Bit j at pixel a <=> pixel a + offset_j is inside the image and active (no wrap into the next row or image)."""
+    torch.manual_seed(0)
+    layer = ShapleyConv2d(1, 2, kernel_size, dilation)
+    active = torch.rand(3, 7, 9) < 0.3
+    pattern = layer.patch_patterns(active).long()
+    expected = torch.zeros(3, 7, 9, dtype=torch.long)
+    for j, (dy, dx) in enumerate(layer.offsets):
+        for h in range(7 - dy):
+            for w in range(9 - dx):
+                expected[:, h, w] += active[:, h + dy, w + dx].long() << j
+    assert torch.equal(pattern, expected)
+    assert torch.equal(pattern != 0, layer.active_patches(active))
 
 
 @pytest.mark.parametrize(("kernel_size", "dilation", "nonzero_reference"), [(2, 2, False), ((1, 3), 1, True),

@@ -127,7 +127,7 @@ for _name, _arch, _defaults, _variant_cfg in [
      _mnist_conv_cfg("Convolutional ShapNet for MNIST fine-tuned with scale-free L1 (L1/L2) sparsity on its "
                      "explanation")),
     # Trained with pruning on and shipped pruned (docs/regularizers.md): the pruning is part of the model.
-    ("shapnet_conv_mnist_l1_all", "shapnet_conv", dict(_MNIST_CONV, prune=(0.1, 0.1, 0.1, 0.1, 0.0),
+    ("shapnet_conv_mnist_l1_all", "shapnet_conv", dict(_MNIST_CONV, prune=(0.15, 0.15, 0.15, 0.15, 0.0),
                                                        prune_mode="active", prune_input=0.35,
                                                        prune_during_training=True),
      _mnist_conv_cfg("Convolutional ShapNet for MNIST fine-tuned with L1 sparsity on every layer's representation and "
