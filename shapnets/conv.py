@@ -464,7 +464,9 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
         batch, height, width = active.shape
         sample = rows.div(height * width, rounding_mode="floor")
         norms = values.abs().sum(-1)
-        gone = prune_listed(norms, sample, batch, height * width, fraction, self.prune_mode) | (norms == 0)
+        gone = prune_listed(norms, sample, batch, height * width, fraction, self.prune_mode)
+        if self.prune_mode == "threshold":  # the other modes prune zero norms first; this one not in an all-zero sample
+            gone |= norms == 0
         active.view(-1).index_fill_(0, rows.masked_select(gone), False)
         kept = (~gone).nonzero().squeeze(1)
         return values.index_select(0, kept), rows.index_select(0, kept)

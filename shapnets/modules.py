@@ -104,6 +104,12 @@ def _coalition_members(k: int, channels: int, device: torch.device, dtype: torch
     return rearrange(masks, "t k -> k 1 t 1").expand(k, channels, 2**k - 1, 1).reshape(k * channels, 2**k - 1, 1)
 
 
+@functools.lru_cache(maxsize=256)
+def _coalition_tables(k: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The non-empty coalitions `(2^k - 1, k)` and the signed weights `(2^k, k)` in `dtype` (read-only)."""
+    return coalition_masks(k, device, dtype)[1:], _signed_weights(k).to(device, dtype)
+
+
 @functools.lru_cache(maxsize=64)
 def _signed_weight_lists(k: int) -> list[list[float]]:
     """`signed_weights(k)` as nested lists, `[t][i]` (read-only)."""
@@ -1030,11 +1036,10 @@ class ShapleyModuleBank(nn.Module):
             count, m = players.shape
             at = players.flatten()  # (k' m)
             gathered = projected.index_select(1, torch.add(at, slots.flatten(), alpha=num_rows)).view(hidden, count, m)
-            masks = coalition_masks(count, rows.device, rows.dtype)[1:]  # (2^k' - 1, k'), no empty coalition
+            masks, signed = _coalition_tables(count, rows.device, rows.dtype)  # (2^k' - 1, k'), (2^k', k')
             # Feature-major (h_1, 2^k' - 1, m): every later layer is one product over all modules and coalitions.
             pre = (masks @ gathered).add_(offset[:, None, None])
             values = self._rest_grouped(pre.view(1, hidden, -1), overwrite=True).view(-1, 2**count - 1, m)
-            signed = _signed_weights(count).to(rows.device, rows.dtype)  # (2^k', k')
             phi = signed[1:].T @ values + (empty[:, None] * signed[0])[:, :, None]  # (C_out, k', m)
             summed.index_add_(1, at, phi.view(-1, count * m))
             coalitions += m * 2**count
