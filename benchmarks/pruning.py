@@ -332,9 +332,11 @@ def interleaved_explain_times(loaded: dict[str, tuple[nn.Module, Tensor, list[Ro
             r["explain ms (interleaved)"] = 1e3 * times[f"{label} {r['p']}"]
 
 
-def plot_curves(results: dict[str, list[Row]], out: Path) -> Path | None:
+def plot_curves(results: dict[str, list[Row]], out: Path, bound: float | None = None,
+                chosen: dict[str, float] | None = None) -> Path | None:
     """Accuracy against `p`, against coalition evaluations done and against explain time, one line per model
-    (None without matplotlib)."""
+    (None without matplotlib); `bound` (accuracy, 0-1) draws the tolerance line, `chosen` (label -> p) stars each
+    model's headline point."""
     try:
         import matplotlib
 
@@ -350,12 +352,20 @@ def plot_curves(results: dict[str, list[Row]], out: Path) -> Path | None:
     for label, rows in results.items():
         accuracy = [100 * r["accuracy"] for r in rows]
         for ax, (key, _) in zip(axes, panels):
-            ax.plot([r[key] for r in rows], accuracy, marker="o", markersize=3, label=label)
+            line = ax.plot([r[key] for r in rows], accuracy, marker="o", markersize=3, label=label)[0]
+            star = [r for r in rows if chosen and r["p"] == chosen.get(label)]
+            if star:
+                ax.plot([star[0][key]], [100 * star[0]["accuracy"]], marker="*", markersize=13,
+                        color=line.get_color(), markeredgecolor="black", linestyle="none",
+                        label=f"{label}: largest p within the bound" if ax is axes[0] else None)
     for ax, (_, xlabel) in zip(axes, panels):
+        if bound is not None:
+            ax.axhline(100 * bound, color="gray", linestyle=":", linewidth=1,
+                       label="bound (first model at p = 0, minus the tolerance)" if ax is axes[0] else None)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel("test accuracy (%)", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -461,7 +471,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "on the same data, and see `non-zero players` (mean per sample).\n",
             markdown_table(sparsity_rows, SPARSITY_COLUMNS),
         ]
+    bound = None
     if 0.0 in args.fractions:
+        bound = next(r for r in runs[labels[0]][2] if r["p"] == 0.0)["accuracy"] - args.tolerance
         best = headline(runs, labels[0], mode=args.mode, tolerance=args.tolerance, time_samples=args.time_samples,
                         repeats=args.repeats, warmup=args.warmup, batch_size=args.batch_size,
                         input_fraction=args.input_fraction)
@@ -477,8 +489,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(report)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     write_report(args.out, "pruning", report, {"settings": settings, "models": models},
-                 plot=lambda path: plot_curves({label: m["rows"] for label, m in models.items()
-                                                    if label != "headline"}, path))
+                 plot=lambda path: plot_curves(
+                     {label: m["rows"] for label, m in models.items() if label != "headline"}, path,
+                     bound=bound, chosen={r["model"]: r["p"] for r in models.get("headline", [])}))
     return {"models": models, "report": report}
 
 
