@@ -131,9 +131,10 @@ def finite_output(method: _F) -> _F:
         if self.training:  # the trainer stops on a non-finite loss and keeps its last good checkpoint
             return result
         tensors = [result] if isinstance(result, Tensor) else [result.output, result.attributions, result.base]
-        # A NaN or inf anywhere makes the sum non-finite, so a finite sum clears a tensor in one pass; a non-finite
-        # one (a real NaN, or a sum that overflows) gets the exact count.
-        if all(bool(torch.isfinite(t.sum())) for t in tensors if t.numel()):
+        # A NaN or inf anywhere makes the sum non-finite, so a finite sum clears the tensors in one pass (and one
+        # synchronisation); a non-finite one (a real NaN, or a sum that overflows) gets the exact count.
+        sums = [t.sum() for t in tensors if t.numel()]
+        if not sums or bool(torch.isfinite(sum(sums[1:], sums[0]))):
             return result
         bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.numel())
         if bad:

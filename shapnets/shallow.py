@@ -289,7 +289,8 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         for k, bank in zip(self.arities, self.banks):
             index = self._index(k)  # (G, k)
             offsets = delta.index_select(0, index.flatten()).view(*index.shape, self.in_channels, B)
-            phi, b, o = bank.shapley_grouped(offsets, self.reference[index])
+            reference = self.reference.index_select(0, index.flatten()).view(*index.shape, self.in_channels)
+            phi, b, o = bank.shapley_grouped(offsets, reference)
             attributions.index_add_(0, index.T.flatten(), phi.flatten(0, 1))  # phi rows: player-major, as index.T
             base += b.sum(0)
             output += o.sum(0)
