@@ -675,7 +675,8 @@ class ShapleyModuleBank(nn.Module):
             values = full
         return values.reshape(2**k, *batch, groups, values.shape[-1])
 
-    def shapley_grouped(self, offsets: Tensor, reference: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def shapley_grouped(self, offsets: Tensor, reference: Tensor | None = None, *,
+                        any_at_reference: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """Exact Shapley values of every module, without autograd, in a group-major, sample-last layout.
 
         The inference form of `shapley` for a reference shared by all samples (Shallow ShapNets): the same values up
@@ -689,6 +690,8 @@ class ShapleyModuleBank(nn.Module):
         Args:
             offsets: `(G, k, C, n)`: `x - reference` of the `k` players of each of the `G` modules, for `n` samples.
             reference: the reference `(G, k, C)` (shared by all samples); `None` means zero.
+            any_at_reference: False when the caller knows that no player sits exactly at the reference (it then
+                skips the check that zeroes their values).
 
         Returns:
             `(phi, base, output)`: `(k, G, C_out, n)`, `(G, C_out)` (the value at the reference) and `(G, C_out, n)`
@@ -745,7 +748,12 @@ class ShapleyModuleBank(nn.Module):
                 h[g] = activated
         values = h[:, :, 1:].view(G, h.shape[1], coalitions, n)  # values[:, :, t - 1]: coalition t
         phi = h.new_empty(k, G, h.shape[1], n)
-        if k <= 4:  # differences first (k 2^(k-1) slices of (G, C_out, n)): the values are never copied
+        if k == 2:  # pairs, the common case: phi_{1,2} = ((v_12 - v_0) +- (v_1 - v_2)) / 2, five passes, not eight
+            both, swap = values[:, :, 2] - h[:, :, :1], values[:, :, 0] - values[:, :, 1]
+            torch.add(both, swap, out=phi[0])
+            torch.sub(both, swap, out=phi[1])
+            phi.mul_(0.5)
+        elif k <= 4:  # differences first (k 2^(k-1) slices of (G, C_out, n)): the values are never copied
             weights = _signed_weight_lists(k)
             for i in range(k):
                 for t in range(1 << i, 2**k):
@@ -762,7 +770,10 @@ class ShapleyModuleBank(nn.Module):
             phi = torch.einsum("tk,gotn->kgon", signed_weights(k).to(full), full)
         # A player at the reference is null in its module's game: exactly 0 (the products may round equal columns
         # differently by ~1e-8 in float32).
-        phi.masked_fill_(rearrange(offsets.ne(0).any(2), "g k n -> k g 1 n").logical_not_(), 0.0)
+        if any_at_reference:
+            at_ref = offsets.eq(0).all(2)  # (G, k, n); with continuous features usually none: the fill is skipped
+            if bool(at_ref.any()):
+                phi.masked_fill_(rearrange(at_ref, "g k n -> k g 1 n"), 0.0)
         base, output = h[:, :, 0], values[:, :, coalitions - 1]
         if deferred is not None:
             base, output = base + deferred, output + deferred[:, :, None]

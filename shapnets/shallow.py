@@ -282,15 +282,17 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         features' rows in place (one contiguous row per player and module).
         """
         B = x.shape[0]
-        delta = rearrange(x - self.reference, "b d c -> d c b")
+        delta = rearrange(x - self.reference, "b d c -> d c b").contiguous()  # whole rows: index_select copies them
         attributions = x.new_zeros(self.in_features, self.out_channels, B)
         base = x.new_zeros(self.out_channels)
         output = x.new_zeros(self.out_channels, B)
+        # Which features sit exactly at the reference, checked once on the (D, C, B) offsets, not per module.
+        any_at_reference = bool(delta.eq(0).all(1).any())
         for k, bank in zip(self.arities, self.banks):
             index = self._index(k)  # (G, k)
             offsets = delta.index_select(0, index.flatten()).view(*index.shape, self.in_channels, B)
             reference = self.reference.index_select(0, index.flatten()).view(*index.shape, self.in_channels)
-            phi, b, o = bank.shapley_grouped(offsets, reference)
+            phi, b, o = bank.shapley_grouped(offsets, reference, any_at_reference=any_at_reference)
             attributions.index_add_(0, index.T.flatten(), phi.flatten(0, 1))  # phi rows: player-major, as index.T
             base += b.sum(0)
             output += o.sum(0)
