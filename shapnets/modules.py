@@ -1021,8 +1021,8 @@ class ShapleyModuleBank(nn.Module):
         signed weights (the empty coalition, the reference, is the same for every module and evaluated once).
 
         Args:
-            rows: `(R, C)` offsets from the reference, none of them all zero (a row at the reference has no place
-                here: its values are 0 and it would only blur that).
+            rows: `(R, C)` offsets from the reference, none of them all zero (a row at the reference must not be
+                listed: as a player its value would be 0 only up to rounding, and missingness demands exactly 0).
             modules: one `(slots, players)` pair per group of modules with the same number `k'` of active players,
                 slot-major: `slots` `(k', m)` long, which of the `k` player slots they are (increasing down each
                 column), `players` `(k', m)` long, their rows.
