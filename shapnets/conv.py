@@ -136,12 +136,7 @@ class ShapleyConv2d(nn.Module):
 
     def active_patches(self, active: Tensor) -> Tensor:
         """`(B, H, W)` bool pixels off the reference -> `(B, H, W)` bool: the patches anchored there with one."""
-        height, width = active.shape[-2:]
-        anchored = torch.zeros_like(active)
-        for dy, dx in self.offsets:  # the patch at a is active if a + offset_j is, for some j
-            if dy < height and dx < width:
-                anchored[..., : height - dy, : width - dx] |= active[..., dy:, dx:]
-        return anchored
+        return self.patch_patterns(active) != 0
 
     def _active_patches_map(self, delta: Tensor, ref: Tensor | None) -> Tensor:
         """`forward` with `skip_inactive` on a full map: `sparse_map` on its pixels off the reference, scattered."""
