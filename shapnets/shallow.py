@@ -124,7 +124,10 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         self.banks = nn.ModuleList()
         for k in arities:
             members = [g for g in self.groups if len(g) == k]
-            self.register_buffer(f"index_{k}", torch.tensor(members, dtype=torch.long), persistent=False)
+            index = torch.tensor(members, dtype=torch.long)
+            self.register_buffer(f"index_{k}", index, persistent=False)
+            # The same players player-major, the row order of the grouped path's values (`_explain_grouped`).
+            self.register_buffer(f"players_{k}", index.T.flatten(), persistent=False)
             self.banks.append(
                 ShapleyModuleBank(len(members), k, in_channels, self.num_classes, hidden, act_layer, max_players)
             )
@@ -287,13 +290,14 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         base = x.new_zeros(self.out_channels)
         output = x.new_zeros(self.out_channels, B)
         # Which features sit exactly at the reference, checked once on the (D, C, B) offsets, not per module.
-        any_at_reference = bool(delta.eq(0).all(1).any())
+        at_reference = delta.eq(0)
+        any_at_reference = bool((at_reference if self.in_channels == 1 else at_reference.all(1)).any())
         for k, bank in zip(self.arities, self.banks):
             index = self._index(k)  # (G, k)
             offsets = delta.index_select(0, index.flatten()).view(*index.shape, self.in_channels, B)
             reference = self.reference.index_select(0, index.flatten()).view(*index.shape, self.in_channels)
             phi, b, o = bank.shapley_grouped(offsets, reference, any_at_reference=any_at_reference)
-            attributions.index_add_(0, index.T.flatten(), phi.flatten(0, 1))  # phi rows: player-major, as index.T
+            attributions.index_add_(0, getattr(self, f"players_{k}"), phi.flatten(0, 1))  # phi rows: player-major
             base += b.sum(0)
             output += o.sum(0)
         attributions = rearrange(attributions, "d o b -> b d o").contiguous()
