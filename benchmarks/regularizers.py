@@ -43,7 +43,7 @@ KINDS = ("l1_final", "l1_all", "linf", "l1_final_scaled", "linf_scaled", "l1_fin
          "l1_all_pruned30_cont", "l1_all_pruned40_cont", "l1_all_pruned30_cont2", "l1_all_pruned35_cont2",
          "l1_all_in30_pruned20", "l1_all_in20_pruned20",
          "l1_all_in30_pruned20_cont", "l1_all_in35_pruned15_cont",
-         "l1_all_in35_pruned20_cont2", "l1_all_prune_control")
+         "l1_all_in35_pruned20_cont2", "l1_all_prune_control", "l1_all_in35_pruned20_cont3")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ FAMILIES = {
                  "l1_all_pruned35_cont2": [0.0001],
                  "l1_all_in30_pruned20": [0.0001], "l1_all_in20_pruned20": [0.0001],
                  "l1_all_in30_pruned20_cont": [0.0001], "l1_all_in35_pruned15_cont": [0.0001],
-                 "l1_all_in35_pruned20_cont2": [0.0001], "l1_all_prune_control": [0.0, 0.0001]},
+                 "l1_all_in35_pruned20_cont2": [0.0001], "l1_all_prune_control": [0.0, 0.0001],
+                 "l1_all_in35_pruned20_cont3": [0.0001]},
         overrides=("data.limit=10000",),
         # 30,000 training images: at 10,000 the label-map runs reached the sparsity but not yet the accuracy
         kind_overrides={kind: ("data.limit=30000",) for kind in (
@@ -89,7 +90,7 @@ FAMILIES = {
                  "l1_all_pruned30_cont2": [], "l1_all_pruned35_cont2": [],
                  "l1_all_in30_pruned20": [], "l1_all_in20_pruned20": [],
                  "l1_all_in30_pruned20_cont": [], "l1_all_in35_pruned15_cont": [],
-                 "l1_all_in35_pruned20_cont2": [], "l1_all_prune_control": []},
+                 "l1_all_in35_pruned20_cont2": [], "l1_all_prune_control": [], "l1_all_in35_pruned20_cont3": []},
     ),
 }
 def _pruned_fine_tune(start: str, lr: float, epochs: int, seed: int, p: float, input_p: float = 0.0) -> tuple[str, ...]:
@@ -147,6 +148,9 @@ TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
     # ... and two more from that one at p = 0.2
     "l1_all_in35_pruned20_cont2": ("explanation_l1", "all", False, _pruned_fine_tune(
         "runs/regularizers/conv_l1_all_in35_pruned15_cont_0.0001/best.pt", 0.0002, 2, 6, 0.2, 0.35)),
+    # ... and three more from that one, still at p = 0.2
+    "l1_all_in35_pruned20_cont3": ("explanation_l1", "all", False, _pruned_fine_tune(
+        "runs/regularizers/conv_l1_all_in35_pruned20_cont2_0.0001/best.pt", 0.0002, 3, 8, 0.2, 0.35)),
     # The control for the authors' claim: the same pruning-aware fine-tune of shapnet_conv_mnist with L1 on every
     # layer (weight 0.0001) and without it (weight 0), so that L1's own share is separated from the training
     "l1_all_prune_control": ("explanation_l1", "all", False, _pruned_fine_tune("shapnet_conv_mnist", 0.0005, 2, 7,
@@ -167,7 +171,8 @@ STARTS_FROM = {"l1_final_label_cont": ("l1_final_label", 0.15), "l1_final_label_
                "l1_all_in20_pruned20": ("l1_all_pruned30_cont2", 0.0001),
                "l1_all_in30_pruned20_cont": ("l1_all_in30_pruned20", 0.0001),
                "l1_all_in35_pruned15_cont": ("l1_all_in30_pruned20", 0.0001),
-               "l1_all_in35_pruned20_cont2": ("l1_all_in35_pruned15_cont", 0.0001)}
+               "l1_all_in35_pruned20_cont2": ("l1_all_in35_pruned15_cont", 0.0001),
+               "l1_all_in35_pruned20_cont3": ("l1_all_in35_pruned20_cont2", 0.0001)}
 LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l1_final_scaled": "L1/L2 final",
           "linf_scaled": "L-inf/L1 final", "l1_final_label": "L1/L2 final, label map",
           "linf_label": "L-inf/L1 final, label map",
@@ -185,7 +190,8 @@ LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l
           "l1_all_in30_pruned20_cont": "the input-0.3 run + 2 epochs at lr 0.0003",
           "l1_all_in35_pruned15_cont": "the input-0.3 run + 2 epochs at lr 0.0002, input 0.35 and p=0.15",
           "l1_all_in35_pruned20_cont2": "that one + 2 epochs at lr 0.0002, input 0.35 and p=0.2",
-          "l1_all_prune_control": "shapnet_conv_mnist + 2 epochs at p=0.15 and input 0.35, with or without L1"}
+          "l1_all_prune_control": "shapnet_conv_mnist + 2 epochs at p=0.15 and input 0.35, with or without L1",
+          "l1_all_in35_pruned20_cont3": "the p=0.2 run + 3 epochs at lr 0.0002, input 0.35 and p=0.2"}
 
 
 def run_dir(family: str, kind: str, weight: float) -> Path:
