@@ -557,7 +557,9 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
         if not self.skip_inactive or not checkable or any(len(st.bank.weights) == 1 for st in self.stages):
             return dense  # the one-layer path is dense; a bad input gets its named error from the model's checks
         active = (x != self.reference[:, None, None].to(x.dtype)).any(-3)
-        patches = max(float(stage.active_patches(active).flatten(-2).sum(-1).double().mean()) for stage in self.stages)
+        # Mean active patches per sample at the stage with the most (one count per stage: this runs every call).
+        patches = max(int(torch.count_nonzero(stage.patch_patterns(active))) for stage in self.stages) / max(
+            1, active[..., 0, 0].numel())
         # 2^k - 1 coalitions per patch (the empty one is shared by all), at the widest layer after the first.
         per_patch = max(((1 << st.bank.num_players) - 1) * max(w.shape[2] for w in st.bank.weights)
                         for st in self.stages)
