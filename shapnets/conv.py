@@ -29,7 +29,7 @@ from .interactions import Interactions, check_layer, check_module_kind
 from .modules import ShapleyModuleBank, modules_by_active_count
 from .pruning import check_input_fraction, prune_listed, prune_players, stage_fractions
 
-__all__ = ["ConvShapNet", "ShapleyConv2d", "scatter_rows"]
+__all__ = ["ConvShapNet", "ShapleyConv2d", "list_rows", "scatter_rows"]
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -44,6 +44,14 @@ def scatter_rows(values: Tensor, rows: Tensor, shape: tuple[int, int, int]) -> T
     full = values.new_zeros(math.prod(shape), values.shape[-1])
     # In place on the fresh zeros (autograd records it all the same): the out-of-place form copies them first.
     return full.index_copy_(0, rows, values).view(*shape, values.shape[-1])
+
+
+def list_rows(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The pixels of a channel-last map `z` `(B, H, W, C)` off the reference (0): their values `(R, C)`, their flat
+    indices `(R,)`, increasing, and the `(B, H, W)` bool mask of them (the inverse of `scatter_rows`)."""
+    active = z.ne(0).any(-1)
+    rows = active.flatten().nonzero().squeeze(1)
+    return z.reshape(-1, z.shape[-1]).index_select(0, rows), rows, active
 
 
 @functools.lru_cache(maxsize=64)
@@ -134,17 +142,10 @@ class ShapleyConv2d(nn.Module):
         phi, _, _ = self.bank.shapley(players, ref, zero_null_players=zero_null)
         return self.fold(phi[..., 0, :, :])
 
-    def active_patches(self, active: Tensor) -> Tensor:
-        """`(B, H, W)` bool pixels off the reference -> `(B, H, W)` bool: the patches anchored there with one."""
-        return self.patch_patterns(active) != 0
-
     def _active_patches_map(self, delta: Tensor, ref: Tensor | None) -> Tensor:
         """`forward` with `skip_inactive` on a full map: `sparse_map` on its pixels off the reference, scattered."""
-        B, H, W, C = delta.shape
-        active = delta.ne(0).any(-1)  # (B, H, W): pixels off the reference
-        rows = active.flatten().nonzero().squeeze(1)
-        out = self.sparse_map(delta.reshape(-1, C).index_select(0, rows), rows, active, ref)
-        return scatter_rows(out, rows, (B, H, W))
+        values, rows, active = list_rows(delta)
+        return scatter_rows(self.sparse_map(values, rows, active, ref), rows, active.shape)
 
     def sparse_map(self, values: Tensor, rows: Tensor, active: Tensor, reference: Tensor | None = None, *,
                    all_off: bool = False) -> Tensor:
@@ -430,10 +431,7 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
         and so is its residual), and a pruned pixel joins it: the list only shrinks, and no stage touches, scans or
         builds a full `(B, H, W, C)` map.
         """
-        channels = z.shape[-1]
-        active = z.ne(0).any(-1)
-        rows = active.flatten().nonzero().squeeze(1)
-        values = z.reshape(-1, channels).index_select(0, rows)
+        values, rows, active = list_rows(z)
         all_off = True  # every listed row is off the reference (in some channel): so listed, and kept so by pruning
         if stages.start == 0 and self._pruning(self.prune_input):
             values, rows = self._drop_pruned(values, rows, active, self.prune_input)
