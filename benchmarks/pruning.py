@@ -384,7 +384,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--time-samples", type=int, default=256, help="samples per timed explain (of --samples)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
-    parser.add_argument("--batch-size", type=int, default=128, help="samples per explain call")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="samples per explain call (a model may split a call further by its memory budget)")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads (1: stable timings on a shared machine; 0: torch default)")

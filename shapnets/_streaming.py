@@ -20,10 +20,11 @@ from torch import Tensor
 
 from .explanation import Explanation
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "StreamedBatches", "concat_batches", "streamed"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "LIVE_COPIES", "StreamedBatches", "concat_batches", "streamed"]
 
 DEFAULT_MEMORY_BUDGET = 1 << 29  # 512 MiB of estimated working memory per chunk
-_LIVE_COPIES = 4  # the estimate counts one activation tensor; pre-activations, outputs and temporaries coexist
+# An estimate from the largest tensor alone: its pre-activation, activation, output and temporaries coexist.
+LIVE_COPIES = 4
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -40,7 +41,11 @@ class StreamedBatches:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
 
     def working_elements(self, x: Tensor) -> int:
-        """Estimated elements of the largest intermediate tensor per sample of `x` (override per model)."""
+        """Estimated elements per sample of `x` of every tensor alive at the computation's peak (override per model).
+
+        A model that counts only its largest intermediate tensor multiplies it by `LIVE_COPIES`; one that knows what
+        coexists (in-place activations, tensors freed on the way) counts that instead.
+        """
         raise NotImplementedError
 
     def chunk_rows(self, x: Tensor) -> int | None:
@@ -51,7 +56,7 @@ class StreamedBatches:
             if int(self.chunk_size) < 1:
                 raise ValueError(f"{type(self).__name__}.chunk_size must be >= 1 or None, got {self.chunk_size}")
             return int(self.chunk_size)
-        per_sample = max(1, self.working_elements(x)) * x.element_size() * _LIVE_COPIES
+        per_sample = max(1, self.working_elements(x)) * x.element_size()
         return max(1, int(self.memory_budget) // per_sample)
 
 

@@ -17,7 +17,7 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 
 from ._heads import take_levels
-from ._streaming import StreamedBatches, streamed
+from ._streaming import LIVE_COPIES, StreamedBatches, streamed
 from ._validation import check_input, finite_output
 from .contract import LossTerm, StepOutput, no_layers
 from .explanation import Explanation
@@ -408,7 +408,7 @@ class CapsNet(StreamedBatches, nn.Module):
     def working_elements(self, x: Tensor) -> int:
         conv = self.conv1.out_channels * x.shape[-2] * x.shape[-1]
         votes = self.digits.weight[..., 0].numel()  # (N, J, D): one vote per primary capsule and class
-        return max(conv, votes)
+        return max(conv, votes) * LIVE_COPIES
 
     @streamed
     @finite_output

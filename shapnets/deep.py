@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ._heads import BankShape, StagedHead
-from ._streaming import StreamedBatches, streamed
+from ._streaming import LIVE_COPIES, StreamedBatches, streamed
 from ._tabular import TabularGame
 from ._validation import finite_output
 from .explanation import Explanation
@@ -257,7 +257,7 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
                                *([num_classes] if num_classes else [])]
 
     def working_elements(self, x: Tensor) -> int:
-        return max(stage.coalition_elements() for stage in self.stages)
+        return max(stage.coalition_elements() for stage in self.stages) * LIVE_COPIES
 
     @streamed
     @finite_output

@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ._heads import take_levels
-from ._streaming import StreamedBatches, streamed
+from ._streaming import LIVE_COPIES, StreamedBatches, streamed
 from ._validation import check_input, finite_output, image_size_errors
 from .contract import LossTerm, StepOutput, no_layers
 from .explanation import Explanation
@@ -693,7 +693,7 @@ class InterpretableCNN(StreamedBatches, nn.Module):
     def working_elements(self, x: Tensor) -> int:
         # A backbone's widest activation is not known in advance: budget 256 values per input pixel (a VGG's
         # 64-channel full-resolution maps, a few alive at once).
-        return 256 * x.shape[-2] * x.shape[-1]
+        return 256 * x.shape[-2] * x.shape[-1] * LIVE_COPIES
 
     @streamed
     @finite_output

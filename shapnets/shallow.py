@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ._heads import drop_output_layer, renew_output_layer
-from ._streaming import StreamedBatches, streamed
+from ._streaming import LIVE_COPIES, StreamedBatches, streamed
 from ._tabular import TabularGame
 from ._validation import finite_output
 from .contract import no_layers, rename_args
@@ -224,7 +224,7 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         return getattr(self, f"index_{k}")
 
     def working_elements(self, x: Tensor) -> int:
-        return sum(bank.coalition_elements() for bank in self.banks)
+        return sum(bank.coalition_elements() for bank in self.banks) * LIVE_COPIES
 
     @streamed
     @finite_output

@@ -335,7 +335,7 @@ def test_large_batch_streams_in_chunks_with_the_same_result(name: str, method: s
         whole = call(s.model, method, x)
         assert seen == [len(x)]
         seen.clear()
-        per_sample = s.model.working_elements(x) * x.element_size() * 4
+        per_sample = s.model.working_elements(x) * x.element_size()
         monkeypatch.setattr(s.model, "memory_budget", 5 * per_sample)  # the automatic chunk: 5 samples
         chunked = call(s.model, method, x)
     assert seen == [5, 5, 5, 5, 4], f"chunks validated: {seen}"
@@ -368,6 +368,32 @@ def test_conv_memory_estimate_bounds_a_224px_chunk() -> None:
     per_sample = model.working_elements(x) * x.element_size()
     assert rows >= 1 and rows * per_sample <= model.memory_budget
     assert per_sample * 10_000 > 10 * model.memory_budget  # a 10,000-image batch would not fit in one go
+
+
+@pytest.mark.parametrize("kernel_size", [2, 3])
+def test_conv_skip_path_estimate_bounds_its_coalition_tensors(kernel_size: int, monkeypatch) -> None:
+    """On images with background, the skip path's estimate is far below the dense one and still bounds the
+    coalition tensors it really builds (every first-hidden-layer input and the output of the layers after it)."""
+    torch.manual_seed(0)
+    model = ConvShapNet(in_chans=2, num_classes=3, channels=(4, 6), kernel_size=kernel_size, hidden=(8, 5)).eval()
+    x = torch.zeros(6, 2, 20, 20)  # reference 0: the background
+    x[:, :, 5:12, 4:13] = torch.randn(6, 2, 7, 9)  # a dense blob of ~20% of the pixels per image
+    x[:, :, 15, 2::3] = torch.randn(6, 2, 6)  # and scattered pixels
+    sizes: list[int] = []
+    rest = type(model.stages[0].bank)._rest_grouped
+
+    def spy(bank, h, *args, **kwargs):
+        out = rest(bank, h, *args, **kwargs)
+        sizes.append(h.numel() + out.numel())
+        return out
+
+    monkeypatch.setattr(type(model.stages[0].bank), "_rest_grouped", spy)
+    with torch.no_grad():
+        model.explain(x, layers=True).check_local_accuracy()
+    per_sample = model.working_elements(x)
+    model.skip_inactive = False
+    assert per_sample * 3 < model.working_elements(x), "the skip path's estimate should be well below the dense one"
+    assert max(sizes) * 2 <= per_sample * len(x), f"coalition tensors {max(sizes)} vs estimate {per_sample * len(x)}"
 
 
 def test_bad_chunk_size_is_named() -> None:
