@@ -43,7 +43,8 @@ KINDS = ("l1_final", "l1_all", "linf", "l1_final_scaled", "linf_scaled", "l1_fin
          "l1_all_pruned30_cont", "l1_all_pruned40_cont", "l1_all_pruned30_cont2", "l1_all_pruned35_cont2",
          "l1_all_in30_pruned20", "l1_all_in20_pruned20",
          "l1_all_in30_pruned20_cont", "l1_all_in35_pruned15_cont",
-         "l1_all_in35_pruned20_cont2", "l1_all_prune_control", "l1_all_in35_pruned20_cont3")
+         "l1_all_in35_pruned20_cont2", "l1_all_prune_control", "l1_all_in35_pruned20_cont3",
+         "l1_all_in45_pruned15_cont")
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ FAMILIES = {
                  "l1_all_in30_pruned20": [0.0001], "l1_all_in20_pruned20": [0.0001],
                  "l1_all_in30_pruned20_cont": [0.0001], "l1_all_in35_pruned15_cont": [0.0001],
                  "l1_all_in35_pruned20_cont2": [0.0001], "l1_all_prune_control": [0.0, 0.0001],
-                 "l1_all_in35_pruned20_cont3": [0.0001]},
+                 "l1_all_in35_pruned20_cont3": [0.0001], "l1_all_in45_pruned15_cont": [0.0001]},
         overrides=("data.limit=10000",),
         # 30,000 training images: at 10,000 the label-map runs reached the sparsity but not yet the accuracy
         kind_overrides={kind: ("data.limit=30000",) for kind in (
@@ -90,7 +91,8 @@ FAMILIES = {
                  "l1_all_pruned30_cont2": [], "l1_all_pruned35_cont2": [],
                  "l1_all_in30_pruned20": [], "l1_all_in20_pruned20": [],
                  "l1_all_in30_pruned20_cont": [], "l1_all_in35_pruned15_cont": [],
-                 "l1_all_in35_pruned20_cont2": [], "l1_all_prune_control": [], "l1_all_in35_pruned20_cont3": []},
+                 "l1_all_in35_pruned20_cont2": [], "l1_all_prune_control": [], "l1_all_in35_pruned20_cont3": [],
+                 "l1_all_in45_pruned15_cont": []},
     ),
 }
 def _pruned_fine_tune(start: str, lr: float, epochs: int, seed: int, p: float, input_p: float = 0.0) -> tuple[str, ...]:
@@ -151,6 +153,10 @@ TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
     # ... and three more from that one, still at p = 0.2
     "l1_all_in35_pruned20_cont3": ("explanation_l1", "all", False, _pruned_fine_tune(
         "runs/regularizers/conv_l1_all_in35_pruned20_cont2_0.0001/best.pt", 0.0002, 3, 8, 0.2, 0.35)),
+    # ... and two more from the shipped one (in35_pruned15_cont) with 0.45 of the input's pixels pruned (fewer stage-0
+    # coalitions, the largest share of the work)
+    "l1_all_in45_pruned15_cont": ("explanation_l1", "all", False, _pruned_fine_tune(
+        "runs/regularizers/conv_l1_all_in35_pruned15_cont_0.0001/best.pt", 0.0002, 2, 9, 0.15, 0.45)),
     # The control for the authors' claim: the same pruning-aware fine-tune of shapnet_conv_mnist with L1 on every
     # layer (weight 0.0001) and without it (weight 0), so that L1's own share is separated from the training
     "l1_all_prune_control": ("explanation_l1", "all", False, _pruned_fine_tune("shapnet_conv_mnist", 0.0005, 2, 7,
