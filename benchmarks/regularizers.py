@@ -178,7 +178,8 @@ STARTS_FROM = {"l1_final_label_cont": ("l1_final_label", 0.15), "l1_final_label_
                "l1_all_in30_pruned20_cont": ("l1_all_in30_pruned20", 0.0001),
                "l1_all_in35_pruned15_cont": ("l1_all_in30_pruned20", 0.0001),
                "l1_all_in35_pruned20_cont2": ("l1_all_in35_pruned15_cont", 0.0001),
-               "l1_all_in35_pruned20_cont3": ("l1_all_in35_pruned20_cont2", 0.0001)}
+               "l1_all_in35_pruned20_cont3": ("l1_all_in35_pruned20_cont2", 0.0001),
+               "l1_all_in45_pruned15_cont": ("l1_all_in35_pruned15_cont", 0.0001)}
 LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l1_final_scaled": "L1/L2 final",
           "linf_scaled": "L-inf/L1 final", "l1_final_label": "L1/L2 final, label map",
           "linf_label": "L-inf/L1 final, label map",
@@ -197,7 +198,8 @@ LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l
           "l1_all_in35_pruned15_cont": "the input-0.3 run + 2 epochs at lr 0.0002, input 0.35 and p=0.15",
           "l1_all_in35_pruned20_cont2": "that one + 2 epochs at lr 0.0002, input 0.35 and p=0.2",
           "l1_all_prune_control": "shapnet_conv_mnist + 2 epochs at p=0.15 and input 0.35, with or without L1",
-          "l1_all_in35_pruned20_cont3": "the p=0.2 run + 3 epochs at lr 0.0002, input 0.35 and p=0.2"}
+          "l1_all_in35_pruned20_cont3": "the p=0.2 run + 3 epochs at lr 0.0002, input 0.35 and p=0.2",
+          "l1_all_in45_pruned15_cont": "the shipped run + 2 epochs at lr 0.0002, input 0.45 and p=0.15"}
 
 
 def run_dir(family: str, kind: str, weight: float) -> Path:
