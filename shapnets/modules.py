@@ -71,10 +71,10 @@ def _null_players_exactly_zero(phi: Tensor, delta: Tensor, present: Tensor | Non
 @functools.lru_cache(maxsize=16)
 def _active_slots(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """For every pattern `t` of active slots (bit j: slot j), slot-major `(k, 2^k)`: column `t` holds its active
-    slots in order (then the others); and how many are active, `(2^k,)`."""
+    slots in order (then the others); and how many are active, `(2^k,)` uint8."""
     bits = (torch.arange(2**k)[:, None] >> torch.arange(k)) & 1
     slots = torch.argsort(1 - bits, dim=1, stable=True)
-    return slots.T.contiguous().to(device), bits.sum(1).to(device)
+    return slots.T.contiguous().to(device), bits.sum(1).to(device=device, dtype=torch.uint8)
 
 
 def modules_by_active_count(pattern: Tensor, k: int) -> Iterator[tuple[int, Tensor, Tensor]]:
@@ -90,10 +90,16 @@ def modules_by_active_count(pattern: Tensor, k: int) -> Iterator[tuple[int, Tens
     # index_select, not tensor[index]: on 1-D gathers of this size the advanced-indexing kernel is ~4x slower.
     slot_table, count_table = _active_slots(k, pattern.device)
     pattern = pattern.long()
-    per_module = count_table.index_select(0, pattern)
+    per_module = count_table.index_select(0, pattern)  # uint8
+    # One stable sort of the small counts (a few passes over bytes) instead of a scan and a nonzero per count, ~7x
+    # faster; stable, so each group keeps the modules in their order.
+    order = torch.sort(per_module, stable=True).indices
+    sizes = torch.bincount(per_module, minlength=k + 1).tolist()
+    start = sizes[0]  # modules without an active player (callers list none) sort first and are left out
     for count in range(1, k + 1):
-        chosen = (per_module == count).nonzero().squeeze(1)
-        if len(chosen):
+        if sizes[count]:
+            chosen = order[start: start + sizes[count]]
+            start += sizes[count]
             yield count, chosen, slot_table[:count].index_select(1, pattern.index_select(0, chosen))
 
 

@@ -363,3 +363,22 @@ def test_reused_coalition_workspace_never_changes_earlier_results() -> None:
     torch.testing.assert_close(again.attributions, kept, rtol=0, atol=0)
     fresh = net.explain(x1)  # with autograd: no reuse
     torch.testing.assert_close(fresh.attributions, kept, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 6])
+def test_modules_by_active_count_groups_every_module_once(k: int) -> None:
+    """Each module with an active player lands once, in the group of its number of active players, with its active
+    slots in increasing order; within a group the modules keep their order; modules without one are left out."""
+    from shapnets.modules import modules_by_active_count
+
+    torch.manual_seed(k)
+    pattern = torch.randint(0, 2**k, (500,), dtype=torch.uint8 if k <= 8 else torch.int16)
+    seen: list[int] = []
+    for count, chosen, slots in modules_by_active_count(pattern, k):
+        assert slots.shape == (count, len(chosen)) and len(chosen) > 0
+        assert bool((chosen[1:] > chosen[:-1]).all()), "modules keep their order within a group"
+        for module, column in zip(chosen.tolist(), slots.T.tolist()):
+            bits = [j for j in range(k) if int(pattern[module]) >> j & 1]
+            assert column == bits, f"module {module}: slots {column}, active {bits}"
+        seen += chosen.tolist()
+    assert sorted(seen) == [i for i in range(len(pattern)) if int(pattern[i])], "every active module exactly once"
