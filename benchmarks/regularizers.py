@@ -38,18 +38,138 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "regularizers"
-KINDS = ("l1_final", "l1_all", "linf", "l1_final_scaled", "linf_scaled", "l1_final_label", "linf_label",
-         "l1_final_label_cont", "l1_final_label_cont2", "l1_all_pruned", "l1_all_pruned30", "l1_all_thr",
-         "l1_all_pruned30_cont", "l1_all_pruned40_cont", "l1_all_pruned30_cont2", "l1_all_pruned35_cont2",
-         "l1_all_in30_pruned20", "l1_all_in20_pruned20",
-         "l1_all_in30_pruned20_cont", "l1_all_in35_pruned15_cont",
-         "l1_all_in35_pruned20_cont2", "l1_all_prune_control", "l1_all_in35_pruned20_cont3",
-         "l1_all_in45_pruned15_cont")
+
+def _pruned_fine_tune(start: str, lr: float, epochs: int, seed: int, p: float, input_p: float = 0.0) -> tuple[str, ...]:
+    """Overrides of a fine-tune over the whole training split from `start` with active pruning `p` after every hidden
+    stage (and `input_p` of the input's pixels) on in training."""
+    return (f"model.init_from={start}", "data.limit=null", f"optim.lr={lr}", f"train.epochs={epochs}",
+            f"train.seed={seed}", f"model.args.prune=[{p},{p},{p},{p},0.0]", f"model.args.prune_input={input_p}",
+            "model.args.prune_mode=active", "model.args.prune_during_training=true")
+
+
+_P30 = "runs/regularizers/conv_l1_all_pruned30_cont_0.0001/best.pt"
+_P30_2 = "runs/regularizers/conv_l1_all_pruned30_cont2_0.0001/best.pt"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of sweep point: the loss term, where it applies, and how its fine-tune differs from the family's.
+
+    `extra` holds `target=...` (which class map the term sees; `all` by default), `term.*=...` (more term arguments)
+    and config overrides; `starts_from` names the `(kind, weight)` run a later fine-tune stage started from (the
+    plot draws its curve from that point), the others start from the family's base model.
+    """
+
+    term: str
+    layers: str
+    label: str
+    scaled: bool = False
+    extra: tuple[str, ...] = ()
+    starts_from: tuple[str, float] | None = None
+
+
+KIND_SPECS: dict[str, Kind] = {
+    "l1_final": Kind("explanation_l1", "final", "L1 final"),
+    "l1_all": Kind("explanation_l1", "all", "L1 all layers"),
+    "linf": Kind("explanation_linf", "final", "L-inf"),
+    "l1_final_scaled": Kind("explanation_l1", "final", "L1/L2 final", scaled=True),
+    "linf_scaled": Kind("explanation_linf", "final", "L-inf/L1 final", scaled=True),
+    # the scale-free terms on the map of each sample's label only (the one a user is shown), the others left free
+    "l1_final_label": Kind("explanation_l1", "final", "L1/L2 final, label map", True, ("target=label",)),
+    "linf_label": Kind("explanation_linf", "final", "L-inf/L1 final, label map", True, ("target=label",)),
+    # a second fine-tune at a lower weight from the sparse but less accurate label-map run at 0.15: keep the
+    # concentrated maps, win the accuracy back
+    "l1_final_label_cont": Kind("explanation_l1", "final", "L1/L2 label map, 2nd fine-tune from 0.15", True, (
+        "target=label", "model.init_from=runs/regularizers/conv_l1_final_label_0.15/best.pt", "train.seed=1"),
+        starts_from=("l1_final_label", 0.15)),
+    # ... and a third at a lower weight still, from that one
+    "l1_final_label_cont2": Kind("explanation_l1", "final", "L1/L2 label map, 3rd fine-tune (0.15 -> 0.05 -> 0.02)",
+                                 True, ("target=label",
+                                        "model.init_from=runs/regularizers/conv_l1_final_label_cont_0.05/best.pt",
+                                        "train.seed=2"), starts_from=("l1_final_label_cont", 0.05)),
+    # L1 on every layer, trained with the pruning it is meant for: half of the active pixels after every hidden stage
+    "l1_all_pruned": Kind("explanation_l1", "all", "L1 all layers + pruning (p=0.5) in training", extra=(
+        "model.args.prune=[0.5,0.5,0.5,0.5,0.0]", "model.args.prune_mode=active",
+        "model.args.prune_during_training=true")),
+    "l1_all_pruned30": Kind("explanation_l1", "all", "L1 all layers + pruning (p=0.3) in training", extra=(
+        "model.args.prune=[0.3,0.3,0.3,0.3,0.0]", "model.args.prune_mode=active",
+        "model.args.prune_during_training=true")),
+    # L1 on every hidden layer (not the final map: there L1 is |logit| and only shrinks the logits), trained with
+    # threshold pruning (players under 5% of the sample's largest norm set to the reference): the small values the
+    # penalty leaves are removed in training as they will be at inference
+    "l1_all_thr": Kind("explanation_l1", "all", "L1 hidden layers + threshold pruning (0.05) in training", extra=(
+        "term.layer_weights=[1,1,1,1,0]", "model.args.prune=[0.05,0.05,0.05,0.05,0.0]",
+        "model.args.prune_mode=threshold", "model.args.prune_during_training=true")),
+    # shapnet_conv_mnist_l1_all fine-tuned further with the same L1 term and the pruning it is meant for on, over the
+    # whole training split at half the learning rate: a pruned model that keeps its accuracy
+    "l1_all_pruned30_cont": Kind("explanation_l1", "all",
+                                 "shapnet_conv_mnist_l1_all + pruning (p=0.3) in training, whole split",
+                                 extra=_pruned_fine_tune("shapnet_conv_mnist_l1_all", 0.001, 1, 0, 0.3)),
+    "l1_all_pruned40_cont": Kind("explanation_l1", "all",
+                                 "shapnet_conv_mnist_l1_all + pruning (p=0.4) in training, whole split",
+                                 extra=_pruned_fine_tune("shapnet_conv_mnist_l1_all", 0.001, 1, 0, 0.4)),
+    # ... and two more epochs from that one at a quarter of the learning rate, at p = 0.3 or 0.35
+    "l1_all_pruned30_cont2": Kind("explanation_l1", "all", "the p=0.3 run + 2 epochs at p=0.3",
+                                  extra=_pruned_fine_tune(_P30, 0.0005, 2, 1, 0.3),
+                                  starts_from=("l1_all_pruned30_cont", 0.0001)),
+    "l1_all_pruned35_cont2": Kind("explanation_l1", "all", "the p=0.3 run + 2 epochs at p=0.35",
+                                  extra=_pruned_fine_tune(_P30, 0.0005, 2, 1, 0.35),
+                                  starts_from=("l1_all_pruned30_cont", 0.0001)),
+    # from the p = 0.3 run (+2 epochs), with the input's pixels pruned too (prune_input) and lighter stage pruning
+    "l1_all_in30_pruned20": Kind("explanation_l1", "all", "the p=0.3 run + 2 epochs with input pruning 0.3 and p=0.2",
+                                 extra=_pruned_fine_tune(_P30_2, 0.0005, 2, 3, 0.2, 0.3),
+                                 starts_from=("l1_all_pruned30_cont2", 0.0001)),
+    "l1_all_in20_pruned20": Kind("explanation_l1", "all", "the p=0.3 run + 2 epochs with input pruning 0.2 and p=0.2",
+                                 extra=_pruned_fine_tune(_P30_2, 0.0005, 2, 3, 0.2, 0.2),
+                                 starts_from=("l1_all_pruned30_cont2", 0.0001)),
+    # ... and two more epochs of the input-0.3 one at 0.0003
+    "l1_all_in30_pruned20_cont": Kind("explanation_l1", "all", "the input-0.3 run + 2 epochs at lr 0.0003",
+                                      extra=_pruned_fine_tune(
+                                          "runs/regularizers/conv_l1_all_in30_pruned20_0.0001/best.pt", 0.0003, 2, 4,
+                                          0.2, 0.3),
+                                      starts_from=("l1_all_in30_pruned20", 0.0001)),
+    # ... or two at 0.0002 with the pruning it is shipped near (p = 0.15 after every stage, 0.35 of the input)
+    "l1_all_in35_pruned15_cont": Kind("explanation_l1", "all",
+                                      "the input-0.3 run + 2 epochs at lr 0.0002, input 0.35 and p=0.15",
+                                      extra=_pruned_fine_tune(
+                                          "runs/regularizers/conv_l1_all_in30_pruned20_0.0001/best.pt", 0.0002, 2, 5,
+                                          0.15, 0.35),
+                                      starts_from=("l1_all_in30_pruned20", 0.0001)),
+    # ... and two more from that one at p = 0.2
+    "l1_all_in35_pruned20_cont2": Kind("explanation_l1", "all",
+                                       "that one + 2 epochs at lr 0.0002, input 0.35 and p=0.2",
+                                       extra=_pruned_fine_tune(
+                                           "runs/regularizers/conv_l1_all_in35_pruned15_cont_0.0001/best.pt", 0.0002,
+                                           2, 6, 0.2, 0.35),
+                                       starts_from=("l1_all_in35_pruned15_cont", 0.0001)),
+    # The control for the authors' claim: the same pruning-aware fine-tune of shapnet_conv_mnist with L1 on every
+    # layer (weight 0.0001) and without it (weight 0), so that L1's own share is separated from the training
+    "l1_all_prune_control": Kind("explanation_l1", "all",
+                                 "shapnet_conv_mnist + 2 epochs at p=0.15 and input 0.35, with or without L1",
+                                 extra=_pruned_fine_tune("shapnet_conv_mnist", 0.0005, 2, 7, 0.15, 0.35)),
+    # ... and three more from that one, still at p = 0.2
+    "l1_all_in35_pruned20_cont3": Kind("explanation_l1", "all",
+                                       "the p=0.2 run + 3 epochs at lr 0.0002, input 0.35 and p=0.2",
+                                       extra=_pruned_fine_tune(
+                                           "runs/regularizers/conv_l1_all_in35_pruned20_cont2_0.0001/best.pt", 0.0002,
+                                           3, 8, 0.2, 0.35),
+                                       starts_from=("l1_all_in35_pruned20_cont2", 0.0001)),
+    # ... and two more from the shipped one (in35_pruned15_cont) with 0.45 of the input's pixels pruned (fewer stage-0
+    # coalitions, the largest share of the work)
+    "l1_all_in45_pruned15_cont": Kind("explanation_l1", "all",
+                                      "the shipped run + 2 epochs at lr 0.0002, input 0.45 and p=0.15",
+                                      extra=_pruned_fine_tune(
+                                          "runs/regularizers/conv_l1_all_in35_pruned15_cont_0.0001/best.pt", 0.0002,
+                                          2, 9, 0.15, 0.45),
+                                      starts_from=("l1_all_in35_pruned15_cont", 0.0001)),
+}
+KINDS = tuple(KIND_SPECS)
 
 
 @dataclass(frozen=True)
 class Family:
-    """One model to regularize: its start point, fine-tune configs per regularizer and default weights."""
+    """One model to regularize: its start point, fine-tune configs per regularizer and default weights (a kind
+    without weights here is not swept for this family unless `--weights` is given)."""
 
     base: str
     configs: dict[str, str]
@@ -85,121 +205,9 @@ FAMILIES = {
         configs={kind: "finetune_deep_yeast_l1" for kind in KINDS},
         weights={"l1_final": [0.01, 0.03, 0.1, 0.3], "l1_all": [0.002, 0.01, 0.03], "linf": [0.1, 0.3, 1.0, 3.0],
                  "l1_final_scaled": [0.01, 0.03, 0.1], "linf_scaled": [0.3, 1.0, 3.0],
-                 "l1_final_label": [0.1, 0.3, 1.0], "linf_label": [0.3, 1.0, 3.0], "l1_final_label_cont": [],
-                 "l1_final_label_cont2": [], "l1_all_pruned": [], "l1_all_thr": [],
-                 "l1_all_pruned30": [], "l1_all_pruned30_cont": [], "l1_all_pruned40_cont": [],
-                 "l1_all_pruned30_cont2": [], "l1_all_pruned35_cont2": [],
-                 "l1_all_in30_pruned20": [], "l1_all_in20_pruned20": [],
-                 "l1_all_in30_pruned20_cont": [], "l1_all_in35_pruned15_cont": [],
-                 "l1_all_in35_pruned20_cont2": [], "l1_all_prune_control": [], "l1_all_in35_pruned20_cont3": [],
-                 "l1_all_in45_pruned15_cont": []},
+                 "l1_final_label": [0.1, 0.3, 1.0], "linf_label": [0.3, 1.0, 3.0]},
     ),
 }
-def _pruned_fine_tune(start: str, lr: float, epochs: int, seed: int, p: float, input_p: float = 0.0) -> tuple[str, ...]:
-    """Overrides of a fine-tune over the whole training split from `start` with active pruning `p` after every hidden
-    stage (and `input_p` of the input's pixels) on in training."""
-    return (f"model.init_from={start}", "data.limit=null", f"optim.lr={lr}", f"train.epochs={epochs}",
-            f"train.seed={seed}", f"model.args.prune=[{p},{p},{p},{p},0.0]", f"model.args.prune_input={input_p}",
-            "model.args.prune_mode=active", "model.args.prune_during_training=true")
-
-
-_P30 = "runs/regularizers/conv_l1_all_pruned30_cont_0.0001/best.pt"
-_P30_2 = "runs/regularizers/conv_l1_all_pruned30_cont2_0.0001/best.pt"
-# kind -> (loss term, layers, scale-free?, extra overrides); `target: all` unless an override says otherwise
-TERMS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
-    "l1_final": ("explanation_l1", "final", False, ()),
-    "l1_all": ("explanation_l1", "all", False, ()),
-    "linf": ("explanation_linf", "final", False, ()),
-    "l1_final_scaled": ("explanation_l1", "final", True, ()),
-    "linf_scaled": ("explanation_linf", "final", True, ()),
-    # the scale-free terms on the map of each sample's label only (the one a user is shown), the others left free
-    "l1_final_label": ("explanation_l1", "final", True, ("target=label",)),
-    "linf_label": ("explanation_linf", "final", True, ("target=label",)),
-    # a second fine-tune at a lower weight from the sparse but less accurate label-map run at 0.15: keep the
-    # concentrated maps, win the accuracy back
-    "l1_final_label_cont": ("explanation_l1", "final", True, (
-        "target=label", "model.init_from=runs/regularizers/conv_l1_final_label_0.15/best.pt", "train.seed=1")),
-    # ... and a third at a lower weight still, from that one
-    "l1_final_label_cont2": ("explanation_l1", "final", True, (
-        "target=label", "model.init_from=runs/regularizers/conv_l1_final_label_cont_0.05/best.pt", "train.seed=2")),
-    # L1 on every layer, trained with the pruning it is meant for: half of the active pixels after every hidden stage
-    "l1_all_pruned": ("explanation_l1", "all", False, ("model.args.prune=[0.5,0.5,0.5,0.5,0.0]",
-                                                       "model.args.prune_mode=active",
-                                                       "model.args.prune_during_training=true")),
-    "l1_all_pruned30": ("explanation_l1", "all", False, ("model.args.prune=[0.3,0.3,0.3,0.3,0.0]",
-                                                         "model.args.prune_mode=active",
-                                                         "model.args.prune_during_training=true")),
-    # shapnet_conv_mnist_l1_all fine-tuned further with the same L1 term and the pruning it is meant for on, over the
-    # whole training split at half the learning rate: a pruned model that keeps its accuracy
-    "l1_all_pruned30_cont": ("explanation_l1", "all", False, _pruned_fine_tune("shapnet_conv_mnist_l1_all", 0.001, 1,
-                                                                                0, 0.3)),
-    "l1_all_pruned40_cont": ("explanation_l1", "all", False, _pruned_fine_tune("shapnet_conv_mnist_l1_all", 0.001, 1,
-                                                                                0, 0.4)),
-    # ... and two more epochs from that one at a quarter of the learning rate, at p = 0.3 or 0.35
-    "l1_all_pruned30_cont2": ("explanation_l1", "all", False, _pruned_fine_tune(_P30, 0.0005, 2, 1, 0.3)),
-    "l1_all_pruned35_cont2": ("explanation_l1", "all", False, _pruned_fine_tune(_P30, 0.0005, 2, 1, 0.35)),
-    # from the p = 0.3 run (+2 epochs), with the input's pixels pruned too (prune_input) and lighter stage pruning
-    "l1_all_in30_pruned20": ("explanation_l1", "all", False, _pruned_fine_tune(_P30_2, 0.0005, 2, 3, 0.2, 0.3)),
-    "l1_all_in20_pruned20": ("explanation_l1", "all", False, _pruned_fine_tune(_P30_2, 0.0005, 2, 3, 0.2, 0.2)),
-    # ... and two more epochs of the input-0.3 one at 0.0003
-    "l1_all_in30_pruned20_cont": ("explanation_l1", "all", False, _pruned_fine_tune(
-        "runs/regularizers/conv_l1_all_in30_pruned20_0.0001/best.pt", 0.0003, 2, 4, 0.2, 0.3)),
-    # ... or two at 0.0002 with the pruning it is shipped near (p = 0.15 after every stage, 0.35 of the input)
-    "l1_all_in35_pruned15_cont": ("explanation_l1", "all", False, _pruned_fine_tune(
-        "runs/regularizers/conv_l1_all_in30_pruned20_0.0001/best.pt", 0.0002, 2, 5, 0.15, 0.35)),
-    # ... and two more from that one at p = 0.2
-    "l1_all_in35_pruned20_cont2": ("explanation_l1", "all", False, _pruned_fine_tune(
-        "runs/regularizers/conv_l1_all_in35_pruned15_cont_0.0001/best.pt", 0.0002, 2, 6, 0.2, 0.35)),
-    # ... and three more from that one, still at p = 0.2
-    "l1_all_in35_pruned20_cont3": ("explanation_l1", "all", False, _pruned_fine_tune(
-        "runs/regularizers/conv_l1_all_in35_pruned20_cont2_0.0001/best.pt", 0.0002, 3, 8, 0.2, 0.35)),
-    # ... and two more from the shipped one (in35_pruned15_cont) with 0.45 of the input's pixels pruned (fewer stage-0
-    # coalitions, the largest share of the work)
-    "l1_all_in45_pruned15_cont": ("explanation_l1", "all", False, _pruned_fine_tune(
-        "runs/regularizers/conv_l1_all_in35_pruned15_cont_0.0001/best.pt", 0.0002, 2, 9, 0.15, 0.45)),
-    # The control for the authors' claim: the same pruning-aware fine-tune of shapnet_conv_mnist with L1 on every
-    # layer (weight 0.0001) and without it (weight 0), so that L1's own share is separated from the training
-    "l1_all_prune_control": ("explanation_l1", "all", False, _pruned_fine_tune("shapnet_conv_mnist", 0.0005, 2, 7,
-                                                                               0.15, 0.35)),
-    # L1 on every hidden layer (not the final map: there L1 is |logit| and only shrinks the logits), trained with
-    # threshold pruning (players under 5% of the sample's largest norm set to the reference): the small values the
-    # penalty leaves are removed in training as they will be at inference
-    "l1_all_thr": ("explanation_l1", "all", False, ("term.layer_weights=[1,1,1,1,0]",
-                                                    "model.args.prune=[0.05,0.05,0.05,0.05,0.0]",
-                                                    "model.args.prune_mode=threshold",
-                                                    "model.args.prune_during_training=true")),
-}
-# kind -> the (kind, weight) run it was fine-tuned from (the others start from the family's base model)
-STARTS_FROM = {"l1_final_label_cont": ("l1_final_label", 0.15), "l1_final_label_cont2": ("l1_final_label_cont", 0.05),
-               "l1_all_pruned30_cont2": ("l1_all_pruned30_cont", 0.0001),
-               "l1_all_pruned35_cont2": ("l1_all_pruned30_cont", 0.0001),
-               "l1_all_in30_pruned20": ("l1_all_pruned30_cont2", 0.0001),
-               "l1_all_in20_pruned20": ("l1_all_pruned30_cont2", 0.0001),
-               "l1_all_in30_pruned20_cont": ("l1_all_in30_pruned20", 0.0001),
-               "l1_all_in35_pruned15_cont": ("l1_all_in30_pruned20", 0.0001),
-               "l1_all_in35_pruned20_cont2": ("l1_all_in35_pruned15_cont", 0.0001),
-               "l1_all_in35_pruned20_cont3": ("l1_all_in35_pruned20_cont2", 0.0001),
-               "l1_all_in45_pruned15_cont": ("l1_all_in35_pruned15_cont", 0.0001)}
-LABELS = {"l1_final": "L1 final", "l1_all": "L1 all layers", "linf": "L-inf", "l1_final_scaled": "L1/L2 final",
-          "linf_scaled": "L-inf/L1 final", "l1_final_label": "L1/L2 final, label map",
-          "linf_label": "L-inf/L1 final, label map",
-          "l1_final_label_cont": "L1/L2 label map, 2nd fine-tune from 0.15",
-          "l1_final_label_cont2": "L1/L2 label map, 3rd fine-tune (0.15 -> 0.05 -> 0.02)",
-          "l1_all_pruned": "L1 all layers + pruning (p=0.5) in training",
-          "l1_all_pruned30": "L1 all layers + pruning (p=0.3) in training",
-          "l1_all_thr": "L1 hidden layers + threshold pruning (0.05) in training",
-          "l1_all_pruned30_cont": "shapnet_conv_mnist_l1_all + pruning (p=0.3) in training, whole split",
-          "l1_all_pruned40_cont": "shapnet_conv_mnist_l1_all + pruning (p=0.4) in training, whole split",
-          "l1_all_pruned30_cont2": "the p=0.3 run + 2 epochs at p=0.3",
-          "l1_all_pruned35_cont2": "the p=0.3 run + 2 epochs at p=0.35",
-          "l1_all_in30_pruned20": "the p=0.3 run + 2 epochs with input pruning 0.3 and p=0.2",
-          "l1_all_in20_pruned20": "the p=0.3 run + 2 epochs with input pruning 0.2 and p=0.2",
-          "l1_all_in30_pruned20_cont": "the input-0.3 run + 2 epochs at lr 0.0003",
-          "l1_all_in35_pruned15_cont": "the input-0.3 run + 2 epochs at lr 0.0002, input 0.35 and p=0.15",
-          "l1_all_in35_pruned20_cont2": "that one + 2 epochs at lr 0.0002, input 0.35 and p=0.2",
-          "l1_all_prune_control": "shapnet_conv_mnist + 2 epochs at p=0.15 and input 0.35, with or without L1",
-          "l1_all_in35_pruned20_cont3": "the p=0.2 run + 3 epochs at lr 0.0002, input 0.35 and p=0.2",
-          "l1_all_in45_pruned15_cont": "the shipped run + 2 epochs at lr 0.0002, input 0.45 and p=0.15"}
 
 
 def run_dir(family: str, kind: str, weight: float) -> Path:
@@ -209,7 +217,8 @@ def run_dir(family: str, kind: str, weight: float) -> Path:
 def train_command(family: str, kind: str, weight: float) -> list[str]:
     """The `shapnets train` command of one sweep point (resumes an interrupted run)."""
     spec = FAMILIES[family]
-    term, layers, scaled, extra = TERMS[kind]
+    kind_spec = KIND_SPECS[kind]
+    term, layers, scaled, extra = kind_spec.term, kind_spec.layers, kind_spec.scaled, kind_spec.extra
     target = next((e.split("=", 1)[1] for e in extra if e.startswith("target=")), "all")
     term_args = "".join(f", {e[5:].replace('=', ': ', 1)}" for e in extra if e.startswith("term."))
     extra = tuple(e for e in extra if not e.startswith(("target=", "term.")))
@@ -226,7 +235,7 @@ def train_command(family: str, kind: str, weight: float) -> list[str]:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     spec = FAMILIES[args.family]
-    points = [(kind, w) for kind in args.kinds for w in (args.weights or spec.weights[kind])]
+    points = [(kind, w) for kind in args.kinds for w in (args.weights or spec.weights.get(kind, []))]
     todo = [(k, w) for k, w in points if not (run_dir(args.family, k, w) / "summary.json").is_file()]
     print(f"[sweep] {args.family}: {len(points)} points, {len(points) - len(todo)} done, {len(todo)} to run",
           flush=True)
@@ -338,7 +347,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
               "l1_final_label_cont": "#e67e22", "l1_final_label_cont2": "#f5b041",
               "l1_all_pruned": "#1f618d", "l1_all_pruned30": "#1f618d",
               "l1_all_thr": "#5dade2"}
-    labels = LABELS
+    labels = {kind: spec.label for kind, spec in KIND_SPECS.items()}
     for ax, metric, kinds, bar, name in (
             (axes[0], "n90", ("l1_final", "l1_final_scaled", "l1_final_label", "l1_final_label_cont",
                               "l1_final_label_cont2", "l1_all", "l1_all_pruned30", "l1_all_thr"), 0.5,
@@ -350,7 +359,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
             if not pts:
                 continue
             # A later fine-tune stage starts from its predecessor's point, the others from the start model.
-            start = next((r for r in rows if (r["kind"], r["weight"]) == STARTS_FROM.get(kind)), base)
+            start = next((r for r in rows if (r["kind"], r["weight"]) == KIND_SPECS[kind].starts_from), base)
             xs = [start[metric]] + [r[metric] for r in pts]
             ys = [100 * start["test_acc"]] + [100 * r["test_acc"] for r in pts]
             ax.plot(xs, ys, "o-", color=colors[kind], label=labels[kind])
