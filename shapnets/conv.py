@@ -145,7 +145,7 @@ class ShapleyConv2d(nn.Module):
         # Players in the padding are null too, but their values are cropped by `fold`: the dense path needs its
         # exact-zero pass over all k players of every patch only if a pixel of the image sits at the reference
         # (checked once per pixel, k times cheaper).
-        zero_null = bool(delta.eq(0).all(-1).any())
+        zero_null = not bool(_off_zero(delta).all())
         phi, _, _ = self.bank.shapley(players, ref, zero_null_players=zero_null)
         return self.fold(phi[..., 0, :, :])
 
@@ -246,7 +246,7 @@ class ShapleyConv2d(nn.Module):
                 projected[j, :, :rows, :cols] = per_pixel[:, dy:, dx:, j]
         # Exact zeros are needed only where an image pixel sits at the reference (padding players' values are
         # never added back): one check per pixel instead of a pass over the k projections of every anchor.
-        exact_zeros = bool(delta.eq(0).all(-1).any())
+        exact_zeros = not bool(_off_zero(delta).all())
         phi = bank.shapley_from_projections(projected.view(k, B * H * W, out_channels), at_reference, exact_zeros)
         phi = phi.view(k, B, H, W, out_channels)
         bank._count(B * H * W, B * H * W * 2**k, 0, 0)
