@@ -48,7 +48,6 @@ def _pruned_fine_tune(start: str, lr: float, epochs: int, seed: int, p: float, i
 
 
 _P30 = "runs/regularizers/conv_l1_all_pruned30_cont_0.0001/best.pt"
-_P30_2 = "runs/regularizers/conv_l1_all_pruned30_cont2_0.0001/best.pt"
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,14 @@ class Kind:
     scaled: bool = False
     extra: tuple[str, ...] = ()
     starts_from: tuple[str, float] | None = None
+
+
+def _continued(label: str, start: tuple[str, float], lr: float, epochs: int, seed: int, p: float,
+               input_p: float = 0.0) -> Kind:
+    """L1 on every layer, fine-tuned with pruning on (`_pruned_fine_tune`) from the conv family's run `start`."""
+    path = f"runs/regularizers/conv_{start[0]}_{start[1]:g}/best.pt"
+    return Kind("explanation_l1", "all", label, extra=_pruned_fine_tune(path, lr, epochs, seed, p, input_p),
+                starts_from=start)
 
 
 KIND_SPECS: dict[str, Kind] = {
@@ -109,59 +116,36 @@ KIND_SPECS: dict[str, Kind] = {
                                  "shapnet_conv_mnist_l1_all + pruning (p=0.4) in training, whole split",
                                  extra=_pruned_fine_tune("shapnet_conv_mnist_l1_all", 0.001, 1, 0, 0.4)),
     # ... and two more epochs from that one at a quarter of the learning rate, at p = 0.3 or 0.35
-    "l1_all_pruned30_cont2": Kind("explanation_l1", "all", "the p=0.3 run + 2 epochs at p=0.3",
-                                  extra=_pruned_fine_tune(_P30, 0.0005, 2, 1, 0.3),
-                                  starts_from=("l1_all_pruned30_cont", 0.0001)),
-    "l1_all_pruned35_cont2": Kind("explanation_l1", "all", "the p=0.3 run + 2 epochs at p=0.35",
-                                  extra=_pruned_fine_tune(_P30, 0.0005, 2, 1, 0.35),
-                                  starts_from=("l1_all_pruned30_cont", 0.0001)),
+    "l1_all_pruned30_cont2": _continued("the p=0.3 run + 2 epochs at p=0.3", ("l1_all_pruned30_cont", 0.0001),
+                                        0.0005, 2, 1, 0.3),
+    "l1_all_pruned35_cont2": _continued("the p=0.3 run + 2 epochs at p=0.35", ("l1_all_pruned30_cont", 0.0001),
+                                        0.0005, 2, 1, 0.35),
     # from the p = 0.3 run (+2 epochs), with the input's pixels pruned too (prune_input) and lighter stage pruning
-    "l1_all_in30_pruned20": Kind("explanation_l1", "all", "the p=0.3 run + 2 epochs with input pruning 0.3 and p=0.2",
-                                 extra=_pruned_fine_tune(_P30_2, 0.0005, 2, 3, 0.2, 0.3),
-                                 starts_from=("l1_all_pruned30_cont2", 0.0001)),
-    "l1_all_in20_pruned20": Kind("explanation_l1", "all", "the p=0.3 run + 2 epochs with input pruning 0.2 and p=0.2",
-                                 extra=_pruned_fine_tune(_P30_2, 0.0005, 2, 3, 0.2, 0.2),
-                                 starts_from=("l1_all_pruned30_cont2", 0.0001)),
+    "l1_all_in30_pruned20": _continued("the p=0.3 run + 2 epochs with input pruning 0.3 and p=0.2",
+                                       ("l1_all_pruned30_cont2", 0.0001), 0.0005, 2, 3, 0.2, 0.3),
+    "l1_all_in20_pruned20": _continued("the p=0.3 run + 2 epochs with input pruning 0.2 and p=0.2",
+                                       ("l1_all_pruned30_cont2", 0.0001), 0.0005, 2, 3, 0.2, 0.2),
     # ... and two more epochs of the input-0.3 one at 0.0003
-    "l1_all_in30_pruned20_cont": Kind("explanation_l1", "all", "the input-0.3 run + 2 epochs at lr 0.0003",
-                                      extra=_pruned_fine_tune(
-                                          "runs/regularizers/conv_l1_all_in30_pruned20_0.0001/best.pt", 0.0003, 2, 4,
-                                          0.2, 0.3),
-                                      starts_from=("l1_all_in30_pruned20", 0.0001)),
+    "l1_all_in30_pruned20_cont": _continued("the input-0.3 run + 2 epochs at lr 0.0003",
+                                            ("l1_all_in30_pruned20", 0.0001), 0.0003, 2, 4, 0.2, 0.3),
     # ... or two at 0.0002 with the pruning it is shipped near (p = 0.15 after every stage, 0.35 of the input)
-    "l1_all_in35_pruned15_cont": Kind("explanation_l1", "all",
-                                      "the input-0.3 run + 2 epochs at lr 0.0002, input 0.35 and p=0.15",
-                                      extra=_pruned_fine_tune(
-                                          "runs/regularizers/conv_l1_all_in30_pruned20_0.0001/best.pt", 0.0002, 2, 5,
-                                          0.15, 0.35),
-                                      starts_from=("l1_all_in30_pruned20", 0.0001)),
+    "l1_all_in35_pruned15_cont": _continued("the input-0.3 run + 2 epochs at lr 0.0002, input 0.35 and p=0.15",
+                                            ("l1_all_in30_pruned20", 0.0001), 0.0002, 2, 5, 0.15, 0.35),
     # ... and two more from that one at p = 0.2
-    "l1_all_in35_pruned20_cont2": Kind("explanation_l1", "all",
-                                       "that one + 2 epochs at lr 0.0002, input 0.35 and p=0.2",
-                                       extra=_pruned_fine_tune(
-                                           "runs/regularizers/conv_l1_all_in35_pruned15_cont_0.0001/best.pt", 0.0002,
-                                           2, 6, 0.2, 0.35),
-                                       starts_from=("l1_all_in35_pruned15_cont", 0.0001)),
+    "l1_all_in35_pruned20_cont2": _continued("that one + 2 epochs at lr 0.0002, input 0.35 and p=0.2",
+                                             ("l1_all_in35_pruned15_cont", 0.0001), 0.0002, 2, 6, 0.2, 0.35),
     # The control for the authors' claim: the same pruning-aware fine-tune of shapnet_conv_mnist with L1 on every
     # layer (weight 0.0001) and without it (weight 0), so that L1's own share is separated from the training
     "l1_all_prune_control": Kind("explanation_l1", "all",
                                  "shapnet_conv_mnist + 2 epochs at p=0.15 and input 0.35, with or without L1",
                                  extra=_pruned_fine_tune("shapnet_conv_mnist", 0.0005, 2, 7, 0.15, 0.35)),
     # ... and three more from that one, still at p = 0.2
-    "l1_all_in35_pruned20_cont3": Kind("explanation_l1", "all",
-                                       "the p=0.2 run + 3 epochs at lr 0.0002, input 0.35 and p=0.2",
-                                       extra=_pruned_fine_tune(
-                                           "runs/regularizers/conv_l1_all_in35_pruned20_cont2_0.0001/best.pt", 0.0002,
-                                           3, 8, 0.2, 0.35),
-                                       starts_from=("l1_all_in35_pruned20_cont2", 0.0001)),
+    "l1_all_in35_pruned20_cont3": _continued("the p=0.2 run + 3 epochs at lr 0.0002, input 0.35 and p=0.2",
+                                             ("l1_all_in35_pruned20_cont2", 0.0001), 0.0002, 3, 8, 0.2, 0.35),
     # ... and two more from the shipped one (in35_pruned15_cont) with 0.45 of the input's pixels pruned (fewer stage-0
     # coalitions, the largest share of the work)
-    "l1_all_in45_pruned15_cont": Kind("explanation_l1", "all",
-                                      "the shipped run + 2 epochs at lr 0.0002, input 0.45 and p=0.15",
-                                      extra=_pruned_fine_tune(
-                                          "runs/regularizers/conv_l1_all_in35_pruned15_cont_0.0001/best.pt", 0.0002,
-                                          2, 9, 0.15, 0.45),
-                                      starts_from=("l1_all_in35_pruned15_cont", 0.0001)),
+    "l1_all_in45_pruned15_cont": _continued("the shipped run + 2 epochs at lr 0.0002, input 0.45 and p=0.15",
+                                            ("l1_all_in35_pruned15_cont", 0.0001), 0.0002, 2, 9, 0.15, 0.45),
 }
 KINDS = tuple(KIND_SPECS)
 
