@@ -47,9 +47,6 @@ def _pruned_fine_tune(start: str, lr: float, epochs: int, seed: int, p: float, i
             "model.args.prune_mode=active", "model.args.prune_during_training=true")
 
 
-_P30 = "runs/regularizers/conv_l1_all_pruned30_cont_0.0001/best.pt"
-
-
 @dataclass(frozen=True)
 class Kind:
     """One kind of sweep point: the loss term, where it applies, and how its fine-tune differs from the family's.
