@@ -559,7 +559,7 @@ class ConvShapNet(StagedHead, StreamedBatches, nn.Module):
         `2^k - 1` coalitions per listed pixel. The activations run in place: a coalition holds its first hidden
         layer and the widest later one. Twice that covers the temporaries (gathered projections, Shapley values,
         indices); every stage's full map is added (`layers=True` keeps them). On MNIST: ~2.3x the measured peak
-        (0.5 MB per image), a 13th of the dense estimate.
+        (0.5 MB per image), a tenth of the dense estimate.
         """
         pixels = x.shape[-2] * x.shape[-1]
         dense = pixels * max(stage.bank.coalition_elements() for stage in self.stages) * LIVE_COPIES
