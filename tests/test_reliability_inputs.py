@@ -22,7 +22,7 @@ import shapnets.conv
 import shapnets.icnn
 import zoo
 from shapnets import ConvShapNet, DeepShapNet, Explanation, ShallowShapNet, ShapleyModule
-from shapnets._validation import check_input
+from shapnets._validation import all_finite, check_input
 
 pytestmark = pytest.mark.reliability("inputs")
 
@@ -403,3 +403,21 @@ def test_bad_chunk_size_is_named() -> None:
     with pytest.raises(ValueError, match=r"chunk_size must be >= 1"):
         model(torch.randn(4, 6))
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_needs_every_value_finite_not_the_sum(dtype: torch.dtype) -> None:
+    """The one-reduction finiteness check: a NaN or inf anywhere is caught, finite values whose sum overflows
+    (float32 max 3.4e38, float16 65504) are not mistaken for a non-finite input."""
+    big = torch.finfo(dtype).max
+    finite = torch.full((64, 12), big / 2, dtype=dtype)  # its sum overflows in dtype
+    assert all_finite([finite, torch.zeros(0, dtype=dtype), -finite])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = finite.clone()
+        broken[7, 3] = bad
+        assert not all_finite([torch.ones(3, dtype=dtype), broken])
+    with pytest.raises(ValueError, match="1 non-finite"):
+        x = torch.randn(4, 30, dtype=dtype)
+        x[2, 5] = float("nan")
+        check_input(x, [(None, 30)], "model")
+    assert check_input(torch.full((4, 30), big, dtype=dtype), [(None, 30)], "model") is not None
