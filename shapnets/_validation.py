@@ -95,7 +95,8 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     overflows) gets the exact elementwise check.
     """
     low = (torch.float16, torch.bfloat16)  # their sums overflow early: accumulate in float32
-    if all(math.isfinite(float(t.sum(dtype=torch.float32) if t.dtype in low else t.sum())) for t in tensors):
+    if all(math.isfinite(float(t.detach().sum(dtype=torch.float32) if t.dtype in low else t.detach().sum()))
+           for t in tensors):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 

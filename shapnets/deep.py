@@ -22,7 +22,7 @@ from ._tabular import TabularGame
 from ._validation import finite_output
 from .explanation import Explanation
 from .interactions import Interactions, check_layer, check_module_kind
-from .modules import ShapleyModuleBank
+from .modules import ShapleyModuleBank, off_zero
 from .pruning import prune_players, stage_fractions
 
 __all__ = ["DeepShapNet", "butterfly_pairs", "butterfly_stages_needed", "live_rows"]
@@ -405,7 +405,7 @@ class DeepShapNet(StagedHead, StreamedBatches, TabularGame):
         phi = _from_pairs(rearrange(phi * 0.5, "g two o (j b) -> j b g two o", j=J), stride)
         z = values.gather(0, key[:, None, :, None].expand(-1, b, -1, values.shape[-1]))  # (J, b, P, C)
         # Missingness exactly, as in the dense computation: a row at the reference has value 0, not ~1e-18.
-        return z, phi.masked_fill(~z.ne(0).any(-1, keepdim=True), 0.0)
+        return z, phi.masked_fill(~off_zero(z)[..., None], 0.0)
 
     def interactions(self, x: Tensor, layer: int, max_order: int | None = None, kind: str = "and") -> Interactions:
         """Exact interactions of one layer's game with respect to that layer's inputs (not of the network).
