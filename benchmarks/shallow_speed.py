@@ -5,8 +5,8 @@ For a Shallow ShapNet on 12 features with all 66 pairs (and, with `--zoo`, the s
 in one process, everything interleaved within every repeat (`training.bench.interleaved_medians`), so that load that
 comes and goes on a shared machine hits all columns alike:
 
-* `explain`: `model.explain(x)` under `torch.no_grad()` (the grouped inference path:
-  `ShapleyModuleBank.grouped_values` and one combination product per bank), at batch 64 and 256;
+* `explain`: `model.explain(x)` under `torch.no_grad()` (the grouped inference path,
+  `ShapleyModuleBank.shapley_grouped`), at batch 64 and 256;
 * `previous`: the same Shapley values through the differentiable per-bank path (`ShapleyModuleBank.shapley` and a
   scatter), which `explain` used before the grouped path;
 * `forward`: `model(x)` on the same batch (for explain / forward and its bound 1.2 x 2^k, k = 2 for pairs);
@@ -26,18 +26,22 @@ Usage:
     python benchmarks/shallow_speed.py --zoo-run runs/x          # also a trained run folder (its best.pt)
     python benchmarks/shallow_speed.py --threads 1 --zoo --compiled   # and each model with compile_coalitions
     python benchmarks/shallow_speed.py --quick                   # smoke test
+    python benchmarks/shallow_speed.py --zoo --baseline /tmp/base  # explain against an earlier checkout's code
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import itertools
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
@@ -183,6 +187,44 @@ def profile_table(net: nn.Module, x: Tensor, rows: int = 12, calls: int = 10) ->
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def load_baseline(checkout: str) -> ModuleType:
+    """The `shapnets` package of another checkout (e.g. `git worktree add /tmp/base <commit>`), imported under the
+    name `shapnets_baseline` next to this one (its imports are relative, so it runs from its own files)."""
+    init = Path(checkout) / "shapnets" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline {checkout}: no shapnets/__init__.py there")
+    spec = importlib.util.spec_from_file_location("shapnets_baseline", init,
+                                                  submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["shapnets_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def against_baseline(nets: dict[str, nn.Module], baseline: ModuleType, features: int, batches: list[int],
+                     repeats: int, calls: int = 10) -> list[dict[str, object]]:
+    """Explain time of each net against the same weights in the baseline package, interleaved in one process."""
+    rows = []
+    with torch.no_grad():
+        for name, net in nets.items():
+            bank = net.banks[0]
+            old = baseline.ShallowShapNet(net.in_features, net.num_classes, net.groups,
+                                          hidden=[w.shape[-1] for w in bank.weights[:-1]],
+                                          reference=net.reference.clone(), act_layer=type(bank.act)).eval()
+            old.banks[0].act = copy.deepcopy(bank.act)
+            old.load_state_dict(net.state_dict())
+            for b in [1, *batches]:
+                x = torch.randn(b, features)
+                want, got = old.explain(x), net.explain(x)
+                torch.testing.assert_close(got.attributions, want.attributions, rtol=1e-4, atol=1e-5)
+                fns = {key: (lambda m=m, x=x: [m.explain(x) for _ in range(calls)]) for key, m in
+                       (("baseline", old), ("this", net))}
+                t = interleaved_medians(fns, repeats, warmup=1)
+                rows.append({"model": name, "batch": b, "baseline ms / call": 1e3 * t["baseline"] / calls,
+                             "this ms / call": 1e3 * t["this"] / calls, "baseline / this": t["baseline"] / t["this"]})
+    return rows
+
+
 def zoo_variants(runs: list[str]) -> tuple[dict[str, nn.Module], dict[str, float]]:
     """The shipped breast-cancer model and the models of `runs` (run folders); their test accuracy."""
     import zoo
@@ -218,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--compiled", action="store_true",
                         help="also each model with compile_coalitions (the fused two-layer kernel); compiles first")
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="only time explain against the shapnets package of this checkout (same weights)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
@@ -225,6 +269,16 @@ def main(argv: list[str] | None = None) -> None:
     repeats, kernel_inputs, n_samples = (2, 2, 256) if args.quick else (args.repeats, 16, 1024)
     batches = [64] if args.quick else [64, 256]
     inners = dict(list(INNERS.items())[:2]) if args.quick else INNERS
+    if args.baseline:
+        baseline = load_baseline(args.baseline)
+        torch.manual_seed(0)
+        nets = {name: ShallowShapNet(12, 2, "pairs", **kw).eval() for name, kw in list(inners.items())[:1]}
+        rows = against_baseline(nets, baseline, 12, batches, max(repeats, 21))
+        if args.zoo:
+            rows += against_baseline(zoo_variants([])[0], baseline, 30, batches, max(repeats, 21))
+        print(f"explain against {args.baseline}, {args.threads} thread(s), interleaved\n")
+        print(markdown_table(rows, list(rows[0])))
+        return
     if not args.no_synthetic:
         torch.manual_seed(0)
         nets = {name: ShallowShapNet(12, 2, "pairs", **kw).eval() for name, kw in inners.items()}

@@ -584,21 +584,19 @@ class ShapleyModuleBank(nn.Module):
             self._workspace_buffer = buffer
         return buffer[:size].view(shape)
 
-    def _rest_grouped(self, h: Tensor, overwrite: bool = False, last_bias: bool = True) -> Tensor:
+    def _rest_grouped(self, h: Tensor, overwrite: bool = False) -> Tensor:
         """Layers after the first one on group-major, feature-major pre-activations `(G, h_1, M)` -> `(G, C_out, M)`.
 
         In this layout every layer is one batched matrix product `W^T a` over the groups whose long side is the
         `M` samples x coalitions, with no copies between layers (a `(..., G, h)` layout makes each product permute
         its operand to `(G, ..., h)` and back, and with `C_out` = 2 outputs `a W` is a needle-thin product).
-        `last_bias=False` leaves the last layer's bias out.
         """
         # Without autograd, the activation may overwrite its input (`overwrite`: the caller's buffer, or a layer output
         # of ours): the coalition tensor is the largest of the computation, and a fresh one of its size costs a page
         # fault per 4 KB on the CPU.
-        last = len(self.weights) - 1
-        for i in range(1, last + 1):
+        for i in range(1, len(self.weights)):
             a = self._activate(h, overwrite or i > 1)
-            w_t, b = self.weights[i].transpose(1, 2), self.bias(i) if last_bias or i < last else None
+            w_t, b = self.weights[i].transpose(1, 2), self.bias(i)
             h = torch.baddbmm(b[:, :, None], w_t, a) if b is not None else torch.bmm(w_t, a)
         if self.output_act:
             h = self._activate(h, overwrite or len(self.weights) > 1)
@@ -691,100 +689,17 @@ class ShapleyModuleBank(nn.Module):
             values = full
         return values.reshape(2**k, *batch, groups, values.shape[-1])
 
-    def _check_grouped(self, offsets: Tensor) -> None:
-        G, k, C = self.num_groups, self.num_players, self.in_channels
-        if offsets.dim() != 4 or tuple(offsets.shape[:3]) != (G, k, C):
-            raise ValueError(f"offsets must be (G={G}, k={k}, C={C}, n), got shape {tuple(offsets.shape)}")
-        if torch.is_grad_enabled() and (offsets.requires_grad or any(p.requires_grad for p in self.parameters())):
-            raise ValueError("grouped_values and shapley_grouped do not record gradients: call them under "
-                             "torch.no_grad() (or use shapley(), which is differentiable)")
-
-    def grouped_values(self, offsets: Tensor, reference: Tensor | None = None) -> Tensor:
-        """Every module's inner on every coalition, without autograd, group-major and sample-last.
-
-        The table that Shapley values are combined from, for a reference shared by all samples: `shapley_grouped`
-        combines it module by module, `ShallowShapNet.explain` with one matrix product over all modules. The first
-        layer of every coalition is one batched product `[W_1 | a] [m_S * x ; 1]` (`a`: the pre-activation at the
-        reference, folded in as a last column, so no bias is broadcast and added in a separate pass), the activation
-        overwrites it in place, and the next layer reads it once. The empty coalition is the same for every sample:
-        it is evaluated once per module, as column 0 of the same products (so that a player at the reference
-        meets the same arithmetic as the coalitions without it).
-
-        Args:
-            offsets: `(G, k, C, n)`: `x - reference` of the `k` players of each of the `G` modules, for `n` samples.
-            reference: the reference `(G, k, C)` (shared by all samples); `None` means zero.
-
-        Returns:
-            `(G, C_out, 1 + (2^k - 1) n)`: column 0 is the empty coalition (the value at the reference); column
-            `1 + (t - 1) n + j` is coalition `t` (members: the set bits of `t`) of sample `j`.
-
-        Raises:
-            ValueError: autograd would need the result (use `shapley`), or `offsets` has the wrong shape.
-        """
-        self._check_grouped(offsets)
-        G, k, C = self.num_groups, self.num_players, self.in_channels
-        n, coalitions, players = offsets.shape[-1], 2**k - 1, k * C
-        inputs = self._first_inputs(offsets, 1 + coalitions * n)
-        grid = inputs[:, :players, 1:].view(G, k, C, coalitions, n)
-        if k <= self.copied_players:  # each player's offsets into its coalitions; the other slots stay 0
-            for i in range(k):
-                for t in range(1 << i, 2**k):
-                    if t >> i & 1:
-                        grid[:, i, :, t - 1].copy_(offsets[:, i])
-        else:  # one pass: every slot, the player's offset times its membership
-            member = _coalition_members(k, C, offsets.device, offsets.dtype).view(k, C, coalitions, 1)
-            torch.mul(offsets.view(G, k, C, 1, n), member, out=grid)
-        # The pre-activation at the reference, (G, 1, h_1): one batched product (an einsum costs ~10x its arithmetic
-        # here in parsing and planning).
-        w1, b1 = self.weights[0], self.bias(0)
-        a = w1.new_zeros(G, 1, w1.shape[-1]) if b1 is None else b1[:, None]
-        if reference is not None:
-            a = torch.baddbmm(a, reference.to(w1.dtype).view(G, 1, players), w1)
-        first = torch.cat([w1.transpose(1, 2), a.transpose(1, 2)], dim=2)  # (G, h_1, k C + 1)
-        last = len(self.weights) - 1
-        columns = inputs.shape[-1]
-        values = offsets.new_empty(G, self.weights[-1].shape[-1], columns)
-        # A few modules at a time, so that their hidden activations stay in cache from the product that writes them
-        # through the activation to the product that reads them (on a CPU whose memory bandwidth is shared, a pass
-        # over memory costs several times a pass over cache).
-        step = max(1, self.grouped_chunk // (first.shape[1] * columns))
-        for start in range(0, G, step):
-            g = slice(start, min(G, start + step))
-            if not last:
-                h = torch.bmm(first[g], inputs[g], out=values[g])
-            else:
-                h = torch.bmm(first[g], inputs[g], out=self._workspace(offsets, (g.stop - start, first.shape[1],
-                                                                                   columns)))
-            for i in range(1, last + 1):
-                h = self._activate(h, True)  # the workspace, or a layer output of ours
-                w_t, b, out = self.weights[i][g].transpose(1, 2), self.bias(i), values[g] if i == last else None
-                h = torch.bmm(w_t, h, out=out) if b is None else torch.baddbmm(b[g][:, :, None], w_t, h, out=out)
-            if self.output_act and (activated := self._activate(h, True)) is not h:
-                values[g] = activated
-        return values
-
-    def _first_inputs(self, like: Tensor, columns: int) -> Tensor:
-        """`(G, k C + 1, columns)` inputs of the first layer: zeros, with a last row of ones; the caller writes the
-        players' offsets into their coalitions' slots. Kept between calls of one size (the constant parts, column 0
-        for the empty coalition and the slots of players outside a coalition, are written once)."""
-        G, rows = self.num_groups, self.num_players * self.in_channels + 1
-        kept = getattr(self, "_inputs_buffer", None)
-        if kept is not None and kept.shape == (G, rows, columns) and kept.dtype == like.dtype and \
-                kept.device == like.device:
-            return kept
-        inputs = like.new_zeros(G, rows, columns)
-        inputs[:, -1] = 1
-        if inputs.numel() * inputs.element_size() <= WORKSPACE_LIMIT:
-            self._inputs_buffer = inputs
-        return inputs
-
     def shapley_grouped(self, offsets: Tensor, reference: Tensor | None = None, *,
                         any_at_reference: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """Exact Shapley values of every module, without autograd, in a group-major, sample-last layout.
 
-        The inference form of `shapley` for a reference shared by all samples: `grouped_values` (every coalition,
-        fewer passes over the largest tensor than `shapley`), then the `k 2^(k-1)` differences of each module on
-        `(G, C_out, n)` slices, weighted in place. A player whose offset is exactly 0 gets exactly 0.
+        The inference form of `shapley` for a reference shared by all samples (Shallow ShapNets): the same values up
+        to rounding, with fewer passes over the largest tensor. The first layer of every coalition is one batched
+        product `[W_1 | a] [m_S * x ; 1]` (`a`: the pre-activation at the reference, folded in as a last column, so
+        no bias is broadcast and added in a separate pass), the activation overwrites it in place, and the next
+        layer reads it once; the `2^k` values of the `C_out` outputs (small) are then combined per player. The last
+        layer's bias cancels out of every Shapley difference, so it is added only to the base and output values.
+        A player whose offset is exactly 0 gets exactly 0.
 
         Args:
             offsets: `(G, k, C, n)`: `x - reference` of the `k` players of each of the `G` modules, for `n` samples.
@@ -799,18 +714,56 @@ class ShapleyModuleBank(nn.Module):
         Raises:
             ValueError: autograd would need the result (use `shapley`), or `offsets` has the wrong shape.
         """
-        self._check_grouped(offsets)
+        G, k, C = self.num_groups, self.num_players, self.in_channels
+        if offsets.dim() != 4 or tuple(offsets.shape[:3]) != (G, k, C):
+            raise ValueError(f"offsets must be (G={G}, k={k}, C={C}, n), got shape {tuple(offsets.shape)}")
+        if torch.is_grad_enabled() and (offsets.requires_grad or any(p.requires_grad for p in self.parameters())):
+            raise ValueError("shapley_grouped does not record gradients: call it under torch.no_grad() "
+                             "(or use shapley(), which is differentiable)")
         if self.compiled and (fused := self._fused_grouped_kernel()) is not None:
             try:
                 return self._shapley_grouped_fused(fused, offsets, reference)
             except Exception as error:  # a compiler failing on first use: fall back for good
                 _compile_failed(error)
-        full = self.grouped_values(offsets, reference)  # (G, C_out, 1 + (2^k - 1) n)
-        k, n = self.num_players, offsets.shape[-1]
-        empty, values = full[:, :, :1], full[:, :, 1:].view(*full.shape[:2], 2**k - 1, n)  # the empty coalition
-        phi = full.new_empty(k, *full.shape[:2], n)
+        n, coalitions, players = offsets.shape[-1], 2**k - 1, k * C
+        columns = 1 + coalitions * n  # the empty coalition once (a shared reference), then every coalition x sample
+        # Inputs of the first layer: column 0 is the empty coalition, then coalition t's offsets masked to its members;
+        # the last row is the constant 1 that multiplies the folded-in pre-activation at the reference.
+        member = _coalition_members(k, C, offsets.device, offsets.dtype)  # (k C, 2^k - 1, 1)
+        inputs = offsets.new_empty(G, players + 1, columns)
+        inputs[:, :players, 0] = 0
+        inputs[:, players] = 1
+        masked = inputs[:, :players, 1:].view(G, players, coalitions, n)
+        torch.mul(offsets.reshape(G, players, 1, n), member, out=masked)
+        at_reference = self._at_reference(offsets, None if reference is None else reference.to(offsets.dtype))
+        first = torch.cat([rearrange(self.weights[0], "g i h -> g h i"), at_reference[:, :, None]], dim=2)
+        last = len(self.weights) - 1
+        deferred = self.bias(last) if last and not self.output_act else None
+        h = offsets.new_empty(G, self.weights[-1].shape[-1], columns)  # every module's values
+        # A few modules at a time, so that their hidden activations stay in cache from the product that writes them
+        # through the activation to the product that reads them (on a CPU whose memory bandwidth is shared, a pass
+        # over memory costs several times a pass over cache).
+        step = max(1, self.grouped_chunk // (first.shape[1] * columns))
+        for start in range(0, G, step):
+            g = slice(start, min(G, start + step))
+            if not last:
+                a = torch.bmm(first[g], inputs[g], out=h[g])
+            else:
+                a = torch.bmm(first[g], inputs[g], out=self._workspace(offsets, (g.stop - start, first.shape[1],
+                                                                                   columns)))
+            for i in range(1, last + 1):
+                a = self._activate(a, True)  # the workspace, or a layer output of ours
+                w_t, b, out = self.weights[i][g].transpose(1, 2), self.bias(i), h[g] if i == last else None
+                if b is None or (i == last and deferred is not None):
+                    a = torch.bmm(w_t, a, out=out)
+                else:
+                    a = torch.baddbmm(b[g][:, :, None], w_t, a, out=out)
+            if self.output_act and (activated := self._activate(a, True)) is not a:
+                h[g] = activated
+        values = h[:, :, 1:].view(G, h.shape[1], coalitions, n)  # values[:, :, t - 1]: coalition t
+        phi = h.new_empty(k, G, h.shape[1], n)
         if k == 2:  # pairs, the common case: phi_{1,2} = ((v_12 - v_0) +- (v_1 - v_2)) / 2, five passes, not eight
-            both, swap = values[:, :, 2] - empty, values[:, :, 0] - values[:, :, 1]
+            both, swap = values[:, :, 2] - h[:, :, :1], values[:, :, 0] - values[:, :, 1]
             torch.add(both, swap, out=phi[0])
             torch.sub(both, swap, out=phi[1])
             phi.mul_(0.5)
@@ -821,25 +774,24 @@ class ShapleyModuleBank(nn.Module):
                     if not t >> i & 1:
                         continue
                     rest = t ^ (1 << i)
-                    diff = values[:, :, t - 1] - (values[:, :, rest - 1] if rest else empty)
+                    diff = values[:, :, t - 1] - (values[:, :, rest - 1] if rest else h[:, :, :1])
                     if t == 1 << i:
                         torch.mul(diff, weights[t][i], out=phi[i])
                     else:
                         phi[i].add_(diff, alpha=weights[t][i])
         else:
-            table = torch.cat([empty[:, :, None].expand(-1, -1, 1, n), values], dim=2)  # (G, C_out, 2^k, n)
-            phi = torch.einsum("tk,gotn->kgon", signed_weights(k).to(table), table)
+            full = torch.cat([h[:, :, :1, None].expand(-1, -1, 1, n), values], dim=2)  # (G, C_out, 2^k, n)
+            phi = torch.einsum("tk,gotn->kgon", signed_weights(k).to(full), full)
         # A player at the reference is null in its module's game: exactly 0 (the products may round equal columns
         # differently by ~1e-8 in float32).
         if any_at_reference:
             at_ref = offsets.eq(0).all(2)  # (G, k, n); with continuous features usually none: the fill is skipped
             if bool(at_ref.any()):
                 phi.masked_fill_(rearrange(at_ref, "g k n -> k g 1 n"), 0.0)
-        return phi, full[:, :, 0], values[:, :, -1]
-
-    def fuses_grouped(self) -> bool:
-        """Whether `shapley_grouped` runs the compiled two-layer kernel (`compile_coalitions` on a bank it fits)."""
-        return self.compiled and self._fused_grouped_kernel() is not None
+        base, output = h[:, :, 0], values[:, :, coalitions - 1]
+        if deferred is not None:
+            base, output = base + deferred, output + deferred[:, :, None]
+        return phi, base, output
 
     def _fused_grouped_kernel(self) -> Callable[..., Tensor] | None:
         """The compiled two-layer kernel where this bank fits it (two layers, a pointwise activation, no output
@@ -871,9 +823,6 @@ class ShapleyModuleBank(nn.Module):
             base, output = base + last_bias, output + last_bias[:, :, None]
         return phi, base, output
 
-    #: Up to this many players, `grouped_values` copies each player's offsets into its `2^(k-1)` coalitions (half
-    #: the writes of a masked product, and no mask to read); beyond, one masked product (fewer, larger ops).
-    copied_players: int = 3
     #: Unrolled terms (hidden units x outputs x coalitions) up to which `compile_coalitions` fuses a two-layer bank.
     fused_unroll: int = 256
     #: Elements of the first hidden activation per chunk of modules in `shapley_grouped` (kept in cache).

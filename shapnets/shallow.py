@@ -26,7 +26,6 @@ from ._heads import drop_output_layer, renew_output_layer
 from ._streaming import LIVE_COPIES, StreamedBatches, streamed
 from ._tabular import TabularGame
 from ._validation import finite_output
-from .coalitions import signed_weights
 from .contract import no_layers, rename_args
 from .explanation import Explanation
 from .interactions import Interactions
@@ -94,8 +93,6 @@ class ShallowShapNet(StreamedBatches, TabularGame):
 
     # Old -> new constructor names, accepted for one release (shapnets.contract).
     renamed_args: ClassVar[dict[str, str]] = {"out_features": "num_classes"}
-    #: Up to this many features, `explain` combines all modules' coalition values in one matrix product.
-    dense_combination_features: ClassVar[int] = 64
 
     def __init__(
         self,
@@ -280,85 +277,31 @@ class ShallowShapNet(StreamedBatches, TabularGame):
             method=type(self).__name__,
         )
 
-    def _combination(self, k: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """The linear map from bank `k`'s coalition values to features: `A` `(D + 1, G (2^k - 1))`, `E` `(D + 1, G)`.
-
-        Row `d < D` of `A` holds, for every module and non-empty coalition, the Shapley weight with which that value
-        enters feature `d`'s attribution (the signed weight of the module's player that is `d`; 0 in modules
-        without `d`); row `D` sums the grand coalitions (the output). `E` does the same for the empty coalition,
-        whose value is shared by every sample. Built once per dtype and device (the groups never change).
-        """
-        key = (k, like.dtype, like.device)
-        cache = self.__dict__.setdefault("_combinations", {})
-        if key not in cache:
-            index = self._index(k)  # (G, k)
-            G, T, D = index.shape[0], 2**k - 1, self.in_features
-            signed = signed_weights(k)  # (2^k, k): phi_i = sum_t signed[t, i] v(t)
-            combine = torch.zeros(D + 1, G, T + 1, dtype=torch.float64)
-            modules = torch.arange(G)
-            for i in range(k):
-                combine.index_put_((index[:, i].cpu(), modules), signed[:, i].expand(G, -1), accumulate=True)
-            combine[D, :, T] = 1.0
-            combine = combine.to(like)
-            cache[key] = combine[:, :, 1:].reshape(D + 1, G * T), combine[:, :, 0].contiguous()
-        return cache[key]
-
     def _explain_grouped(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`explain`'s attributions `(B, D, O)`, base `(O,)` and output `(B, O)` without autograd (the fast path).
 
-        Works feature-major and sample-last (`ShapleyModuleBank.grouped_values`): each bank gathers its modules'
-        players as whole rows of the `(D, C, B)` offsets and evaluates every coalition. With up to
-        `dense_combination_features` features, the values of all modules go onto the features in one matrix
-        product (`_combination`: Shapley weights and the scatter onto features in one map, `(D + 1) x G (2^k - 1)`);
-        with more, that matrix would outgrow the work it replaces, and each module's Shapley values are combined
-        on their own (`shapley_grouped`) and added onto their features' rows. A feature exactly at the reference
-        gets exactly 0.
+        Works feature-major and sample-last (`ShapleyModuleBank.shapley_grouped`): each bank gathers its modules'
+        players as whole rows of the `(D, C, B)` offsets, and its `(k, G, O, B)` values are added onto their
+        features' rows in place (one contiguous row per player and module).
         """
-        B, D, outs = x.shape[0], self.in_features, self.out_channels
-        # Each op costs 5-15 us of dispatch on a small CPU (a batch of 1 takes ~0.6 ms, one of 64 ~1.3 ms): the path
-        # is written for few ops (tests/test_shallow_fast.py checks each branch against the oracle).
-        at_reference = x.eq(self.reference)  # (B, D, C): which features sit exactly at the reference
-        at_reference = at_reference if self.in_channels == 1 else at_reference.all(2, keepdim=True)
-        any_at_reference = bool(at_reference.any())
-        # (D, C, B), made contiguous: index_select then copies whole rows (from a permuted view it gathers element by
-        # element, 0.26 ms of a 7 ms call of the breast-cancer model at batch 256).
-        delta = rearrange(x - self.reference, "b d c -> d c b").contiguous()
-        dense = self.in_features <= self.dense_combination_features
-        sums = scattered = constant = None  # (O, D + 1, B), (D, O, B), (D + 1, O): see below
-        base = None
+        B = x.shape[0]
+        delta = rearrange(x - self.reference, "b d c -> d c b").contiguous()  # whole rows: index_select copies them
+        attributions = x.new_zeros(self.in_features, self.out_channels, B)
+        base = x.new_zeros(self.out_channels)
+        output = x.new_zeros(self.out_channels, B)
+        # Which features sit exactly at the reference, checked once on the (D, C, B) offsets, not per module.
+        at_reference = delta.eq(0)
+        any_at_reference = bool((at_reference if self.in_channels == 1 else at_reference.all(1)).any())
         for k, bank in zip(self.arities, self.banks):
             index = self._index(k)  # (G, k)
-            offsets = delta.index_select(0, index.view(-1)).view(*index.shape, self.in_channels, B)
-            reference = self.reference.index_select(0, index.view(-1)).view(*index.shape, self.in_channels)
-            if dense and not bank.fuses_grouped():
-                # Shapley weights and the scatter onto features in one product over all modules and coalitions:
-                # (O, D + 1, B) = features' values, then the output; the empty coalition's share is a constant.
-                full = bank.grouped_values(offsets, reference)  # (G, O, 1 + (2^k - 1) B); column 0: the reference
-                combine, combine_empty = self._combination(k, x)
-                empty = full[:, :, 0]  # (G, O)
-                part = torch.matmul(combine, rearrange(full[:, :, 1:], "g o (t b) -> o (g t) b", b=B))
-                sums = part if sums is None else sums.add_(part)
-                constant = combine_empty @ empty if constant is None else constant.addmm_(combine_empty, empty)
-                b = empty.sum(0)
-            else:
-                phi, b, o = bank.shapley_grouped(offsets, reference, any_at_reference=any_at_reference)
-                if scattered is None:
-                    scattered, sums = x.new_zeros(D, outs, B), x.new_zeros(outs, D + 1, B) if sums is None else sums
-                scattered.index_add_(0, getattr(self, f"players_{k}"), phi.flatten(0, 1))  # phi rows: player-major
-                sums[:, D] += o.sum(0)
-                b = b.sum(0)
-            base = b if base is None else base.add_(b)
-        if scattered is not None:
-            sums[:, :D] += rearrange(scattered, "d o b -> o d b")
-        # The layout change to (B, D, O) and the constant in one pass each.
-        attributions, output = x.new_empty(B, D, outs), x.new_empty(B, outs)
-        if constant is None:
-            constant = x.new_zeros(D + 1, outs)
-        torch.add(rearrange(sums[:, :D], "o d b -> b d o"), constant[:D], out=attributions)
-        torch.add(rearrange(sums[:, D], "o b -> b o"), constant[D], out=output)
-        if any_at_reference:  # a null player in every module it is in: exactly 0, not ~1e-8 of rounding
-            attributions.masked_fill_(at_reference, 0.0)
-        return attributions, base, output
+            offsets = delta.index_select(0, index.flatten()).view(*index.shape, self.in_channels, B)
+            reference = self.reference.index_select(0, index.flatten()).view(*index.shape, self.in_channels)
+            phi, b, o = bank.shapley_grouped(offsets, reference, any_at_reference=any_at_reference)
+            attributions.index_add_(0, getattr(self, f"players_{k}"), phi.flatten(0, 1))  # phi rows: player-major
+            base += b.sum(0)
+            output += o.sum(0)
+        attributions = rearrange(attributions, "d o b -> b d o").contiguous()
+        return attributions, base, rearrange(output, "o b -> b o").contiguous()
 
     def interactions(self, x: Tensor, max_order: int | None = None, kind: str = "and") -> Interactions:
         """Exact Harsanyi dividends (or OR interactions) and pairwise Shapley interaction indices of the network.
