@@ -211,7 +211,8 @@ def against_baseline(nets: dict[str, nn.Module], baseline: ModuleType, features:
             old = baseline.ShallowShapNet(net.in_features, net.num_classes, net.groups,
                                           hidden=[w.shape[-1] for w in bank.weights[:-1]],
                                           reference=net.reference.clone(), act_layer=type(bank.act)).eval()
-            old.banks[0].act = copy.deepcopy(bank.act)
+            for old_bank, new_bank in zip(old.banks, net.banks):
+                old_bank.act = copy.deepcopy(new_bank.act)  # e.g. GELU's approximate setting
             old.load_state_dict(net.state_dict())
             for b in [1, *batches]:
                 x = torch.randn(b, features)

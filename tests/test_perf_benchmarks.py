@@ -41,3 +41,17 @@ def test_shallow_speed_measure_rows() -> None:
     nets = {"tiny": bench.ShallowShapNet(4, 2, "pairs", hidden=(4,)).eval()}
     rows = bench.measure(nets, 4, [8], repeats=1, kernel_inputs=1, n_samples=16)
     assert len(rows) == 1 and rows[0]["speed-up"] > 0 and rows[0]["bound 1.2 x 2^k"] == 4.8
+
+
+def test_shallow_speed_against_a_baseline_checkout(tmp_path: Path) -> None:
+    """`--baseline`: another checkout's package side by side (here this one, imported a second time), same weights."""
+    bench = _load("shallow_speed")
+    baseline = bench.load_baseline(str(ROOT))
+    assert baseline.ShallowShapNet is not bench.ShallowShapNet  # a second copy of the package, not this one
+    torch.manual_seed(0)
+    gelu_tanh = bench.ShallowShapNet(4, 2, "pairs", hidden=(4,), act_layer=lambda: torch.nn.GELU(approximate="tanh"))
+    rows = bench.against_baseline({"tiny": gelu_tanh.eval()}, baseline, 4, [8], repeats=1, calls=1)
+    assert [(r["model"], r["batch"]) for r in rows] == [("tiny", 1), ("tiny", 8)]
+    assert all(r["baseline / this"] > 0 for r in rows)
+    with pytest.raises(SystemExit, match=r"no shapnets/__init__\.py"):
+        bench.load_baseline(str(tmp_path))
