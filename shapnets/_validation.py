@@ -87,7 +87,7 @@ def check_input(
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every value of `tensors` is finite, in one synchronisation.
+    """Whether every value of `tensors` is finite: one reduction and one read-back per tensor.
 
     A NaN or inf anywhere makes a sum non-finite, so finite sums clear the tensors in one reduction each
     (`torch.isfinite(t).all()` is five elementwise passes: 20 us for a batch of 64 x 12 on a small CPU, 0.6 ms for
