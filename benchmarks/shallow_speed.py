@@ -210,9 +210,9 @@ def against_baseline(nets: dict[str, nn.Module], baseline: ModuleType, features:
             bank = net.banks[0]
             old = baseline.ShallowShapNet(net.in_features, net.num_classes, net.groups,
                                           hidden=[w.shape[-1] for w in bank.weights[:-1]],
-                                          reference=net.reference.clone(), act_layer=type(bank.act)).eval()
+                                          reference=net.reference.clone()).eval()
             for old_bank, new_bank in zip(old.banks, net.banks):
-                old_bank.act = copy.deepcopy(new_bank.act)  # e.g. GELU's approximate setting
+                old_bank.act = copy.deepcopy(new_bank.act)  # the same activation, settings included
             old.load_state_dict(net.state_dict())
             for b in [1, *batches]:
                 x = torch.randn(b, features)
