@@ -90,13 +90,30 @@ def kernel_shap_call(net: nn.Module, inputs: Tensor, n_samples: int, per_eval: i
     return run
 
 
+def limit_thread_pools(threads: int) -> None:
+    """Cap every BLAS / OpenMP pool of the process at `threads` (torch's own is set by `torch.set_num_threads`).
+
+    captum's KernelShap fits its regression with scikit-learn, whose numpy/scipy BLAS runs multi-threaded by
+    default: KernelShap then used ~1.5 cores (300 ms of CPU in 205 ms of wall time) and its idle BLAS threads spun
+    through the next timed explain, doubling that call's CPU time. The pools are loaded here (scikit-learn imports
+    them) so that the cap reaches them; without threadpoolctl (it comes with scikit-learn) nothing is capped.
+    """
+    try:
+        import sklearn.linear_model  # noqa: F401  (loads the BLAS that KernelShap's regression uses)
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(threads)
+
+
 def cpu_timed(fn: Callable[[], object], store: list[float]) -> Callable[[], object]:
     """`fn`, appending the CPU time of this process that each call took to `store`.
 
     On a machine with more runnable threads than cores, a call's wall time includes the time it waited for a core,
     which comes and goes with the other processes; its CPU time is the work it did (still inflated by caches and
-    memory bandwidth shared with them). With 1 thread both sides of a ratio are single-threaded, so CPU-time ratios
-    compare work with work.
+    memory bandwidth shared with them). With `--threads 1` both sides of a ratio are single-threaded (`main` also
+    caps the BLAS and OpenMP pools that KernelShap's regression uses through numpy/scipy, which otherwise take a
+    second core and keep spinning into the next timed call), so CPU-time ratios compare work with work.
     """
 
     def run() -> object:
@@ -109,7 +126,7 @@ def cpu_timed(fn: Callable[[], object], store: list[float]) -> Callable[[], obje
 
 
 def measure(nets: dict[str, nn.Module], features: int, batches: list[int], repeats: int, kernel_inputs: int,
-            n_samples: int, k: int = 2, calls: int = 5) -> list[dict[str, object]]:
+            n_samples: int, k: int = 2, calls: int = 20) -> list[dict[str, object]]:
     """Interleaved medians of forward, explain, the previous path and KernelShap per inner (rows per batch).
 
     Forward, explain and the previous path are timed over `calls` back-to-back calls each (per-call time = total /
@@ -122,7 +139,9 @@ def measure(nets: dict[str, nn.Module], features: int, batches: list[int], repea
     fns: dict[str, Callable[[], object]] = {}
     def repeated(fn: Callable[[], object]) -> Callable[[], object]:
         # Back-to-back calls, as when explaining a data set in batches: the first one absorbs the cold caches and
-        # allocator state that the KernelShap call before it leaves (its own time is part of the total).
+        # allocator state that the KernelShap call before it leaves (its own time is part of the total; a batch of
+        # 64 right after a KernelShap call takes ~1.3x its time in a stream of calls, so 20 calls, not 5, keep that
+        # artifact of the interleaving to a few percent).
         def run() -> object:
             for _ in range(calls):
                 fn()
@@ -265,8 +284,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="only time explain against the shapnets package of this checkout (same weights)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--calls", type=int, default=20, help="back-to-back explain calls per timing (default 20)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    limit_thread_pools(args.threads)
     repeats, kernel_inputs, n_samples = (2, 2, 256) if args.quick else (args.repeats, 16, 1024)
     batches = [64] if args.quick else [64, 256]
     inners = dict(list(INNERS.items())[:2]) if args.quick else INNERS
@@ -285,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         nets = {name: ShallowShapNet(12, 2, "pairs", **kw).eval() for name, kw in inners.items()}
         if args.compiled:
             nets = with_compiled(nets, 12, batches)
-        rows = measure(nets, 12, batches, repeats, kernel_inputs, n_samples)
+        rows = measure(nets, 12, batches, repeats, kernel_inputs, n_samples, calls=args.calls)
         print(f"Shallow ShapNet, 12 features, all 66 pairs, {args.threads} thread(s), {repeats} repeats\n")
         print(markdown_table(rows, list(rows[0])))
         print("\nProfile of the default inner's explain (batch 256, 10 calls):\n")
@@ -295,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.compiled:
             zoo_nets = with_compiled(zoo_nets, 30, batches)
             acc = {name: acc[name.removesuffix(", compiled")] for name in zoo_nets}
-        rows = measure(zoo_nets, 30, batches, repeats, kernel_inputs, n_samples)
+        rows = measure(zoo_nets, 30, batches, repeats, kernel_inputs, n_samples, calls=args.calls)
         for row in rows:
             row["test accuracy (this split)"] = acc[row["inner"]]
         print(f"\nshapnet_shallow_breast_cancer, 30 features, 435 pairs, {args.threads} thread(s), {repeats} repeats\n")
