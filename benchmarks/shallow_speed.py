@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from shapnets import ShallowShapNet, compile_coalitions
-from training.bench import interleaved_medians, markdown_table
+from training.bench import interleaved_medians, limit_thread_pools, markdown_table
 
 INNERS: dict[str, dict] = {
     "GELU, hidden 32 (default)": dict(hidden=(32,), act_layer=nn.GELU),
@@ -88,22 +88,6 @@ def kernel_shap_call(net: nn.Module, inputs: Tensor, n_samples: int, per_eval: i
                                        perturbations_per_eval=per_eval or n_samples)
 
     return run
-
-
-def limit_thread_pools(threads: int) -> None:
-    """Cap every BLAS / OpenMP pool of the process at `threads` (torch's own is set by `torch.set_num_threads`).
-
-    captum's KernelShap fits its regression with scikit-learn, whose numpy/scipy BLAS runs multi-threaded by
-    default: KernelShap then used ~1.5 cores (300 ms of CPU in 205 ms of wall time) and its idle BLAS threads spun
-    through the next timed explain, doubling that call's CPU time. The pools are loaded here (scikit-learn imports
-    them) so that the cap reaches them; without threadpoolctl (it comes with scikit-learn) nothing is capped.
-    """
-    try:
-        import sklearn.linear_model  # noqa: F401  (loads the BLAS that KernelShap's regression uses)
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return
-    threadpool_limits(threads)
 
 
 def cpu_timed(fn: Callable[[], object], store: list[float]) -> Callable[[], object]:
@@ -221,7 +205,7 @@ def load_baseline(checkout: str) -> ModuleType:
 
 
 def against_baseline(nets: dict[str, nn.Module], baseline: ModuleType, features: int, batches: list[int],
-                     repeats: int, calls: int = 10) -> list[dict[str, object]]:
+                     repeats: int, calls: int = 20) -> list[dict[str, object]]:
     """Explain time of each net against the same weights in the baseline package, interleaved in one process."""
     rows = []
     with torch.no_grad():
@@ -295,9 +279,9 @@ def main(argv: list[str] | None = None) -> None:
         baseline = load_baseline(args.baseline)
         torch.manual_seed(0)
         nets = {name: ShallowShapNet(12, 2, "pairs", **kw).eval() for name, kw in list(inners.items())[:1]}
-        rows = against_baseline(nets, baseline, 12, batches, max(repeats, 21))
+        rows = against_baseline(nets, baseline, 12, batches, max(repeats, 21), args.calls)
         if args.zoo:
-            rows += against_baseline(zoo_variants([])[0], baseline, 30, batches, max(repeats, 21))
+            rows += against_baseline(zoo_variants([])[0], baseline, 30, batches, max(repeats, 21), args.calls)
         print(f"explain against {args.baseline}, {args.threads} thread(s), interleaved\n")
         print(markdown_table(rows, list(rows[0])))
         return

@@ -52,6 +52,7 @@ __all__ = [
     "captum_available",
     "captum_methods",
     "fidelity",
+    "limit_thread_pools",
     "make_game",
     "markdown_table",
     "peak_memory",
@@ -81,6 +82,23 @@ ANCHORS: list[Row] = [
 
 
 # ------------------------------------------------------------------------------------------------ measurement helpers
+def limit_thread_pools(threads: int) -> None:
+    """Cap every BLAS / OpenMP pool of the process at `threads` (torch's own is set by `torch.set_num_threads`), for
+    timings that compare single-threaded methods.
+
+    captum's KernelShap fits its regression with scikit-learn, whose numpy/scipy BLAS runs multi-threaded by
+    default: KernelShap then used ~1.5 cores (300 ms of CPU in 205 ms of wall time) and its idle BLAS threads spun
+    through the next timed explain, doubling that call's CPU time. The pools are loaded here (scikit-learn imports
+    them) so that the cap reaches them; without threadpoolctl (it comes with scikit-learn) nothing is capped.
+    """
+    try:
+        import sklearn.linear_model  # noqa: F401  (loads the BLAS that KernelShap's regression uses)
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(threads)
+
+
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
                         sync: Callable[[], None] | None = None) -> dict[str, float]:
     """Median wall time (s) of each function after `warmup` untimed runs, timed in turn within every repeat.
