@@ -25,7 +25,7 @@ import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -459,6 +459,48 @@ def evaluation_stats(model: nn.Module, reset: bool = False) -> dict[str, int]:
     return total
 
 
+def kept_buffer(owner: nn.Module, like: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """An uninitialised `shape` tensor (dtype and device of `like`) carved from a buffer `owner` keeps between calls.
+
+    For the largest tensor of a no-grad computation (a coalition tensor): allocated fresh each call, the CPU allocator
+    hands back untouched pages and every 4 KB costs a page fault (about as much as the GELU on it). Kept, it is
+    reused: the buffer grows to the largest request seen, up to `WORKSPACE_LIMIT` bytes (larger tensors are
+    allocated per call, so that a big image does not leave hundreds of MB held per stage). Not shared across
+    threads: one model instance should not run inference from several threads at once.
+    """
+    size = math.prod(shape)
+    if size * like.element_size() > WORKSPACE_LIMIT:
+        return like.new_empty(shape)
+    buffer = getattr(owner, "_workspace_buffer", None)
+    if buffer is None or buffer.numel() < size or buffer.dtype != like.dtype or buffer.device != like.device:
+        buffer = like.new_empty(size)
+        owner._workspace_buffer = buffer
+    return buffer[:size].view(shape)
+
+
+class DenseOperator(NamedTuple):
+    """A Shallow ShapNet's no-grad explain as two dense products (`ShapleyModuleBank.dense_operator`).
+
+    For `n` samples with offsets `X = x - r` flattened to `(n, D C)`: `Z = act(X @ first + shift)` holds every
+    module's hidden layer on every non-empty coalition (`N` columns), and `Z @ combine + constant` is
+    `[phi | output]`, `(n, (D + 1) O)`: the Shapley values of every feature and output, then the network's output.
+
+    Attributes:
+        first: `(D C, N)`: column `(t, g, u)` sums the first-layer weights of coalition `t`'s players of module `g`.
+        shift: `(N,)`: each column's pre-activation at the reference.
+        combine: `(N, (D + 1) O)`: the output layer times each coalition's signed Shapley weight, per player, and the
+            output layer on the full coalitions (last `O` columns).
+        constant: `((D + 1) O,)`: the empty coalition's share of every player's value, and the output biases.
+        base: `(O,)`: the network's value at the reference.
+    """
+
+    first: Tensor
+    shift: Tensor
+    combine: Tensor
+    constant: Tensor
+    base: Tensor
+
+
 def _init_linear_(weight: Tensor, bias: Tensor, fan_in: int) -> None:
     # nn.Linear's default initialisation, per module of the bank.
     bound = 1.0 / math.sqrt(fan_in)
@@ -567,22 +609,7 @@ class ShapleyModuleBank(nn.Module):
         return rearrange(grouped, "g o n -> n g o").reshape(*lead, self.num_groups, grouped.shape[1])
 
     def _workspace(self, like: Tensor, shape: tuple[int, ...]) -> Tensor:
-        """An uninitialised `shape` tensor carved from a buffer kept between no-grad calls.
-
-        The coalition tensor is the largest of the computation; allocated fresh each call, the CPU allocator hands
-        back untouched pages and every 4 KB costs a page fault (about as much as the GELU on it). Kept, it is
-        reused: the buffer grows to the largest chunk seen, up to `WORKSPACE_LIMIT` bytes (larger tensors are
-        allocated per call, so that a big image does not leave hundreds of MB held per stage). Not shared across
-        threads: one model instance should not run inference from several threads at once.
-        """
-        size = math.prod(shape)
-        if size * like.element_size() > WORKSPACE_LIMIT:
-            return like.new_empty(shape)
-        buffer = getattr(self, "_workspace_buffer", None)
-        if buffer is None or buffer.numel() < size or buffer.dtype != like.dtype or buffer.device != like.device:
-            buffer = like.new_empty(size)
-            self._workspace_buffer = buffer
-        return buffer[:size].view(shape)
+        return kept_buffer(self, like, shape)
 
     def _rest_grouped(self, h: Tensor, overwrite: bool = False) -> Tensor:
         """Layers after the first one on group-major, feature-major pre-activations `(G, h_1, M)` -> `(G, C_out, M)`.
@@ -792,6 +819,65 @@ class ShapleyModuleBank(nn.Module):
         if deferred is not None:
             base, output = base + deferred, output + deferred[:, :, None]
         return phi, base, output
+
+    def dense_ready(self) -> bool:
+        """Whether `dense_operator` applies: one hidden layer, a known pointwise activation, no output activation."""
+        return len(self.weights) == 2 and not self.output_act and self._pointwise_kind() is not None
+
+    def dense_columns(self) -> int:
+        """`N` of this bank's `dense_operator`: hidden units of every module on every non-empty coalition."""
+        return (2**self.num_players - 1) * self.num_groups * self.weights[0].shape[-1]
+
+    @torch.no_grad()
+    def dense_operator(self, index: Tensor, num_features: int, reference: Tensor, dtype: torch.dtype) -> DenseOperator:
+        """This bank's Shapley values and output as two dense products over all features (see `DenseOperator`).
+
+        Every coalition's pre-activation is linear in the offsets (`a_g + sum_{i in S} W_gi (x_i - r_i)`) and, with
+        one hidden layer, every Shapley value is linear in the hidden activations (the signed Shapley weights times
+        the output layer). Both maps are written out densely over the `D` features: worth it where `D` is small
+        enough that one large product beats `G` small ones and their passes (Shallow ShapNets on tabular data).
+
+        Args:
+            index: `(G, k)`: the features of every module's players.
+            num_features: `D`.
+            reference: the model's reference `(D, C)`.
+            dtype: the operator's dtype (built in float64 or float32, then cast).
+
+        Raises:
+            ValueError: the bank is not `dense_ready` or `index` has the wrong shape.
+        """
+        G, k, C = self.num_groups, self.num_players, self.in_channels
+        if not self.dense_ready():
+            raise ValueError("dense_operator needs one hidden layer, a ReLU/LeakyReLU/GELU and no output activation")
+        if tuple(index.shape) != (G, k):
+            raise ValueError(f"index must be (G={G}, k={k}), got shape {tuple(index.shape)}")
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        w1 = rearrange(self.weights[0].to(work), "g (k c) h -> g k c h", k=k)
+        w2 = self.weights[1].to(work)  # (G, h, O)
+        h, out, D, T = w1.shape[-1], w2.shape[-1], num_features, 2**k - 1
+        at_reference = self._at_reference(w1, reference.to(work)[index])  # (G, h)
+        signed = signed_weights(k).to(work)  # (2^k, k): phi_i = sum_t signed[t, i] v_t
+        groups = torch.arange(G, device=index.device)
+        first = w1.new_zeros(D, C, T, G, h)
+        combine = w1.new_zeros(T, G, h, D + 1, out)
+        for t in range(1, T + 1):
+            for slot in range(k):
+                if t >> slot & 1:  # player `slot` is in coalition t: its weights enter t's pre-activation
+                    rearrange(first[:, :, t - 1], "d c g h -> d g c h").index_put_(
+                        (index[:, slot], groups), w1[:, slot], accumulate=True)
+                rearrange(combine[t - 1], "g h d o -> g d h o").index_put_(
+                    (groups, index[:, slot]), signed[t, slot] * w2, accumulate=True)
+        combine[T - 1, :, :, D] = w2  # the full coalition is the output (the output bias cancels out of phi)
+        empty = torch.einsum("gh,gho->go", self.act(at_reference), w2)  # every module's value at the reference
+        output_bias = self.bias(1)
+        output_bias = w2.new_zeros(G, out) if output_bias is None else output_bias.to(work)
+        constant = w2.new_zeros(D + 1, out)
+        for slot in range(k):
+            constant.index_add_(0, index[:, slot], signed[0, slot] * empty)
+        constant[D] = output_bias.sum(0)
+        return DenseOperator(first.reshape(D * C, -1).to(dtype), at_reference.expand(T, G, h).reshape(-1).to(dtype),
+                             combine.reshape(T * G * h, -1).to(dtype), constant.flatten().to(dtype),
+                             (empty + output_bias).sum(0).to(dtype))
 
     def _fused_grouped_kernel(self) -> Callable[..., Tensor] | None:
         """The compiled two-layer kernel where this bank fits it (two layers, a pointwise activation, no output

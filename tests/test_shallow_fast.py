@@ -55,14 +55,22 @@ def no_grad_explain_is_exact(net: ShallowShapNet, x: torch.Tensor):
     return fast
 
 
-@pytest.mark.parametrize("chunk", [1 << 22, 1])  # all modules at once, and one module per chunk
+DENSE_CASES = ["pairs, GELU", "singles, 3 channels", "one group of 7 (combined by a product)", "triples, LeakyReLU"]
+
+
+@pytest.mark.parametrize("path", ["dense", "grouped 1 << 22", "grouped 1"])  # grouped: all modules / one per chunk
 @pytest.mark.parametrize("case", list(CASES))
-def test_grouped_path_equals_the_oracle_and_the_autograd_path(case: str, chunk: int,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ShapleyModuleBank, "grouped_chunk", chunk)
+def test_no_grad_paths_equal_the_oracle_and_the_autograd_path(case: str, path: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    if path == "dense" and case not in DENSE_CASES:
+        pytest.skip("the dense path takes one-hidden-layer inners only")
+    if path != "dense":
+        monkeypatch.setattr(ShallowShapNet, "dense_limit", 0)
+        monkeypatch.setattr(ShapleyModuleBank, "grouped_chunk", eval(path.split(" ", 1)[1]))
     torch.manual_seed(0)
     net = make(case)
     x = inputs(net)
+    assert (net._dense_operator(x) is not None) == (path == "dense")
     fast = no_grad_explain_is_exact(net, x)
     slow = net.explain(x)  # parameters require grad: the differentiable path
     assert slow.attributions.requires_grad and not fast.attributions.requires_grad
@@ -70,8 +78,10 @@ def test_grouped_path_equals_the_oracle_and_the_autograd_path(case: str, chunk: 
     torch.testing.assert_close(fast.output, slow.output.detach(), rtol=0, atol=ATOL)
 
 
-def test_grouped_path_in_float32_and_repeated_calls() -> None:
-    """Float32 agrees with float64; the bank's reused workspace does not leak between calls of other sizes."""
+@pytest.mark.parametrize("dense_limit", [ShallowShapNet.dense_limit, 0])
+def test_no_grad_paths_in_float32_and_repeated_calls(dense_limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float32 agrees with float64; the reused workspace does not leak between calls of other sizes."""
+    monkeypatch.setattr(ShallowShapNet, "dense_limit", dense_limit)
     torch.manual_seed(1)
     net = make("pairs, GELU")
     x = inputs(net, 9)
@@ -131,6 +141,7 @@ def test_fused_path_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(torch, "compile", no_compiler)
     monkeypatch.setattr(modules_impl, "_COMPILED", {})
+    monkeypatch.setattr(ShallowShapNet, "dense_limit", 0)  # the eager path a failed compile falls back to
     net = make("pairs, GELU")
     x = inputs(net)
     with torch.no_grad():
@@ -151,3 +162,54 @@ def test_compiled_two_layer_kernel_equals_the_oracle() -> None:
     net = compile_coalitions(make("pairs, GELU"))
     no_grad_explain_is_exact(net, inputs(net))
     assert modules_impl._COMPILED.get("two") not in (None, modules_impl._fused_two_layer_phi)
+
+
+def test_dense_path_follows_the_weights_it_explains() -> None:
+    """The dense operator is cached, but never stale: after an optimizer step, a load_state_dict, a new reference or a
+    dtype change, explain is exact for the weights of the moment."""
+    torch.manual_seed(2)
+    net = make("pairs, GELU")
+    x = inputs(net)
+
+    def exact_now() -> None:
+        operator = net._dense_operator(x.to(net.reference.dtype))
+        assert operator is not None
+        no_grad_explain_is_exact(net, x.to(net.reference.dtype))
+
+    exact_now()
+    cached = net._dense_operator(x)
+    assert net._dense_operator(x) is cached  # the same weights: built once
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    net(x).sum().backward()
+    optimizer.step()
+    exact_now()
+    assert net._dense_operator(x) is not cached
+    net.load_state_dict(make("pairs, GELU").state_dict())  # new weights and a new reference
+    x = inputs(net)
+    exact_now()
+    with torch.no_grad():
+        net.reference.add_(0.25)
+    x = inputs(net)  # its at-reference entries follow the new reference
+    exact_now()
+    net.float()
+    x = x.float()
+    with torch.no_grad():
+        fast = net.explain(x)
+    torch.testing.assert_close(fast.attributions, exact_shapley(net.double(), x.double(), net.reference).attributions
+                               .float(), rtol=0, atol=1e-5)
+
+
+def test_dense_path_stays_within_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above `dense_limit` elements (or with a compiled bank) the grouped path runs, and is exact."""
+    torch.manual_seed(3)
+    net = make("pairs, GELU")
+    x = inputs(net)
+    columns = sum(bank.dense_columns() for bank in net.banks)
+    # The operator needs (columns + 1) x (8 + 2 + 9 x 3) elements.
+    monkeypatch.setattr(ShallowShapNet, "dense_limit", columns * 10)
+    assert net._dense_operator(x) is None
+    no_grad_explain_is_exact(net, x)
+    monkeypatch.setattr(ShallowShapNet, "dense_limit", (columns + 1) * 37)
+    assert net._dense_operator(x) is not None
+    net.banks[0].compiled = True
+    assert net._dense_operator(x) is None
