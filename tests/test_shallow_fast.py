@@ -58,19 +58,26 @@ def no_grad_explain_is_exact(net: ShallowShapNet, x: torch.Tensor):
 DENSE_CASES = ["pairs, GELU", "singles, 3 channels", "one group of 7 (combined by a product)", "triples, LeakyReLU"]
 
 
-@pytest.mark.parametrize("path", ["dense", "grouped 1 << 22", "grouped 1"])  # grouped: all modules / one per chunk
+# dense / sparse: the two-product path with a dense or CSR second product; grouped: all modules / one per chunk.
+@pytest.mark.parametrize("path", ["dense", "sparse", "grouped 1 << 22", "grouped 1"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_no_grad_paths_equal_the_oracle_and_the_autograd_path(case: str, path: str,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    if path == "dense" and case not in DENSE_CASES:
-        pytest.skip("the dense path takes one-hidden-layer inners only")
-    if path != "dense":
+    two_products = path in ("dense", "sparse")
+    if two_products and case not in DENSE_CASES:
+        pytest.skip("the two-product path takes one-hidden-layer inners only")
+    if two_products:
+        monkeypatch.setattr(ShallowShapNet, "sparse_density", 1.0 if path == "sparse" else 0.0)
+    else:
         monkeypatch.setattr(ShallowShapNet, "dense_limit", 0)
         monkeypatch.setattr(ShapleyModuleBank, "grouped_chunk", eval(path.split(" ", 1)[1]))
     torch.manual_seed(0)
     net = make(case)
     x = inputs(net)
-    assert (net._dense_operator(x) is not None) == (path == "dense")
+    operator = net._dense_operator(x)
+    assert (operator is not None) == two_products
+    if two_products:
+        assert operator.combine.layout == (torch.sparse_csr if path == "sparse" else torch.strided)
     fast = no_grad_explain_is_exact(net, x)
     slow = net.explain(x)  # parameters require grad: the differentiable path
     assert slow.attributions.requires_grad and not fast.attributions.requires_grad
@@ -78,10 +85,13 @@ def test_no_grad_paths_equal_the_oracle_and_the_autograd_path(case: str, path: s
     torch.testing.assert_close(fast.output, slow.output.detach(), rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("dense_limit", [ShallowShapNet.dense_limit, 0])
-def test_no_grad_paths_in_float32_and_repeated_calls(dense_limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("dense_limit", "sparse_density"), [(ShallowShapNet.dense_limit, 0.0),
+                                                              (ShallowShapNet.dense_limit, 1.0), (0, 0.0)])
+def test_no_grad_paths_in_float32_and_repeated_calls(dense_limit: int, sparse_density: float,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Float32 agrees with float64; the reused workspace does not leak between calls of other sizes."""
     monkeypatch.setattr(ShallowShapNet, "dense_limit", dense_limit)
+    monkeypatch.setattr(ShallowShapNet, "sparse_density", sparse_density)
     torch.manual_seed(1)
     net = make("pairs, GELU")
     x = inputs(net, 9)
