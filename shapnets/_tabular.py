@@ -46,5 +46,5 @@ class TabularGame(nn.Module):
         spec = [(None, self.in_features, self.in_channels)]
         if self.in_channels == 1:
             spec.insert(0, (None, self.in_features))
-        x = check_input(x, spec, type(self).__name__, self)
+        x = check_input(x, spec, type(self).__name__, self.reference)  # the reference: moved and cast with the model
         return x[..., None] if x.dim() == 2 else x

@@ -38,7 +38,7 @@ def check_input(
     x: object,
     spec: Sequence[Sequence[int | None]],
     who: str,
-    module: nn.Module | None = None,
+    module: nn.Module | Tensor | None = None,
     check_finite: bool = True,
 ) -> Tensor:
     """Validate `x` against one of several accepted shapes and return it.
@@ -47,7 +47,8 @@ def check_input(
         x: the input to check.
         spec: accepted shapes; `None` matches any size (used for the batch axis).
         who: the model or layer name used in messages.
-        module: if given, `x` must be on the module's device and of its floating dtype.
+        module: if given, `x` must be on the module's device and of its floating dtype (or a tensor of the module
+            standing for it, e.g. its reference buffer: `module.parameters()` walks the module tree on every call).
         check_finite: reject NaN / inf values.
 
     Raises:
@@ -66,7 +67,7 @@ def check_input(
         accepted = " or ".join(format_shape(s) for s in spec)
         raise ValueError(f"{who} expects input of shape {accepted}, got {tuple(x.shape)}")
     if module is not None:
-        param = next(iter(module.parameters()), None)
+        param = module if isinstance(module, Tensor) else next(iter(module.parameters()), None)
         if param is not None:
             if x.device != param.device:
                 raise RuntimeError(

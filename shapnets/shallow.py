@@ -313,21 +313,23 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         and version counter (bumped by optimizer steps, `load_state_dict` and any in-place write), the reference's and
         the limits, so an explanation never reads weights older than the model's.
         """
+        if not self.dense_limit:
+            return None
         banks = list(self.banks)
-        if not self.dense_limit or not banks or any(bank.compiled or not bank.dense_ready() for bank in banks):
-            return None
-        if len({(type(bank.act), getattr(bank.act, "approximate", None), getattr(bank.act, "negative_slope", None))
-                for bank in banks}) > 1:
-            return None
-        tensors = [self.reference, *self.parameters()]
+        acts = tuple((bank.compiled, type(bank.act), getattr(bank.act, "approximate", None),
+                      getattr(bank.act, "negative_slope", None)) for bank in banks)
         try:
-            key = (self.dense_limit, self.sparse_density, like.dtype, like.device,
-                   *((t.data_ptr(), t._version) for t in tensors))
+            key = (self.dense_limit, self.sparse_density, like.dtype, like.device, acts,
+                   *((t.data_ptr(), t._version) for t in (self.reference, *self.parameters())))
         except RuntimeError:  # inference-mode tensors have no version counter: nothing to key a cache on
             return None
         cached = self.__dict__.get("_dense_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
+        if not banks or len(set(act[1:] for act in acts)) > 1 or any(bank.compiled or not bank.dense_ready()
+                                                                     for bank in banks):
+            self.__dict__["_dense_cache"] = (key, None)
+            return None
         columns = sum(bank.dense_columns() for bank in banks)
         D, C, outputs = self.in_features, self.in_channels, self.out_channels
         operator = None
@@ -356,21 +358,25 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         `combine^T act(first^T [x - r; 1])`, samples last: three large ops instead of ~25 per bank, which at tabular
         sizes is what a call costs (each small op is 5-20 us of dispatch on a CPU).
         """
+        # Plain views, not einops strings, on this path: at tabular sizes a call is ~20 small ops, and a rearrange
+        # costs as much as the op it describes. Layouts: inputs `((d c) + 1) b`, offsets `b d c`, values
+        # `((d o) + o) b`.
         B, D, outputs = x.shape[0], self.in_features, self.out_channels
         inputs = x.new_empty(operator.first.shape[1], B)  # [x - r ; 1]: features x samples
-        offsets = rearrange(inputs[:-1], "(d c) b -> b d c", d=D)
-        torch.sub(x.view(B, D, -1), self.reference, out=offsets)
-        inputs[-1] = 1
+        offsets = inputs[:-1].T.view(B, D, -1)
+        torch.sub(x, self.reference, out=offsets)
+        inputs[-1].fill_(1)
         hidden = torch.mm(operator.first, inputs, out=kept_buffer(self, x, (operator.first.shape[0], B)))
         hidden = self.banks[0]._activate(hidden, True)
-        hidden[-1] = 1  # the constant's column of `combine`
-        values = operator.combine @ hidden  # ((D + 1) O, B)
-        attributions = rearrange(values[: D * outputs], "(d o) b -> b d o", d=D).contiguous()
+        hidden[-1].fill_(1)  # the constant's column of `combine`
+        values = torch.mm(operator.combine, hidden)
+        attributions = values[: D * outputs].view(D, outputs, B).permute(2, 0, 1).contiguous()
         # A feature at the reference is null in every module's game: exactly 0 (its coalition pairs are equal
         # columns, but the product sums their differences among other terms, leaving ~1e-8 in float32).
-        at_reference = offsets.eq(0).all(2)
+        at_reference = inputs[:-1].eq(0)
         if bool(at_reference.any()):
-            attributions.masked_fill_(at_reference[:, :, None], 0.0)
+            null = at_reference.view(D, -1, B).all(1).T  # (B, D): every channel at the reference
+            attributions.masked_fill_(null[:, :, None], 0.0)
         return attributions, operator.base, values[D * outputs:].T.contiguous()
 
     def _explain_grouped(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
