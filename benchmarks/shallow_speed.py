@@ -245,10 +245,16 @@ def zoo_variants(runs: list[str]) -> tuple[dict[str, nn.Module], dict[str, float
 
 
 def accuracies(nets: dict[str, nn.Module]) -> dict[str, float]:
-    """Test accuracy on the trainer's breast-cancer test split (data seed 0, as in the shipped card)."""
+    """Test accuracy on the trainer's breast-cancer test split, preprocessed as in training: the data seed and
+    validation share of configs/shallow_breast_cancer.yaml (the standardisation is fitted on the train part, so a
+    different validation share shifts every test input; as on the shipped card)."""
+    import yaml
+
     from training.data.registry import load_dataset
 
-    test = load_dataset("breast_cancer", seed=0).test
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "shallow_breast_cancer.yaml"
+    data = yaml.safe_load(recipe.read_text())["data"]
+    test = load_dataset("breast_cancer", seed=data.get("seed", 0), val_fraction=data.get("val_fraction", 0.1)).test
     x = torch.stack([test[i][0] for i in range(len(test))]).float()
     y = torch.stack([torch.as_tensor(test[i][1]) for i in range(len(test))])
     with torch.no_grad():

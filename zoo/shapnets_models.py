@@ -107,7 +107,7 @@ _MNIST_CONV = dict(in_chans=1, num_classes=10, channels=(16, 16, 16, 16), hidden
 # overrides the documented arguments; tests/test_architecture.py checks that the two agree.
 for _name, _arch, _defaults, _variant_cfg in [
     ("shapnet_shallow_breast_cancer", "shapnet_shallow", dict(in_features=30, num_classes=2, groups="pairs",
-                                                              hidden=(4,)),
+                                                              hidden=(2,)),
      _tabular_cfg("shapnet_shallow_breast_cancer", _BREAST, 30, 2, _EXACT, **_CANCER_LABELS)),
     ("shapnet_deep_breast_cancer", "shapnet_deep", dict(in_features=30, num_classes=2, channels=8, hidden=(16,)),
      _tabular_cfg("shapnet_deep_breast_cancer", _BREAST, 30, 2, _LAYERWISE, **_CANCER_LABELS)),
