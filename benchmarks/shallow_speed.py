@@ -5,8 +5,10 @@ For a Shallow ShapNet on 12 features with all 66 pairs (and, with `--zoo`, the s
 in one process, everything interleaved within every repeat (`training.bench.interleaved_medians`), so that load that
 comes and goes on a shared machine hits all columns alike:
 
-* `explain`: `model.explain(x)` under `torch.no_grad()` (the grouped inference path,
-  `ShapleyModuleBank.shapley_grouped`), at batch 64 and 256;
+* `explain`: `model.explain(x)` under `torch.no_grad()` (the two-product path where every inner has one hidden
+  layer: `ShallowShapNet.dense_limit`), at batch 64 and 256;
+* `grouped`: the same model with that path switched off (`dense_limit = 0`): the grouped inference path,
+  `ShapleyModuleBank.shapley_grouped`, which explain takes for other inners;
 * `previous`: the same Shapley values through the differentiable per-bank path (`ShapleyModuleBank.shapley` and a
   scatter), which `explain` used before the grouped path;
 * `forward`: `model(x)` on the same batch (for explain / forward and its bound 1.2 x 2^k, k = 2 for pairs);
@@ -17,7 +19,7 @@ comes and goes on a shared machine hits all columns alike:
 Prints per inner: explain ms / sample, KernelShap ms / sample, the speed-up (median of KernelShap / median of
 explain per sample), explain / forward, and one torch.profiler table of the default inner's explain.
 
-With `--zoo`, the shipped weights' test accuracy on the trainer's breast-cancer split (data seed 0, as on the card)
+With `--zoo`, the shipped weights' test accuracy on the trainer's breast-cancer split (the recipe's data seed and split)
 is printed next to each model (`--zoo` needs scikit-learn for the data, nothing else).
 
 Usage:
@@ -111,9 +113,10 @@ def cpu_timed(fn: Callable[[], object], store: list[float]) -> Callable[[], obje
 
 def measure(nets: dict[str, nn.Module], features: int, batches: list[int], repeats: int, kernel_inputs: int,
             n_samples: int, k: int = 2, calls: int = 20) -> list[dict[str, object]]:
-    """Interleaved medians of forward, explain, the previous path and KernelShap per inner (rows per batch).
+    """Interleaved medians of forward, explain, the grouped and previous paths and KernelShap per inner (rows per
+    batch).
 
-    Forward, explain and the previous path are timed over `calls` back-to-back calls each (per-call time = total /
+    Forward, explain and the other paths are timed over `calls` back-to-back calls each (per-call time = total /
     calls); KernelShap over one sample.
 
     Every row has the speed-up in wall time and in CPU time (`cpu_timed`); the other columns are wall time.
@@ -134,9 +137,12 @@ def measure(nets: dict[str, nn.Module], features: int, batches: list[int], repea
         return run
 
     for name, net in nets.items():
+        grouped = copy.deepcopy(net)
+        grouped.dense_limit = 0  # the grouped path, which explain takes where the two-product path does not apply
         for b, x in xs.items():
             fns[f"{name}|{b}|forward"] = repeated(lambda net=net, x=x: net(x))
             fns[f"{name}|{b}|explain"] = repeated(lambda net=net, x=x: net.explain(x))
+            fns[f"{name}|{b}|grouped"] = repeated(lambda net=grouped, x=x: net.explain(x))
             fns[f"{name}|{b}|previous"] = repeated(lambda net=net, x=x: previous_explain(net, x))
         fns[f"{name}|kernel"] = kernel_shap_call(net, torch.randn(kernel_inputs, features), n_samples)
         # The issue's baseline: perturbations in batches of 256.
@@ -157,6 +163,7 @@ def measure(nets: dict[str, nn.Module], features: int, batches: list[int], repea
                          f"KernelShap({n_samples}) ms / sample": kernel, "speed-up": kernel / explain,
                          "speed-up (CPU time)": cpu_ratio,
                          "speed-up (KernelShap in batches of 256)": kernel256 / explain,
+                         "grouped path / explain": t[f"{name}|{b}|grouped"] / t[f"{name}|{b}|explain"],
                          "previous path / explain": t[f"{name}|{b}|previous"] / t[f"{name}|{b}|explain"],
                          "explain / forward": t[f"{name}|{b}|explain"] / t[f"{name}|{b}|forward"],
                          "bound 1.2 x 2^k": 1.2 * 2**k})
@@ -164,10 +171,14 @@ def measure(nets: dict[str, nn.Module], features: int, batches: list[int], repea
 
 
 def with_compiled(nets: dict[str, nn.Module], features: int, batches: list[int]) -> dict[str, nn.Module]:
-    """`nets` and, after each, a copy using the compiled coalition kernels (compiled here, before any timing)."""
+    """`nets` and, after each, a copy using the compiled coalition kernels (compiled here, before any timing).
+
+    The copy's two-product path is switched off (`dense_limit = 0`): it takes precedence over the compiled kernel.
+    """
     out: dict[str, nn.Module] = {}
     for name, net in nets.items():
         twin = compile_coalitions(copy.deepcopy(net))
+        twin.dense_limit = 0
         start = time.perf_counter()
         with torch.no_grad():
             for b in batches:

@@ -308,16 +308,18 @@ class ShallowShapNet(StreamedBatches, TabularGame):
     def _dense_operator(self, like: Tensor) -> _Linearised | None:
         """The cached two-product form of `explain` for `like`'s dtype and device, or None where it does not apply.
 
-        It applies where every bank has one hidden layer and the same pointwise activation, no bank uses the compiled
-        kernel, and the operator has at most `dense_limit` elements. The cache is keyed on every parameter's storage
-        and version counter (bumped by optimizer steps, `load_state_dict` and any in-place write), the reference's and
-        the limits, so an explanation never reads weights older than the model's.
+        It applies where every bank has one hidden layer and the same pointwise activation and the operator has at
+        most `dense_limit` elements. It takes precedence over `compile_coalitions`' fused kernel, which it outran on
+        every CPU row measured but one (docs/performance.md): set `dense_limit = 0` to use that kernel instead. The
+        cache is keyed on every parameter's storage and version counter (bumped by optimizer steps,
+        `load_state_dict` and any in-place write), the reference's, the activations and the limits, so an
+        explanation never reads weights older than the model's.
         """
         if not self.dense_limit:
             return None
         banks = list(self.banks)
-        acts = tuple((bank.compiled, type(bank.act), getattr(bank.act, "approximate", None),
-                      getattr(bank.act, "negative_slope", None)) for bank in banks)
+        acts = tuple((type(bank.act), getattr(bank.act, "approximate", None), getattr(bank.act, "negative_slope", None))
+                     for bank in banks)
         try:
             key = (self.dense_limit, self.sparse_density, like.dtype, like.device, acts,
                    *((t.data_ptr(), t._version) for t in (self.reference, *self.parameters())))
@@ -326,8 +328,7 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         cached = self.__dict__.get("_dense_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
-        if not banks or len(set(act[1:] for act in acts)) > 1 or any(bank.compiled or not bank.dense_ready()
-                                                                     for bank in banks):
+        if not banks or len(set(acts)) > 1 or not all(bank.dense_ready() for bank in banks):
             self.__dict__["_dense_cache"] = (key, None)
             return None
         columns = sum(bank.dense_columns() for bank in banks)

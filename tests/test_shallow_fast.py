@@ -130,6 +130,7 @@ FUSED_CASES = ["pairs, GELU", "singles, 3 channels", "triples, LeakyReLU"]  # th
 @pytest.mark.parametrize("case", FUSED_CASES)
 def test_fused_two_layer_kernel_run_eagerly_equals_the_oracle(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # The expression compile_coalitions compiles, run eagerly (no compiler needed): exact, exact zeros.
+    monkeypatch.setattr(ShallowShapNet, "dense_limit", 0)  # else the two-product path takes these models
     monkeypatch.setitem(modules_impl._COMPILED, "two", modules_impl._fused_two_layer_phi)
     torch.manual_seed(0)
     net = compile_coalitions(make(case))
@@ -210,7 +211,7 @@ def test_dense_path_follows_the_weights_it_explains() -> None:
 
 
 def test_dense_path_stays_within_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above `dense_limit` elements (or with a compiled bank) the grouped path runs, and is exact."""
+    """Above `dense_limit` elements the grouped path runs, and is exact."""
     torch.manual_seed(3)
     net = make("pairs, GELU")
     x = inputs(net)
@@ -221,5 +222,17 @@ def test_dense_path_stays_within_its_limit(monkeypatch: pytest.MonkeyPatch) -> N
     no_grad_explain_is_exact(net, x)
     monkeypatch.setattr(ShallowShapNet, "dense_limit", (columns + 1) * 37)
     assert net._dense_operator(x) is not None
-    net.banks[0].compiled = True
-    assert net._dense_operator(x) is None
+    compile_coalitions(net)  # the two-product path takes precedence over the fused kernel
+    assert net._dense_operator(x) is not None
+
+
+def test_dense_path_leaves_other_inners_to_the_grouped_path() -> None:
+    torch.manual_seed(4)
+    for net in (make("mixed arities 1-5, two hidden layers"), make("pairs, one layer (linear)"),
+                ShallowShapNet(8, 3, hidden=(4,), act_layer=nn.Tanh).to(DT)):
+        assert net._dense_operator(inputs(net)) is None
+    edited = make("pairs, GELU")
+    x = inputs(edited)
+    no_grad_explain_is_exact(edited, x)
+    edited.banks[0].act = nn.ReLU()  # the activation is part of the cache key: the operator is rebuilt
+    no_grad_explain_is_exact(edited, x)
