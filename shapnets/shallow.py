@@ -17,7 +17,7 @@ import itertools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from einops import rearrange
@@ -304,6 +304,14 @@ class ShallowShapNet(StreamedBatches, TabularGame):
     #: Its rows hold `k O` non-zeros of `(D + 1) O`: 7% for 435 pairs of 30 features (2.4-2.9x faster than the dense
     #: product here), 18% for 12 features (equal).
     sparse_density: ClassVar[float] = 1 / 8
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The two-product operator and its workspace are caches, rebuilt on first use (and a CSR tensor cannot be
+        # deep-copied): copies and pickles (EMA, export, DataParallel replicas) start without them.
+        state = super().__getstate__()
+        state.pop("_dense_cache", None)
+        state.pop("_workspace_buffer", None)
+        return state
 
     def _dense_operator(self, like: Tensor) -> _Linearised | None:
         """The cached two-product form of `explain` for `like`'s dtype and device, or None where it does not apply.

@@ -3,6 +3,8 @@ equal to the differentiable path, exact zeros at the reference, and clear errors
 
 from __future__ import annotations
 
+import copy
+import io
 import warnings
 
 import pytest
@@ -236,3 +238,24 @@ def test_dense_path_leaves_other_inners_to_the_grouped_path() -> None:
     no_grad_explain_is_exact(edited, x)
     edited.banks[0].act = nn.ReLU()  # the activation is part of the cache key: the operator is rebuilt
     no_grad_explain_is_exact(edited, x)
+
+
+@pytest.mark.parametrize("sparse_density", [0.0, 1.0])
+def test_copies_and_pickles_of_an_explained_model_rebuild_the_operator(sparse_density: float,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached operator (a CSR tensor where sparse) does not travel: deepcopy and torch.save work after explain."""
+    monkeypatch.setattr(ShallowShapNet, "sparse_density", sparse_density)
+    torch.manual_seed(5)
+    net = make("pairs, GELU")
+    x = inputs(net)
+    with torch.no_grad():
+        want = net.explain(x).attributions
+    twin = copy.deepcopy(net)
+    buffer = io.BytesIO()
+    torch.save(net, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (twin, loaded):
+        assert "_dense_cache" not in other.__dict__
+        with torch.no_grad():
+            assert torch.equal(other.explain(x).attributions, want)
