@@ -480,19 +480,24 @@ def kept_buffer(owner: nn.Module, like: Tensor, shape: tuple[int, ...]) -> Tenso
 
 
 class DenseOperator(NamedTuple):
-    """A Shallow ShapNet's no-grad explain as two dense products (`ShapleyModuleBank.dense_operator`).
+    """A Shallow ShapNet bank's no-grad Shapley values as linear maps around one activation
+    (`ShapleyModuleBank.dense_operator`).
 
     For `n` samples with offsets `X = x - r` flattened to `(n, D C)`: `Z = act(X @ first + shift)` holds every
-    module's hidden layer on every non-empty coalition (`N` columns), and `Z @ combine + constant` is
-    `[phi | output]`, `(n, (D + 1) O)`: the Shapley values of every feature and output, then the network's output.
+    module's hidden layer on every non-empty coalition (`N = G (2^k - 1) h` columns, ordered module, coalition,
+    unit), and `Z @ combine + constant` is `[phi | output]`, `(n, (D + 1) O)`: the Shapley values of every feature
+    and output, then the bank's output. The same second map per module: `local[g] @ Z_g` gives module `g`'s `k + 1`
+    rows of `O` values (its players' Shapley values, then its output), added onto rows `rows` of `[phi | output]`.
 
     Attributes:
-        first: `(D C, N)`: column `(t, g, u)` sums the first-layer weights of coalition `t`'s players of module `g`.
+        first: `(D C, N)`: column `(g, t, u)` sums the first-layer weights of coalition `t`'s players of module `g`.
         shift: `(N,)`: each column's pre-activation at the reference.
         combine: `(N, (D + 1) O)`: the output layer times each coalition's signed Shapley weight, per player, and the
             output layer on the full coalitions (last `O` columns).
         constant: `((D + 1) O,)`: the empty coalition's share of every player's value, and the output biases.
-        base: `(O,)`: the network's value at the reference.
+        base: `(O,)`: the bank's value at the reference.
+        local: `(G, (k + 1) O, (2^k - 1) h)`: `combine` per module, on its own players.
+        rows: `(G (k + 1) O,)`: the row of `[phi | output]` (`d O + o`, output `D O + o`) of every row of `local`.
     """
 
     first: Tensor
@@ -500,6 +505,8 @@ class DenseOperator(NamedTuple):
     combine: Tensor
     constant: Tensor
     base: Tensor
+    local: Tensor
+    rows: Tensor
 
 
 def _init_linear_(weight: Tensor, bias: Tensor, fan_in: int) -> None:
@@ -831,12 +838,13 @@ class ShapleyModuleBank(nn.Module):
 
     @torch.no_grad()
     def dense_operator(self, index: Tensor, num_features: int, reference: Tensor, dtype: torch.dtype) -> DenseOperator:
-        """This bank's Shapley values and output as two dense products over all features (see `DenseOperator`).
+        """This bank's Shapley values and output as linear maps around one activation (see `DenseOperator`).
 
         Every coalition's pre-activation is linear in the offsets (`a_g + sum_{i in S} W_gi (x_i - r_i)`) and, with
         one hidden layer, every Shapley value is linear in the hidden activations (the signed Shapley weights times
-        the output layer). Both maps are written out densely over the `D` features: worth it where `D` is small
-        enough that one large product beats `G` small ones and their passes (Shallow ShapNets on tabular data).
+        the output layer). The first map is written out densely over the `D` features, the second both densely and
+        per module: worth it where `D` is small enough that one large product beats `G` small ones and their passes
+        (Shallow ShapNets on tabular data).
 
         Args:
             index: `(G, k)`: the features of every module's players.
@@ -859,16 +867,20 @@ class ShapleyModuleBank(nn.Module):
         at_reference = self._at_reference(w1, reference.to(work)[index])  # (G, h)
         signed = signed_weights(k).to(work)  # (2^k, k): phi_i = sum_t signed[t, i] v_t
         groups = torch.arange(G, device=index.device)
-        first = w1.new_zeros(D, C, T, G, h)
-        combine = w1.new_zeros(T, G, h, D + 1, out)
+        first = w1.new_zeros(D, C, G, T, h)
+        local = w1.new_zeros(G, k + 1, out, T, h)
         for t in range(1, T + 1):
             for slot in range(k):
                 if t >> slot & 1:  # player `slot` is in coalition t: its weights enter t's pre-activation
-                    rearrange(first[:, :, t - 1], "d c g h -> d g c h").index_put_(
+                    rearrange(first[:, :, :, t - 1], "d c g h -> d g c h").index_put_(
                         (index[:, slot], groups), w1[:, slot], accumulate=True)
-                rearrange(combine[t - 1], "g h d o -> g d h o").index_put_(
-                    (groups, index[:, slot]), signed[t, slot] * w2, accumulate=True)
-        combine[T - 1, :, :, D] = w2  # the full coalition is the output (the output bias cancels out of phi)
+                local[:, slot, :, t - 1] = signed[t, slot] * rearrange(w2, "g h o -> g o h")
+        local[:, k, :, T - 1] = rearrange(w2, "g h o -> g o h")  # the full coalition is the output (its bias cancels)
+        outputs = torch.arange(out, device=index.device)
+        rows = torch.cat([index * out, index.new_full((G, 1), D * out)], 1)[:, :, None] + outputs  # (G, k + 1, O)
+        combine = w1.new_zeros(G, T, h, (D + 1) * out)
+        source = rearrange(local, "g r o t h -> g t h (r o)")
+        combine.scatter_add_(3, rows.view(G, 1, 1, -1).expand(G, T, h, -1), source)
         empty = torch.einsum("gh,gho->go", self.act(at_reference), w2)  # every module's value at the reference
         output_bias = self.bias(1)
         output_bias = w2.new_zeros(G, out) if output_bias is None else output_bias.to(work)
@@ -876,9 +888,10 @@ class ShapleyModuleBank(nn.Module):
         for slot in range(k):
             constant.index_add_(0, index[:, slot], signed[0, slot] * empty)
         constant[D] = output_bias.sum(0)
-        return DenseOperator(first.reshape(D * C, -1).to(dtype), at_reference.expand(T, G, h).reshape(-1).to(dtype),
-                             combine.reshape(T * G * h, -1).to(dtype), constant.flatten().to(dtype),
-                             (empty + output_bias).sum(0).to(dtype))
+        return DenseOperator(first.reshape(D * C, -1).to(dtype), at_reference[:, None].expand(G, T, h).reshape(-1)
+                             .to(dtype), combine.reshape(G * T * h, -1).to(dtype), constant.flatten().to(dtype),
+                             (empty + output_bias).sum(0).to(dtype), local.reshape(G, (k + 1) * out, T * h).to(dtype),
+                             rows.flatten())
 
     def _fused_grouped_kernel(self) -> Callable[..., Tensor] | None:
         """The compiled two-layer kernel where this bank fits it (two layers, a pointwise activation, no output

@@ -41,17 +41,22 @@ SPARSE_DTYPES = (torch.float32, torch.float64)
 
 
 class _Linearised(NamedTuple):
-    """A Shallow ShapNet's no-grad explain as two products (the banks' `DenseOperator`s stacked and transposed).
+    """A Shallow ShapNet's no-grad explain as products around one activation (the banks' `DenseOperator`s stacked).
 
     Attributes:
         first: `(N + 1, D C + 1)`: `[first^T | shift]` and a zero row (that hidden unit is set to 1 after the act).
-        combine: `((D + 1) O, N + 1)`: `[combine^T | constant]`, dense or sparse CSR.
+        combine: `((D + 1) O, N + 1)`: `[combine^T | constant]`, dense or sparse CSR; None where the second map runs
+            per module (`local`).
         base: `(O,)`: the value at the reference.
+        constant: `((D + 1) O, 1)`: the constant of `[phi | output]`.
+        local: per bank, its `DenseOperator.local` and `rows`.
     """
 
     first: Tensor
-    combine: Tensor
+    combine: Tensor | None
     base: Tensor
+    constant: Tensor
+    local: tuple[tuple[Tensor, Tensor], ...]
 
 
 def make_groups(groups: GroupSpec, in_features: int) -> list[tuple[int, ...]]:
@@ -300,9 +305,15 @@ class ShallowShapNet(StreamedBatches, TabularGame):
     #: Largest `DenseOperator` (elements) for which the no-grad `explain` runs as two dense products; 0: never.
     #: Pairs of 30 features with 4 hidden units take 0.5M, 12 features with 32 hidden units 0.24M.
     dense_limit: ClassVar[int] = 1 << 21
-    #: Density (non-zeros / elements) up to which the second product uses a sparse CSR matrix (CPU, float32/64).
-    #: Its rows hold `k O` non-zeros of `(D + 1) O`: 7% for 435 pairs of 30 features (2.4-2.9x faster than the dense
-    #: product here), 18% for 12 features (equal).
+    #: Smallest `(2^k - 1) h` (coalitions x hidden units of a module) for which the second map runs per module: one
+    #: batched product of `G` matrices `((k + 1) O, (2^k - 1) h)` and a scatter onto the features, instead of one
+    #: product over all features (which multiplies `(D + 1) O` columns where `(k + 1) O` are not zero). Below it the
+    #: small matrices cost more in dispatch than they save: pairs with 32 hidden units (96) run per module (2x
+    #: faster than the dense product here), pairs with 2-4 hidden units (6-12) over all features.
+    local_width: ClassVar[int] = 32
+    #: Density (non-zeros / elements) up to which the second product over all features uses a sparse CSR matrix (CPU,
+    #: float32/64). Its rows hold `(k + 1) O` non-zeros of `(D + 1) O`: 7-10% for 435 pairs of 30 features (2.5-3x
+    #: faster than the dense product here), 18% for 12 features (equal).
     sparse_density: ClassVar[float] = 1 / 8
 
     def __getstate__(self) -> dict[str, Any]:
@@ -329,7 +340,7 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         acts = tuple((type(bank.act), getattr(bank.act, "approximate", None), getattr(bank.act, "negative_slope", None))
                      for bank in banks)
         try:
-            key = (self.dense_limit, self.sparse_density, like.dtype, like.device, acts,
+            key = (self.dense_limit, self.sparse_density, self.local_width, like.dtype, like.device, acts,
                    *((t.data_ptr(), t._version) for t in (self.reference, *self.parameters())))
         except RuntimeError:  # inference-mode tensors have no version counter: nothing to key a cache on
             return None
@@ -351,21 +362,26 @@ class ShallowShapNet(StreamedBatches, TabularGame):
             first = like.new_zeros(columns + 1, D * C + 1)
             first[:-1, :-1] = torch.cat([p.first for p in parts], 1).T
             first[:-1, -1] = torch.cat([p.shift for p in parts])
-            combine = torch.cat([*(p.combine for p in parts), sum(p.constant for p in parts)[None]]).T.contiguous()
-            density = float(combine.count_nonzero()) / combine.numel()
-            if density <= self.sparse_density and like.device.type == "cpu" and like.dtype in SPARSE_DTYPES:
-                with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
-                    warnings.simplefilter("ignore", UserWarning)
-                    combine = combine.to_sparse_csr()
-            operator = _Linearised(first, combine, sum(p.base for p in parts))
+            constant = sum(p.constant for p in parts)
+            combine = None
+            if any(p.local.shape[-1] < self.local_width for p in parts):
+                combine = torch.cat([*(p.combine for p in parts), constant[None]]).T.contiguous()
+                density = float(combine.count_nonzero()) / combine.numel()
+                if density <= self.sparse_density and like.device.type == "cpu" and like.dtype in SPARSE_DTYPES:
+                    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
+                        warnings.simplefilter("ignore", UserWarning)
+                        combine = combine.to_sparse_csr()
+            operator = _Linearised(first, combine, sum(p.base for p in parts), constant[:, None],
+                                   tuple((p.local, p.rows) for p in parts))
         self.__dict__["_dense_cache"] = (key, operator)
         return operator
 
     def _explain_dense(self, x: Tensor, operator: _Linearised) -> tuple[Tensor, Tensor, Tensor]:
-        """`explain`'s attributions `(B, D, O)`, base `(O,)` and output `(B, O)` as two products (`DenseOperator`).
+        """`explain`'s attributions `(B, D, O)`, base `(O,)` and output `(B, O)` around one activation.
 
-        `combine^T act(first^T [x - r; 1])`, samples last: three large ops instead of ~25 per bank, which at tabular
-        sizes is what a call costs (each small op is 5-20 us of dispatch on a CPU).
+        `combine^T act(first^T [x - r; 1])` (`DenseOperator`), samples last, the second map over all features or per
+        module (`local_width`): three or four large ops instead of ~25 per bank, which at tabular sizes is what a call
+        costs (each small op is 5-20 us of dispatch on a CPU).
         """
         # Plain views, not einops strings, on this path: at tabular sizes a call is ~20 small ops, and a rearrange
         # costs as much as the op it describes. Layouts: inputs `((d c) + 1) b`, offsets `b d c`, values
@@ -378,7 +394,16 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         hidden = torch.mm(operator.first, inputs, out=kept_buffer(self, x, (operator.first.shape[0], B)))
         hidden = self.banks[0]._activate(hidden, True)
         hidden[-1].fill_(1)  # the constant's column of `combine`
-        values = torch.mm(operator.combine, hidden)
+        if operator.combine is not None:
+            values = torch.mm(operator.combine, hidden)
+        else:  # per module: each module's (k + 1) O rows, added onto its features' and the output's rows
+            values = operator.constant.repeat(1, B)  # a copy: the cached constant is never written
+            start = 0
+            for local, rows in operator.local:
+                groups, _, width = local.shape
+                block = torch.bmm(local, hidden[start:start + groups * width].view(groups, width, B))
+                values.index_add_(0, rows, block.view(-1, B))
+                start += groups * width
         attributions = values[: D * outputs].view(D, outputs, B).permute(2, 0, 1).contiguous()
         # A feature at the reference is null in every module's game: exactly 0 (its coalition pairs are equal
         # columns, but the product sums their differences among other terms, leaving ~1e-8 in float32).
@@ -386,7 +411,7 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         if bool(at_reference.any()):
             null = at_reference.view(D, -1, B).all(1).T  # (B, D): every channel at the reference
             attributions.masked_fill_(null[:, :, None], 0.0)
-        return attributions, operator.base, values[D * outputs:].T.contiguous()
+        return attributions, operator.base.clone(), values[D * outputs:].T.contiguous()  # nothing shares the cache
 
     def _explain_grouped(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`explain`'s attributions `(B, D, O)`, base `(O,)` and output `(B, O)` without autograd (the fast path).

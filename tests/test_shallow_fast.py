@@ -21,6 +21,7 @@ CASES = {
     "pairs, GELU": dict(groups="pairs"),
     "mixed arities 1-5, two hidden layers": dict(groups=[(0,), (1, 2), (2, 3, 4), (0, 5, 6, 7), (1, 3, 5, 7, 6)],
                                                  hidden=(6, 4)),
+    "mixed arities 1-4, one hidden layer": dict(groups=[(0,), (1, 2), (2, 3, 4), (0, 5, 6, 7), (3, 6)], hidden=(5,)),
     "pairs, one layer (linear)": dict(groups="pairs", hidden=(), act_layer=nn.ReLU),
     "singles, 3 channels": dict(groups="singles", in_channels=3, hidden=(5,)),
     "one group of 7 (combined by a product)": dict(groups=[(0, 1, 2, 3, 4, 5, 6)], hidden=(3,), act_layer=nn.ReLU),
@@ -57,19 +58,22 @@ def no_grad_explain_is_exact(net: ShallowShapNet, x: torch.Tensor):
     return fast
 
 
-DENSE_CASES = ["pairs, GELU", "singles, 3 channels", "one group of 7 (combined by a product)", "triples, LeakyReLU"]
+DENSE_CASES = ["pairs, GELU", "mixed arities 1-4, one hidden layer", "singles, 3 channels",
+               "one group of 7 (combined by a product)", "triples, LeakyReLU"]
 
 
-# dense / sparse: the two-product path with a dense or CSR second product; grouped: all modules / one per chunk.
-@pytest.mark.parametrize("path", ["dense", "sparse", "grouped 1 << 22", "grouped 1"])
+# dense / sparse / local: the two-product path with its second map as one dense or CSR product over all features, or
+# per module; grouped: the grouped path with all modules at once / one per chunk.
+@pytest.mark.parametrize("path", ["dense", "sparse", "local", "grouped 1 << 22", "grouped 1"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_no_grad_paths_equal_the_oracle_and_the_autograd_path(case: str, path: str,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    two_products = path in ("dense", "sparse")
+    two_products = path in ("dense", "sparse", "local")
     if two_products and case not in DENSE_CASES:
         pytest.skip("the two-product path takes one-hidden-layer inners only")
     if two_products:
         monkeypatch.setattr(ShallowShapNet, "sparse_density", 1.0 if path == "sparse" else 0.0)
+        monkeypatch.setattr(ShallowShapNet, "local_width", 0 if path == "local" else 1 << 30)
     else:
         monkeypatch.setattr(ShallowShapNet, "dense_limit", 0)
         monkeypatch.setattr(ShapleyModuleBank, "grouped_chunk", eval(path.split(" ", 1)[1]))
@@ -78,7 +82,9 @@ def test_no_grad_paths_equal_the_oracle_and_the_autograd_path(case: str, path: s
     x = inputs(net)
     operator = net._dense_operator(x)
     assert (operator is not None) == two_products
-    if two_products:
+    if path == "local":
+        assert operator.combine is None and len(operator.local) == len(net.banks)
+    elif two_products:
         assert operator.combine.layout == (torch.sparse_csr if path == "sparse" else torch.strided)
     fast = no_grad_explain_is_exact(net, x)
     slow = net.explain(x)  # parameters require grad: the differentiable path
@@ -87,13 +93,14 @@ def test_no_grad_paths_equal_the_oracle_and_the_autograd_path(case: str, path: s
     torch.testing.assert_close(fast.output, slow.output.detach(), rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize(("dense_limit", "sparse_density"), [(ShallowShapNet.dense_limit, 0.0),
-                                                              (ShallowShapNet.dense_limit, 1.0), (0, 0.0)])
-def test_no_grad_paths_in_float32_and_repeated_calls(dense_limit: int, sparse_density: float,
+@pytest.mark.parametrize(("dense_limit", "sparse_density", "local_width"),
+                         [(1 << 21, 0.0, 1 << 30), (1 << 21, 1.0, 1 << 30), (1 << 21, 0.0, 0), (0, 0.0, 0)])
+def test_no_grad_paths_in_float32_and_repeated_calls(dense_limit: int, sparse_density: float, local_width: int,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Float32 agrees with float64; the reused workspace does not leak between calls of other sizes."""
     monkeypatch.setattr(ShallowShapNet, "dense_limit", dense_limit)
     monkeypatch.setattr(ShallowShapNet, "sparse_density", sparse_density)
+    monkeypatch.setattr(ShallowShapNet, "local_width", local_width)
     torch.manual_seed(1)
     net = make("pairs, GELU")
     x = inputs(net, 9)
@@ -240,11 +247,12 @@ def test_dense_path_leaves_other_inners_to_the_grouped_path() -> None:
     no_grad_explain_is_exact(edited, x)
 
 
-@pytest.mark.parametrize("sparse_density", [0.0, 1.0])
-def test_copies_and_pickles_of_an_explained_model_rebuild_the_operator(sparse_density: float,
+@pytest.mark.parametrize(("sparse_density", "local_width"), [(0.0, 1 << 30), (1.0, 1 << 30), (0.0, 0)])
+def test_copies_and_pickles_of_an_explained_model_rebuild_the_operator(sparse_density: float, local_width: int,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The cached operator (a CSR tensor where sparse) does not travel: deepcopy and torch.save work after explain."""
     monkeypatch.setattr(ShallowShapNet, "sparse_density", sparse_density)
+    monkeypatch.setattr(ShallowShapNet, "local_width", local_width)
     torch.manual_seed(5)
     net = make("pairs, GELU")
     x = inputs(net)
@@ -259,3 +267,24 @@ def test_copies_and_pickles_of_an_explained_model_rebuild_the_operator(sparse_de
         assert "_dense_cache" not in other.__dict__
         with torch.no_grad():
             assert torch.equal(other.explain(x).attributions, want)
+
+
+@pytest.mark.parametrize(("sparse_density", "local_width"), [(0.0, 1 << 30), (1.0, 1 << 30), (0.0, 0)])
+def test_explanations_do_not_share_the_cached_operator(sparse_density: float, local_width: int,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of one (whose copies of the cached constants could be no-op views), then others; an explanation
+    edited in place: every later call is still exact."""
+    monkeypatch.setattr(ShallowShapNet, "sparse_density", sparse_density)
+    monkeypatch.setattr(ShallowShapNet, "local_width", local_width)
+    torch.manual_seed(6)
+    net = make("pairs, GELU")
+    x = inputs(net)
+    want = exact_shapley(net, x[:1], net.reference)
+    for _ in range(2):
+        with torch.no_grad():
+            single = net.explain(x[:1])
+        torch.testing.assert_close(single.attributions, want.attributions, rtol=0, atol=ATOL)
+        torch.testing.assert_close(single.base, want.base, rtol=0, atol=ATOL)
+        for tensor in (single.base, single.attributions, single.output):
+            tensor.add_(1.0)
+    no_grad_explain_is_exact(net, x)
