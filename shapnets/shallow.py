@@ -288,7 +288,13 @@ class ShallowShapNet(StreamedBatches, TabularGame):
                 attributions = attributions.index_add(1, index.flatten(), phi.flatten(1, 2))
                 base, output = base + b.sum(-2), output + o.sum(1)
         elif (operator := self._dense_operator(x)) is not None:
-            attributions, base, output = self._explain_dense(x, operator)
+            if torch.is_autocast_enabled(x.device.type):
+                # The cached operator is in the model's dtype and the CSR product has no bf16 kernel: the maps run in
+                # it (as the grouped path's products do), exact, and the explanation comes back in it.
+                with torch.autocast(x.device.type, enabled=False):
+                    attributions, base, output = self._explain_dense(x, operator)
+            else:
+                attributions, base, output = self._explain_dense(x, operator)
         else:
             attributions, base, output = self._explain_grouped(x)
         return Explanation(

@@ -69,6 +69,24 @@ def test_torch_compile_matches_eager(name: str) -> None:
     fast.check_local_accuracy(atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("local_width", [0, 1 << 30])  # the second map per module, or dense over the features
+def test_shallow_two_product_path_on_cuda(local_width: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ShallowShapNet, "local_width", local_width)
+    model, x = models()["shallow"]
+    model.eval()
+    with torch.no_grad():
+        cpu = model.explain(x)
+        model, x = model.to(DEVICE), x.to(DEVICE)
+        assert model._dense_operator(x) is not None
+        expl = model.explain(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            auto = model.explain(x)  # runs in float32 (the cached operator's dtype)
+    torch.testing.assert_close(expl.attributions.cpu(), cpu.attributions, rtol=1e-2, atol=1e-3)
+    expl.check_local_accuracy(atol=1e-3, rtol=1e-3)
+    assert auto.attributions.dtype == torch.float32
+    torch.testing.assert_close(auto.attributions, expl.attributions, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_follows_the_model_to_cuda() -> None:
     model, _ = models()["deep"]
     model = model.to(DEVICE)

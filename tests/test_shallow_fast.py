@@ -288,3 +288,20 @@ def test_explanations_do_not_share_the_cached_operator(sparse_density: float, lo
         for tensor in (single.base, single.attributions, single.output):
             tensor.add_(1.0)
     no_grad_explain_is_exact(net, x)
+
+
+@pytest.mark.parametrize(("sparse_density", "local_width"), [(0.0, 1 << 30), (1.0, 1 << 30), (0.0, 0)])
+def test_two_product_path_under_autocast_runs_in_the_model_dtype(sparse_density: float, local_width: int,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 autocast (no bf16 CSR kernel, bf16 blocks against a float32 scatter) leaves the path in float32: exact."""
+    monkeypatch.setattr(ShallowShapNet, "sparse_density", sparse_density)
+    monkeypatch.setattr(ShallowShapNet, "local_width", local_width)
+    torch.manual_seed(7)
+    net = make("pairs, GELU").float()
+    x = inputs(net).float()
+    with torch.no_grad():
+        want = net.explain(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = net.explain(x)
+    assert got.attributions.dtype == torch.float32
+    assert torch.equal(got.attributions, want.attributions) and torch.equal(got.output, want.output)
