@@ -394,7 +394,7 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         # `((d o) + o) b`.
         B, D, outputs = x.shape[0], self.in_features, self.out_channels
         inputs = x.new_empty(operator.first.shape[1], B)  # [x - r ; 1]: features x samples
-        offsets = inputs[:-1].T.view(B, D, -1)
+        offsets = inputs[:-1].T.view(B, D, self.in_channels)
         torch.sub(x, self.reference, out=offsets)
         inputs[-1].fill_(1)
         hidden = torch.mm(operator.first, inputs, out=kept_buffer(self, x, (operator.first.shape[0], B)))
@@ -415,7 +415,7 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         # columns, but the product sums their differences among other terms, leaving ~1e-8 in float32).
         at_reference = inputs[:-1].eq(0)
         if bool(at_reference.any()):
-            null = at_reference.view(D, -1, B).all(1).T  # (B, D): every channel at the reference
+            null = at_reference.view(D, self.in_channels, B).all(1).T  # (B, D): every channel at the reference
             attributions.masked_fill_(null[:, :, None], 0.0)
         return attributions, operator.base.clone(), values[D * outputs:].T.contiguous()  # nothing shares the cache
 

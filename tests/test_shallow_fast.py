@@ -305,3 +305,15 @@ def test_two_product_path_under_autocast_runs_in_the_model_dtype(sparse_density:
             got = net.explain(x)
     assert got.attributions.dtype == torch.float32
     assert torch.equal(got.attributions, want.attributions) and torch.equal(got.output, want.output)
+
+
+@pytest.mark.parametrize("case", ["pairs, GELU", "singles, 3 channels"])
+@pytest.mark.parametrize("dense_limit", [1 << 21, 0])
+def test_an_empty_batch_gets_an_empty_explanation(case: str, dense_limit: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ShallowShapNet, "dense_limit", dense_limit)
+    net = make(case)
+    x = inputs(net)[:0]
+    with torch.no_grad():
+        explanation = net.explain(x)
+    assert explanation.attributions.shape == (0, 8, 3) and explanation.output.shape == (0, 3)
