@@ -58,6 +58,20 @@ def no_grad_explain_is_exact(net: ShallowShapNet, x: torch.Tensor):
     return fast
 
 
+# The two-product path's second map: one dense or CSR product over all features, or per module
+# (sparse_density, local_width).
+SECOND_MAPS = {"dense": (0.0, 1 << 30), "sparse": (1.0, 1 << 30), "local": (0.0, 0)}
+
+
+@pytest.fixture(params=list(SECOND_MAPS))
+def second_map(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each second map of the two-product path in turn."""
+    density, width = SECOND_MAPS[request.param]
+    monkeypatch.setattr(ShallowShapNet, "sparse_density", density)
+    monkeypatch.setattr(ShallowShapNet, "local_width", width)
+    return request.param
+
+
 DENSE_CASES = ["pairs, GELU", "mixed arities 1-4, one hidden layer", "singles, 3 channels",
                "one group of 7 (combined by a product)", "triples, LeakyReLU"]
 
@@ -72,8 +86,9 @@ def test_no_grad_paths_equal_the_oracle_and_the_autograd_path(case: str, path: s
     if two_products and case not in DENSE_CASES:
         pytest.skip("the two-product path takes one-hidden-layer inners only")
     if two_products:
-        monkeypatch.setattr(ShallowShapNet, "sparse_density", 1.0 if path == "sparse" else 0.0)
-        monkeypatch.setattr(ShallowShapNet, "local_width", 0 if path == "local" else 1 << 30)
+        density, width = SECOND_MAPS[path]
+        monkeypatch.setattr(ShallowShapNet, "sparse_density", density)
+        monkeypatch.setattr(ShallowShapNet, "local_width", width)
     else:
         monkeypatch.setattr(ShallowShapNet, "dense_limit", 0)
         monkeypatch.setattr(ShapleyModuleBank, "grouped_chunk", eval(path.split(" ", 1)[1]))
@@ -247,12 +262,8 @@ def test_dense_path_leaves_other_inners_to_the_grouped_path() -> None:
     no_grad_explain_is_exact(edited, x)
 
 
-@pytest.mark.parametrize(("sparse_density", "local_width"), [(0.0, 1 << 30), (1.0, 1 << 30), (0.0, 0)])
-def test_copies_and_pickles_of_an_explained_model_rebuild_the_operator(sparse_density: float, local_width: int,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_copies_and_pickles_of_an_explained_model_rebuild_the_operator(second_map: str) -> None:
     """The cached operator (a CSR tensor where sparse) does not travel: deepcopy and torch.save work after explain."""
-    monkeypatch.setattr(ShallowShapNet, "sparse_density", sparse_density)
-    monkeypatch.setattr(ShallowShapNet, "local_width", local_width)
     torch.manual_seed(5)
     net = make("pairs, GELU")
     x = inputs(net)
@@ -269,13 +280,9 @@ def test_copies_and_pickles_of_an_explained_model_rebuild_the_operator(sparse_de
             assert torch.equal(other.explain(x).attributions, want)
 
 
-@pytest.mark.parametrize(("sparse_density", "local_width"), [(0.0, 1 << 30), (1.0, 1 << 30), (0.0, 0)])
-def test_explanations_do_not_share_the_cached_operator(sparse_density: float, local_width: int,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_explanations_do_not_share_the_cached_operator(second_map: str) -> None:
     """A batch of one (whose copies of the cached constants could be no-op views), then others; an explanation
     edited in place: every later call is still exact."""
-    monkeypatch.setattr(ShallowShapNet, "sparse_density", sparse_density)
-    monkeypatch.setattr(ShallowShapNet, "local_width", local_width)
     torch.manual_seed(6)
     net = make("pairs, GELU")
     x = inputs(net)
@@ -290,12 +297,8 @@ def test_explanations_do_not_share_the_cached_operator(sparse_density: float, lo
     no_grad_explain_is_exact(net, x)
 
 
-@pytest.mark.parametrize(("sparse_density", "local_width"), [(0.0, 1 << 30), (1.0, 1 << 30), (0.0, 0)])
-def test_two_product_path_under_autocast_runs_in_the_model_dtype(sparse_density: float, local_width: int,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_product_path_under_autocast_runs_in_the_model_dtype(second_map: str) -> None:
     """bf16 autocast (no bf16 CSR kernel, bf16 blocks against a float32 scatter) leaves the path in float32: exact."""
-    monkeypatch.setattr(ShallowShapNet, "sparse_density", sparse_density)
-    monkeypatch.setattr(ShallowShapNet, "local_width", local_width)
     torch.manual_seed(7)
     net = make("pairs, GELU").float()
     x = inputs(net).float()
