@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from shapnets import DeepShapNet, ShallowShapNet, butterfly_pairs, exact_shapley
-from training.bench import interleaved_medians, markdown_table
+from training.bench import interleaved_medians, limit_thread_pools, markdown_table
 from training.bench_report import write_report
 
 Row = dict[str, object]
@@ -224,6 +224,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+        # KernelShap's regression runs in scikit-learn, whose BLAS/OpenMP pools are not torch's: capped too, or they
+        # spin on the other core into the timed explains (docs/performance.md, section 2).
+        limit_thread_pools(args.threads)
     torch.manual_seed(0)
     header = (
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, float32, batch {args.batch}, "

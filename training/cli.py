@@ -284,13 +284,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import KINDS, run
+    from .bench import KINDS, limit_thread_pools, run
 
     unknown = [k for k in args.kinds if k not in KINDS]
     if unknown:
         raise UserError(f"unknown benchmark(s) {unknown}; choose from {', '.join(KINDS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+        limit_thread_pools(args.threads)  # KernelShap's scikit-learn BLAS too, not only torch's pool
     if args.samples is not None and args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
     if args.device == "cuda" and not torch.cuda.is_available():
