@@ -6,16 +6,39 @@ bits are set in `t`), so coalition values computed anywhere in the package combi
 
 from __future__ import annotations
 
+import functools
 import math
-from functools import lru_cache
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["coalition_masks", "coalition_table", "shapley_from_values", "signed_weights"]
+__all__ = ["cached_table", "coalition_masks", "coalition_table", "shapley_from_values", "signed_weights"]
+
+_F = TypeVar("_F", bound=Callable[..., object])
 
 
-@lru_cache(maxsize=64)
+def cached_table(maxsize: int) -> Callable[[_F], _F]:
+    """`functools.lru_cache` for functions that build constant tensors (masks, weights, index tables).
+
+    The tensors are built outside inference mode whatever the caller's mode: made first under
+    `torch.inference_mode()`, a cached table would be an inference tensor, which autograd refuses to save, so every
+    later differentiable call using it would fail.
+    """
+
+    def wrap(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def build(*args: object) -> object:
+            with torch.inference_mode(False):
+                return fn(*args)
+
+        return functools.lru_cache(maxsize=maxsize)(build)  # type: ignore[return-value]
+
+    return wrap
+
+
+@cached_table(maxsize=64)
 def coalition_table(k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Masks and Shapley weights for `k` players, in float64 on the CPU (cached).
 
@@ -50,7 +73,7 @@ def signed_weights(k: int) -> Tensor:
     return _signed_weights(k).clone()
 
 
-@lru_cache(maxsize=64)
+@cached_table(maxsize=64)
 def _signed_weights(k: int) -> Tensor:
     _, with_, without, weights = coalition_table(k)
     signed = torch.zeros(2**k, k, dtype=torch.float64)

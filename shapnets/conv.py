@@ -9,7 +9,6 @@ Theory, guarantees and where this departs from the paper or the original code: d
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from ._heads import BankShape, StagedHead, take_levels
 from ._streaming import LIVE_COPIES, StreamedBatches, streamed
 from ._validation import check_input, check_reference, finite_output
+from .coalitions import cached_table
 from .explanation import Explanation
 from .interactions import Interactions, check_layer, check_module_kind
 from .modules import ShapleyModuleBank, modules_by_active_count, off_zero
@@ -54,7 +54,7 @@ def list_rows(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return z.reshape(-1, z.shape[-1]).index_select(0, rows), rows, active
 
 
-@functools.lru_cache(maxsize=64)
+@cached_table(maxsize=64)
 def _inside_slots(offsets: tuple[tuple[int, int], ...], height: int, width: int, dtype: torch.dtype,
                   device: torch.device) -> Tensor:
     """`(H, W)`: bit `j` set at pixel `(h, w)` where `(h + dy_j, w + dx_j)` lies inside the image (read-only)."""

@@ -31,14 +31,13 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import NamedTuple
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
-from .coalitions import coalition_table
+from .coalitions import cached_table, coalition_table
 from .explanation import LocalAccuracyError, TensorFields, class_indices
 
 __all__ = [
@@ -133,7 +132,7 @@ def shapley_interaction_index(dividends: Tensor, k: int) -> Tensor:
     return rearrange(index.reshape(k, k, *dividends.shape[1:]), "i j ... c -> ... i j c")
 
 
-@lru_cache(maxsize=64)
+@cached_table(maxsize=64)
 def _subsets(k: int, max_order: int | None) -> tuple[tuple[tuple[int, ...], ...], Tensor]:
     """Non-empty subsets of `k` players of size <= max_order (by size, then lexicographic) and their rows."""
     top = k if max_order is None else min(k, max_order)

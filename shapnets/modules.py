@@ -33,7 +33,14 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ._validation import check_input, check_reference, finite_output
-from .coalitions import _signed_weights, coalition_masks, coalition_table, shapley_from_values, signed_weights
+from .coalitions import (
+    _signed_weights,
+    cached_table,
+    coalition_masks,
+    coalition_table,
+    shapley_from_values,
+    signed_weights,
+)
 from .explanation import Explanation
 
 if TYPE_CHECKING:
@@ -76,7 +83,7 @@ def _null_players_exactly_zero(phi: Tensor, delta: Tensor, present: Tensor | Non
     return phi.masked_fill(~present, 0.0)
 
 
-@functools.lru_cache(maxsize=16)
+@cached_table(maxsize=16)
 def _active_slots(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """For every pattern `t` of active slots (bit j: slot j), slot-major `(k, 2^k)`: column `t` holds its active
     slots in order (then the others); and how many are active, `(2^k,)` uint8."""
@@ -111,14 +118,14 @@ def modules_by_active_count(pattern: Tensor, k: int) -> Iterator[tuple[int, Tens
             yield count, chosen, slot_table[:count].index_select(1, pattern.index_select(0, chosen))
 
 
-@functools.lru_cache(maxsize=64)
+@cached_table(maxsize=64)
 def _coalition_members(k: int, channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """`(k C, 2^k - 1, 1)`: 1 where input row `(player, channel)` belongs to non-empty coalition `t` (read-only)."""
     masks = coalition_masks(k, device, dtype)[1:]
     return rearrange(masks, "t k -> k 1 t 1").expand(k, channels, 2**k - 1, 1).reshape(k * channels, 2**k - 1, 1)
 
 
-@functools.lru_cache(maxsize=256)
+@cached_table(maxsize=256)
 def _coalition_tables(k: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The non-empty coalitions `(2^k - 1, k)` and the signed weights `(2^k, k)` in `dtype` (read-only)."""
     return coalition_masks(k, device, dtype)[1:], _signed_weights(k).to(device, dtype)
@@ -473,7 +480,9 @@ def kept_buffer(owner: nn.Module, like: Tensor, shape: tuple[int, ...]) -> Tenso
     if size * like.element_size() > WORKSPACE_LIMIT:
         return like.new_empty(shape)
     buffer = getattr(owner, "_workspace_buffer", None)
-    if buffer is None or buffer.numel() < size or buffer.dtype != like.dtype or buffer.device != like.device:
+    if (buffer is None or buffer.numel() < size or buffer.dtype != like.dtype or buffer.device != like.device
+            or (buffer.is_inference() and not torch.is_inference_mode_enabled())):
+        # (A buffer made under torch.inference_mode() cannot be written outside it.)
         buffer = like.new_empty(size)
         owner._workspace_buffer = buffer
     return buffer[:size].view(shape)

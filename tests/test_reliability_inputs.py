@@ -292,6 +292,20 @@ def test_input_case(case: Case, name: str, method: str) -> None:
         s.model.float()
 
 
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n != "baseline_mlp" and n != "baseline_cnn"])
+def test_explain_under_inference_mode_then_outside_it(name: str) -> None:
+    """Buffers a model keeps between calls (workspaces, cached operators) made under torch.inference_mode() must not
+    break the calls after it, which may write them in place."""
+    s = subject(name)
+    with torch.inference_mode():
+        inside = s.model.explain(s.good)
+    with torch.no_grad():
+        after = s.model.explain(s.good)
+    torch.testing.assert_close(after.attributions, inside.attributions, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s.model.explain(s.good).attributions.detach(), inside.attributions, rtol=1e-5,
+                               atol=1e-5)
+
+
 def _huge_values(s: Subject, method: str, bad: Tensor) -> None:
     """Values of 1e20 where normalised data is expected: a finite, locally accurate result or an overflow error."""
     try:
