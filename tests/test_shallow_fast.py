@@ -320,3 +320,21 @@ def test_an_empty_batch_gets_an_empty_explanation(case: str, dense_limit: int,
     with torch.no_grad():
         explanation = net.explain(x)
     assert explanation.attributions.shape == (0, 8, 3) and explanation.output.shape == (0, 3)
+
+
+@pytest.mark.parametrize("case", DENSE_CASES)
+def test_no_grad_forward_equals_the_autograd_forward(case: str) -> None:
+    """Without autograd, forward runs the full coalitions of the cached operator (two products): the same logits."""
+    torch.manual_seed(8)
+    net = make(case)
+    x = inputs(net)
+    slow = net(x)  # parameters require grad: the per-bank path
+    with torch.no_grad():
+        assert net._dense_operator(x) is not None
+        fast = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = net.float()(x.float())
+    assert slow.requires_grad and not fast.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=ATOL)
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, slow.detach().float(), rtol=1e-5, atol=1e-5)
