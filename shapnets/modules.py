@@ -507,6 +507,9 @@ class DenseOperator(NamedTuple):
         base: `(O,)`: the bank's value at the reference.
         local: `(G, (k + 1) O, (2^k - 1) h)`: `combine` per module, on its own players.
         rows: `(G (k + 1) O,)`: the row of `[phi | output]` (`d O + o`, output `D O + o`) of every row of `local`.
+        full: `(G h,)`: the columns of every module's full coalition (the forward's hidden layer).
+        output_layer: `(O, G h)`: the output layers on those columns (the forward's logits, less the output biases,
+            which are the last `O` entries of `constant`).
     """
 
     first: Tensor
@@ -516,6 +519,8 @@ class DenseOperator(NamedTuple):
     base: Tensor
     local: Tensor
     rows: Tensor
+    full: Tensor
+    output_layer: Tensor
 
 
 def _init_linear_(weight: Tensor, bias: Tensor, fan_in: int) -> None:
@@ -897,10 +902,18 @@ class ShapleyModuleBank(nn.Module):
         for slot in range(k):
             constant.index_add_(0, index[:, slot], signed[0, slot] * empty)
         constant[D] = output_bias.sum(0)
-        return DenseOperator(first.reshape(D * C, -1).to(dtype), at_reference[:, None].expand(G, T, h).reshape(-1)
-                             .to(dtype), combine.reshape(G * T * h, -1).to(dtype), constant.flatten().to(dtype),
-                             (empty + output_bias).sum(0).to(dtype), local.reshape(G, (k + 1) * out, T * h).to(dtype),
-                             rows.flatten())
+        full = groups[:, None] * T * h + (T - 1) * h + torch.arange(h, device=index.device)  # the last coalition
+        return DenseOperator(
+            first=first.reshape(D * C, -1).to(dtype),
+            shift=at_reference[:, None].expand(G, T, h).reshape(-1).to(dtype),
+            combine=combine.reshape(G * T * h, -1).to(dtype),
+            constant=constant.flatten().to(dtype),
+            base=(empty + output_bias).sum(0).to(dtype),
+            local=local.reshape(G, (k + 1) * out, T * h).to(dtype),
+            rows=rows.flatten(),
+            full=full.flatten(),
+            output_layer=rearrange(w2, "g h o -> o (g h)").to(dtype),
+        )
 
     def _fused_grouped_kernel(self) -> Callable[..., Tensor] | None:
         """The compiled two-layer kernel where this bank fits it (two layers, a pointwise activation, no output

@@ -264,7 +264,7 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         """
         x = self._check(x)
         if not self._records_grad(x) and (operator := self._dense_operator(x)) is not None:
-            return self._in_model_dtype(x, self._forward_dense, operator)
+            return self._without_autocast(x, self._forward_dense, operator)
         out = x.new_zeros(x.shape[0], self.out_channels)
         for k, bank in zip(self.arities, self.banks):
             out = out + bank(x[:, self._index(k)]).sum(1)  # (B, G, k, C) -> (B, G, O) -> (B, O)
@@ -298,7 +298,7 @@ class ShallowShapNet(StreamedBatches, TabularGame):
                 attributions = attributions.index_add(1, index.flatten(), phi.flatten(1, 2))
                 base, output = base + b.sum(-2), output + o.sum(1)
         elif (operator := self._dense_operator(x)) is not None:
-            attributions, base, output = self._in_model_dtype(x, self._explain_dense, operator)
+            attributions, base, output = self._without_autocast(x, self._explain_dense, operator)
         else:
             attributions, base, output = self._explain_grouped(x)
         return Explanation(
@@ -360,7 +360,7 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         if not banks or len(set(acts)) > 1 or not all(bank.dense_ready() for bank in banks):
             self.__dict__["_dense_cache"] = (key, None)
             return None
-        operator = self._in_model_dtype(like, self._linearise, banks)
+        operator = self._without_autocast(like, self._linearise, banks)
         self.__dict__["_dense_cache"] = (key, operator)
         return operator
 
@@ -387,19 +387,13 @@ class ShallowShapNet(StreamedBatches, TabularGame):
                     with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
                         warnings.simplefilter("ignore", UserWarning)
                         combine = combine.to_sparse_csr()
-            # The forward: the full coalition's rows of `first`, and the output layers (their biases as a column).
-            full, out_layers, out_bias, start = [], [], 0, 0
-            for bank in banks:
-                groups, coalitions, width = bank.num_groups, 2**bank.num_players - 1, bank.weights[0].shape[-1]
-                rows = torch.arange(groups, device=like.device)[:, None] * coalitions * width + torch.arange(
-                    (coalitions - 1) * width, coalitions * width, device=like.device)
-                full.append(start + rows.flatten())
-                out_layers.append(rearrange(bank.weights[1].detach(), "g h o -> o (g h)"))
-                bias = bank.bias(1)
-                out_bias = out_bias + (0 if bias is None else bias.detach().sum(0))
-                start += groups * coalitions * width
-            forward_first = first.index_select(0, torch.cat([*full, torch.tensor([columns], device=like.device)]))
-            forward_out = torch.cat([*out_layers, (like.new_zeros(outputs) + out_bias)[:, None]], 1).to(like.dtype)
+            # The forward: every module's full coalition (its rows of `first`), and the output layers with their
+            # biases' sum as a last column.
+            offsets = itertools.accumulate([0] + [bank.dense_columns() for bank in banks[:-1]])
+            ones_row = torch.tensor([columns], device=first.device)
+            forward_first = first.index_select(0, torch.cat([*(start + p.full for start, p in zip(offsets, parts)),
+                                                             ones_row]))
+            forward_out = torch.cat([*(p.output_layer for p in parts), constant[D * outputs:, None]], 1)
             operator = _Linearised(first, combine, sum(p.base for p in parts), constant[:, None],
                                    tuple((p.local, p.rows) for p in parts), forward_first, forward_out)
         return operator
@@ -410,7 +404,7 @@ class ShallowShapNet(StreamedBatches, TabularGame):
                                             or any(p.requires_grad for p in self.parameters()))
 
     @staticmethod
-    def _in_model_dtype(x: Tensor, run: Callable[..., Any], *args: Any) -> Any:
+    def _without_autocast(x: Tensor, run: Callable[..., Any], *args: Any) -> Any:
         """`run(x, *args)`, with autocast off where it is on: the cached operator is in the model's dtype and the CSR
         product has no bf16 kernel, so it is built and run in that dtype (as the grouped path's products are), exact,
         and the result comes back in it."""
