@@ -8,7 +8,8 @@ comes and goes on a shared machine hits all columns alike:
 * `explain`: `model.explain(x)` under `torch.no_grad()` (the two-product path where every inner has one hidden
   layer: `ShallowShapNet.dense_limit`), at batch 64 and 256;
 * `grouped`: the same model with that path switched off (`dense_limit = 0`): the grouped inference path,
-  `ShapleyModuleBank.shapley_grouped`, which explain takes for other inners;
+  `ShapleyModuleBank.shapley_grouped`, which explain takes for other inners, and its per-bank forward (`forward`
+  without autograd otherwise runs the two-product path's full coalitions);
 * `previous`: the same Shapley values through the differentiable per-bank path (`ShapleyModuleBank.shapley` and a
   scatter), which `explain` used before the grouped path;
 * `forward`: `model(x)` on the same batch (for explain / forward and its bound 1.2 x 2^k, k = 2 for pairs);
@@ -143,6 +144,7 @@ def measure(nets: dict[str, nn.Module], features: int, batches: list[int], repea
             fns[f"{name}|{b}|forward"] = repeated(lambda net=net, x=x: net(x))
             fns[f"{name}|{b}|explain"] = repeated(lambda net=net, x=x: net.explain(x))
             fns[f"{name}|{b}|grouped"] = repeated(lambda net=grouped, x=x: net.explain(x))
+            fns[f"{name}|{b}|per-bank forward"] = repeated(lambda net=grouped, x=x: net(x))
             fns[f"{name}|{b}|previous"] = repeated(lambda net=net, x=x: previous_explain(net, x))
         fns[f"{name}|kernel"] = kernel_shap_call(net, torch.randn(kernel_inputs, features), n_samples)
         # The baseline: perturbations in batches of 256.
@@ -166,6 +168,7 @@ def measure(nets: dict[str, nn.Module], features: int, batches: list[int], repea
                          "grouped path / explain": t[f"{name}|{b}|grouped"] / t[f"{name}|{b}|explain"],
                          "previous path / explain": t[f"{name}|{b}|previous"] / t[f"{name}|{b}|explain"],
                          "explain / forward": t[f"{name}|{b}|explain"] / t[f"{name}|{b}|forward"],
+                         "per-bank forward / forward": t[f"{name}|{b}|per-bank forward"] / t[f"{name}|{b}|forward"],
                          "bound 1.2 x 2^k": 1.2 * 2**k})
     return rows
 

@@ -260,7 +260,8 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         """Logits `sum_j f_j(x_{A_j})` with one inner evaluation per module.
 
         Without autograd, where the two-product path applies (`dense_limit`), the modules run as two products: every
-        module's full coalition of the cached operator, then the output layers (3-14x the per-bank path here).
+        module's full coalition of the cached operator, then the output layers (1.5-11.5x the per-bank path here,
+        benchmarks/shallow_speed.py).
         """
         x = self._check(x)
         if not self._records_grad(x) and (operator := self._dense_operator(x)) is not None:
