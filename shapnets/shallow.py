@@ -30,7 +30,7 @@ from ._validation import finite_output
 from .contract import no_layers, rename_args
 from .explanation import Explanation
 from .interactions import Interactions
-from .modules import MAX_PLAYERS, ShapleyModuleBank, kept_buffer
+from .modules import MAX_PLAYERS, ShapleyModuleBank, kept_buffer, off_zero
 
 __all__ = ["ShallowShapNet", "make_groups"]
 
@@ -457,10 +457,9 @@ class ShallowShapNet(StreamedBatches, TabularGame):
         attributions = values[: D * outputs].view(D, outputs, B).permute(2, 0, 1).contiguous()
         # A feature at the reference is null in every module's game: exactly 0 (its coalition pairs are equal
         # columns, but the product sums their differences among other terms, leaving ~1e-8 in float32).
-        at_reference = inputs[:-1].eq(0)
-        if bool(at_reference.any()):
-            null = at_reference.view(D, self.in_channels, B).all(1).T  # (B, D): every channel at the reference
-            attributions.masked_fill_(null[:, :, None], 0.0)
+        off = off_zero(inputs[:-1].T.view(B, D, self.in_channels))  # (B, D): a channel off the reference
+        if not bool(off.all()):
+            attributions.masked_fill_(~off[:, :, None], 0.0)
         return attributions, operator.base.clone(), values[D * outputs:].T.contiguous()  # nothing shares the cache
 
     def _explain_grouped(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -292,7 +292,7 @@ def test_input_case(case: Case, name: str, method: str) -> None:
         s.model.float()
 
 
-@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n != "baseline_mlp" and n != "baseline_cnn"])
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if "explain" in subject(n).methods])
 def test_explain_under_inference_mode_then_outside_it(name: str) -> None:
     """Buffers a model keeps between calls (workspaces, cached operators) made under torch.inference_mode() must not
     break the calls after it, which may write them in place."""
@@ -416,7 +416,6 @@ def test_bad_chunk_size_is_named() -> None:
     model.chunk_size = 0
     with pytest.raises(ValueError, match=r"chunk_size must be >= 1"):
         model(torch.randn(4, 6))
-
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])

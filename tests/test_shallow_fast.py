@@ -76,13 +76,16 @@ DENSE_CASES = ["pairs, GELU", "mixed arities 1-4, one hidden layer", "singles, 3
                "one group of 7 (combined by a product)", "triples, LeakyReLU"]
 
 
-# dense / sparse / local: the two-product path with its second map as one dense or CSR product over all features, or
-# per module; grouped: the grouped path with all modules at once / one per chunk.
-@pytest.mark.parametrize("path", ["dense", "sparse", "local", "grouped 1 << 22", "grouped 1"])
+# dense / sparse / local: the two-product path's second maps (SECOND_MAPS); grouped: the grouped path with all modules
+# at once / one module per chunk.
+GROUPED_CHUNKS = {"grouped 1 << 22": 1 << 22, "grouped 1": 1}
+
+
+@pytest.mark.parametrize("path", [*SECOND_MAPS, *GROUPED_CHUNKS])
 @pytest.mark.parametrize("case", list(CASES))
 def test_no_grad_paths_equal_the_oracle_and_the_autograd_path(case: str, path: str,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    two_products = path in ("dense", "sparse", "local")
+    two_products = path in SECOND_MAPS
     if two_products and case not in DENSE_CASES:
         pytest.skip("the two-product path takes one-hidden-layer inners only")
     if two_products:
@@ -91,7 +94,7 @@ def test_no_grad_paths_equal_the_oracle_and_the_autograd_path(case: str, path: s
         monkeypatch.setattr(ShallowShapNet, "local_width", width)
     else:
         monkeypatch.setattr(ShallowShapNet, "dense_limit", 0)
-        monkeypatch.setattr(ShapleyModuleBank, "grouped_chunk", eval(path.split(" ", 1)[1]))
+        monkeypatch.setattr(ShapleyModuleBank, "grouped_chunk", GROUPED_CHUNKS[path])
     torch.manual_seed(0)
     net = make(case)
     x = inputs(net)
